@@ -1,0 +1,161 @@
+"""`brainlm` command line. Only argparse at import time: `brainlm --help` must stay instant."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be > 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return value
+
+
+def _fractions(text: str) -> tuple:
+    try:
+        parts = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not three comma-separated numbers") from None
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"'{text}' needs three values: train,val,test")
+    return parts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="brainlm", description="BrainLM: fMRI foundation models, from recordings to "
+        "validated, scaled parcel time series and beyond.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic BIDS dataset (network-structured BOLD)",
+                       description="Synthetic fMRI with known networks and phenotype effects.")
+    p.add_argument("--out", required=True, help="output folder (BIDS-like)")
+    p.add_argument("--subjects", type=_positive_int, default=20)
+    p.add_argument("--timepoints", type=_positive_int, default=400)
+    p.add_argument("--tr", type=_positive_float, default=0.735, help="seconds (default 0.735)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--atlas", default="A424", help="A424 (default) or a label NIfTI path")
+    p.add_argument("--voxel-size", type=_positive_float, default=4.0,
+                   help="grid of the written images in mm (the atlas grid or a multiple of it)")
+
+    p = sub.add_parser("preprocess", help="parcellate, split by subject, scale and store",
+                       description="Recordings (4-D NIfTI or parcellated tables) -> a store of "
+                       "scaled [parcels, time] arrays with manifest.parquet and the scaler.")
+    p.add_argument("--input", required=True, nargs="+", help="folder(s) or files")
+    p.add_argument("--out", required=True, help="store folder")
+    p.add_argument("--atlas", default="A424", help="A424 (default) or a label NIfTI path")
+    p.add_argument("--tr", type=_positive_float, default=0.735,
+                   help="target TR in seconds: every recording is resampled to it")
+    p.add_argument("--input-tr", type=_positive_float, default=None,
+                   help="override the TR of the inputs (else header or JSON sidecar)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="parallel processes")
+    p.add_argument("--window", type=_positive_int, default=200,
+                   help="model window; shorter recordings are quarantined")
+    p.add_argument("--engine", choices=("fast", "nilearn"), default="fast")
+    p.add_argument("--standardize", choices=("psc", "zscore", "none"), default="psc")
+    p.add_argument("--no-detrend", action="store_true")
+    p.add_argument("--high-pass", type=_positive_float, default=None, help="Hz")
+    p.add_argument("--low-pass", type=_positive_float, default=None, help="Hz")
+    p.add_argument("--confounds", default="", help="comma-separated columns of fMRIPrep's "
+                   "*_desc-confounds_timeseries.tsv to regress out")
+    p.add_argument("--participants", default=None, help="phenotype table (default: "
+                   "participants.tsv in the input folder)")
+    p.add_argument("--coords", default=None, help="parcel coordinates (x y z per row) for "
+                   "already-parcellated tables")
+    p.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1),
+                   help="train,val,test fractions of subjects (default 0.8,0.1,0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--allow-fallback-atlas", action="store_true",
+                   help="use the offline generated atlas when A424 cannot be found")
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _cmd_synth(args) -> int:
+    from pathlib import Path
+
+    from .atlas import load_atlas
+    from .data.synthetic import simulate_cohort, write_bids
+
+    atlas = load_atlas(args.atlas, allow_fallback=True)
+    cohort = simulate_cohort(atlas.coords, args.subjects, args.timepoints, tr=args.tr,
+                             seed=args.seed)
+    paths = write_bids(cohort, atlas, Path(args.out), tr=args.tr, voxel_size=args.voxel_size)
+    print(f"brainlm synth: {len(paths)} recordings of {args.timepoints} timepoints at TR "
+          f"{args.tr:g} s, atlas {atlas.name} ({atlas.n_parcels} parcels) -> {args.out}")
+    return 0
+
+
+def _cmd_preprocess(args) -> int:
+    from pathlib import Path
+
+    from .data.parcellate import ParcellationSettings
+    from .data.pipeline import PreprocessConfig, run_preprocess
+
+    settings = ParcellationSettings(
+        target_tr=args.tr, engine=args.engine, detrend=not args.no_detrend,
+        standardize=args.standardize, high_pass=args.high_pass, low_pass=args.low_pass,
+        confounds=tuple(c.strip() for c in args.confounds.split(",") if c.strip()),
+        min_timepoints=args.window)
+    cfg = PreprocessConfig(
+        inputs=[Path(p) for p in args.input], out=Path(args.out), atlas=args.atlas,
+        settings=settings, input_tr=args.input_tr,
+        participants=Path(args.participants) if args.participants else None,
+        coords=Path(args.coords) if args.coords else None, fractions=args.split,
+        seed=args.seed, workers=args.workers,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        allow_fallback_atlas=args.allow_fallback_atlas, progress=not args.no_progress)
+    summary = run_preprocess(cfg)
+    print(summary.format())
+    return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from .errors import BrainLMError
+
+    warnings.showwarning = _show_warning
+    try:
+        return {"synth": _cmd_synth, "preprocess": _cmd_preprocess}[args.command](args)
+    except BrainLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("BRAINLM_DEBUG"):
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} (set BRAINLM_DEBUG=1 for the "
+              "traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

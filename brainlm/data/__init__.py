@@ -1,0 +1,1 @@
+"""Data layer: ingest, parcellate, scale, split, store, synthetic."""

@@ -1,0 +1,187 @@
+"""Find recordings (BIDS-like folders, file lists, already-parcellated tables) and phenotypes.
+
+Nothing here reads image data: discovery is cheap so the quarantine list and the split can be
+decided before any heavy work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+TABLE_SUFFIXES = (".tsv", ".csv", ".npy")
+_ENTITY = re.compile(r"(?:^|[_/])(sub|ses|task|run)-([a-zA-Z0-9]+)")
+_NOT_TIMESERIES = ("participants", "confounds", "_events", "_physio", "coordinates")
+
+
+@dataclass
+class Recording:
+    """One functional run. `subject` is always in BIDS form ("sub-XXX")."""
+
+    path: Path
+    subject: str
+    session: str = ""
+    task: str = ""
+    run: str = ""
+    kind: str = "nifti"  # "nifti" or "timeseries" (already parcellated, time x parcels)
+    tr: float | None = None  # from a JSON sidecar or the user; None -> read the header
+    confounds: Path | None = None
+    phenotypes: dict = field(default_factory=dict)
+    problem: str | None = None  # set when discovery already knows it cannot be used
+
+    @property
+    def recording_id(self) -> str:
+        parts = [self.subject]
+        parts += [f"{k}-{v}" for k, v in (("ses", self.session), ("task", self.task),
+                                           ("run", self.run)) if v]
+        return "_".join(parts)
+
+
+def _is_nifti(p: Path) -> bool:
+    return p.name.endswith(NIFTI_SUFFIXES)
+
+
+def _is_timeseries(p: Path) -> bool:
+    name = p.name.lower()
+    return name.endswith(TABLE_SUFFIXES) and not any(s in name for s in _NOT_TIMESERIES)
+
+
+def _entities(path: Path, root: Path | None) -> dict:
+    rel = str(path.relative_to(root)) if root is not None else path.name
+    found: dict = {}
+    for key, value in _ENTITY.findall(rel):
+        found[key] = value  # the file name (last) wins over folder names
+    return found
+
+
+def _strip_ext(name: str) -> str:
+    for suffix in (".nii.gz", ".nii", ".tsv", ".csv", ".npy"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _sidecar_tr(path: Path) -> float | None:
+    sidecar = path.with_name(_strip_ext(path.name) + ".json")
+    if not sidecar.is_file():
+        return None
+    try:
+        tr = json.loads(sidecar.read_text()).get("RepetitionTime")
+    except (OSError, ValueError):
+        return None
+    return float(tr) if isinstance(tr, (int, float)) and tr > 0 else None
+
+
+def _confounds_for(path: Path) -> Path | None:
+    """fMRIPrep's `*_desc-confounds_timeseries.tsv` beside a `*_bold.nii.gz`."""
+    stem = _strip_ext(path.name)
+    prefix = re.split(r"_(?:space|res|desc)-|_bold$", stem)[0]
+    for candidate in sorted(path.parent.glob(prefix + "*desc-confounds_timeseries.tsv")):
+        return candidate
+    return None
+
+
+def discover(inputs, input_tr: float | None = None) -> list[Recording]:
+    """Recordings under folders and/or explicit files, sorted by recording id.
+
+    In a folder, NIfTI files named `*_bold.nii[.gz]` are taken when there are any (a BIDS
+    dataset also holds anatomical images), otherwise every NIfTI; `derivatives/` is skipped
+    unless the folder given is inside it. Tables (`*_timeseries.tsv|csv`, `.npy`) are taken as
+    already-parcellated time x parcels series.
+    """
+    recordings: list[Recording] = []
+    for item in [Path(p) for p in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]:
+        if item.is_dir():
+            files = [p for p in sorted(item.rglob("*")) if p.is_file()
+                     and "derivatives" not in p.relative_to(item).parts[:-1]]
+            nifti = [p for p in files if _is_nifti(p)]
+            bold = [p for p in nifti if "_bold" in p.name]
+            tables = [p for p in files if _is_timeseries(p)]
+            chosen = (bold or nifti) + tables
+            root = item
+        elif item.is_file():
+            chosen, root = [item], None
+        else:
+            raise InputError(item, "no such file or folder")
+        for path in chosen:
+            ent = _entities(path, root)
+            subject = "sub-" + ent.get("sub", _strip_ext(path.name).split("_")[0])
+            subject = subject.replace("sub-sub-", "sub-")
+            kind = "nifti" if _is_nifti(path) else "timeseries"
+            recordings.append(Recording(
+                path=path, subject=subject, session=ent.get("ses", ""), task=ent.get("task", ""),
+                run=ent.get("run", ""), kind=kind,
+                tr=input_tr if input_tr is not None else _sidecar_tr(path),
+                confounds=_confounds_for(path) if kind == "nifti" else None))
+    recordings.sort(key=lambda r: (r.recording_id, str(r.path)))
+    seen: dict[str, Path] = {}
+    for rec in recordings:  # the same run twice (say .nii and .nii.gz): keep the first
+        if rec.recording_id in seen:
+            rec.problem = f"duplicate recording {rec.recording_id} (also {seen[rec.recording_id]})"
+        else:
+            seen[rec.recording_id] = rec.path
+    return recordings
+
+
+def find_participants(inputs) -> Path | None:
+    for item in [Path(p) for p in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]:
+        folder = item if item.is_dir() else item.parent
+        if (folder / "participants.tsv").is_file():
+            return folder / "participants.tsv"
+    return None
+
+
+def read_participants(path) -> tuple["object", dict[str, str]]:
+    """The phenotype table keyed by BIDS subject id, and {subject: problem} for bad rows.
+
+    Duplicate ids cannot be joined safely (which age is right?), so those subjects are
+    reported rather than guessed.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    try:
+        table = pd.read_csv(path, sep="\t", dtype={"participant_id": str}, na_values=["n/a"])
+    except Exception as exc:
+        raise InputError(path, f"cannot read the participants table ({exc})") from None
+    if "participant_id" not in table.columns:
+        raise InputError(path, "no 'participant_id' column")
+    ids = table["participant_id"].astype(str).str.strip()
+    table["participant_id"] = np.where(ids.str.startswith("sub-"), ids, "sub-" + ids)
+    dup = table["participant_id"][table["participant_id"].duplicated(keep=False)].unique()
+    problems = {s: f"subject {s} appears {int((table['participant_id'] == s).sum())} times in "
+                   f"{path}" for s in dup}
+    table = table[~table["participant_id"].isin(dup)].set_index("participant_id")
+    return table, problems
+
+
+def attach_phenotypes(recordings: list[Recording], participants_path) -> list[str]:
+    """Join phenotypes onto recordings; returns warnings (unknown subjects)."""
+    if participants_path is None:
+        return []
+    table, problems = read_participants(participants_path)
+    warnings_: list[str] = []
+    for rec in recordings:
+        if rec.subject in problems and rec.problem is None:
+            rec.problem = problems[rec.subject]
+        elif rec.subject in table.index:
+            row = table.loc[rec.subject]
+            rec.phenotypes = {k: (None if _isna(v) else v) for k, v in row.items()}
+        elif rec.problem is None:
+            warnings_.append(f"{rec.path}: subject {rec.subject} is not in {participants_path}; "
+                             "kept without phenotypes")
+    return warnings_
+
+
+def _isna(value) -> bool:
+    try:
+        return bool(np.isnan(value))
+    except TypeError:
+        return value is None

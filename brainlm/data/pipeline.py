@@ -1,0 +1,268 @@
+"""`brainlm preprocess`: recordings -> parcellated, split, scaled, stored, summarised.
+
+Order matters for leakage: parcellate everything (per recording, no shared state), split by
+subject, fit the scaler on the training split only, then scale every split with it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BrainLMError, ConfigError, InputError
+from .parcellate import ParcellationSettings, parcellate_recording
+from .split import SPLITS, assign_splits
+
+
+@dataclass
+class PreprocessConfig:
+    inputs: list
+    out: Path
+    atlas: str = "A424"
+    settings: ParcellationSettings = field(default_factory=ParcellationSettings)
+    input_tr: float | None = None
+    participants: Path | None = None
+    coords: Path | None = None  # coordinates for already-parcellated tables (else the atlas's)
+    fractions: tuple = (0.8, 0.1, 0.1)
+    seed: int = 0
+    workers: int = 1
+    cache_dir: Path | None = None  # default: <user cache>/brainlm/parcellated
+    allow_fallback_atlas: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        s = self.settings
+        if not (0.05 <= s.target_tr <= 10):
+            raise ConfigError(f"target TR {s.target_tr} s is out of range (0.05-10 s)")
+        if self.input_tr is not None and not (0.05 <= self.input_tr <= 30):
+            raise ConfigError(f"input TR {self.input_tr} s is out of range (0.05-30 s)")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        if s.engine not in ("fast", "nilearn"):
+            raise ConfigError(f"engine '{s.engine}' must be 'fast' or 'nilearn'")
+        if s.standardize not in ("psc", "zscore", "none"):
+            raise ConfigError(f"standardize '{s.standardize}' must be psc, zscore or none")
+        if s.min_timepoints < 1:
+            raise ConfigError(f"window/min timepoints must be >= 1, got {s.min_timepoints}")
+        nyquist = 0.5 / s.target_tr
+        for name, f in (("high_pass", s.high_pass), ("low_pass", s.low_pass)):
+            if f is not None and not (0 < f < nyquist):
+                raise ConfigError(f"{name} {f} Hz must be between 0 and the Nyquist frequency "
+                                  f"{nyquist:.3f} Hz of the target TR")
+
+
+@dataclass
+class Summary:
+    out: Path
+    atlas: str
+    n_parcels: int
+    per_split: dict  # split -> (subjects, recordings)
+    quarantined: list  # (path, reason)
+    warnings: list
+    uncovered: dict  # recording_id -> number of parcels without coverage
+    dead_parcels: list  # parcel labels with no data in any training recording
+    seconds: float
+
+    @property
+    def n_kept(self) -> int:
+        return sum(r for _, r in self.per_split.values())
+
+    def format(self) -> str:
+        lines = [f"brainlm preprocess: {self.n_kept} recordings kept, "
+                 f"{len(self.quarantined)} quarantined, {self.seconds:.1f} s",
+                 f"  atlas {self.atlas} ({self.n_parcels} parcels) -> {self.out}",
+                 "  split    subjects  recordings"]
+        for split, (subjects, recordings) in self.per_split.items():
+            lines.append(f"  {split:<8} {subjects:>8}  {recordings:>10}")
+        if self.uncovered:
+            worst = max(self.uncovered.values())
+            lines.append(f"  parcels without coverage: {len(self.uncovered)} recordings lack "
+                         f"some (at most {worst} of {self.n_parcels})")
+        else:
+            lines.append("  parcels without coverage: none")
+        if self.dead_parcels:
+            shown = ", ".join(str(p) for p in self.dead_parcels[:10])
+            more = "" if len(self.dead_parcels) <= 10 else f" (+{len(self.dead_parcels) - 10})"
+            lines.append(f"  parcels with no training data (scaled to 0): {shown}{more}")
+        if self.quarantined:
+            lines.append("  quarantined:")
+            for path, reason in self.quarantined[:15]:
+                lines.append(f"    {path}: {reason}")
+            if len(self.quarantined) > 15:
+                lines.append(f"    ... {len(self.quarantined) - 15} more in manifest.parquet")
+        for w in self.warnings[:5]:
+            lines.append(f"  warning: {w}")
+        if len(self.warnings) > 5:
+            lines.append(f"  ... {len(self.warnings) - 5} more warnings")
+        return "\n".join(lines)
+
+
+# Worker state: set before the pool forks, so the atlas is not pickled per task.
+_WORKER: dict = {}
+
+
+def _work(index: int):
+    rec = _WORKER["recordings"][index]
+    try:
+        return index, parcellate_recording(rec, _WORKER["atlas"], _WORKER["settings"],
+                                           _WORKER["cache_dir"]), None
+    except InputError as exc:
+        return index, None, exc.problem
+    except BrainLMError as exc:
+        return index, None, str(exc)
+    except Exception as exc:  # a bug or an unforeseen file: report it, let the others go on
+        if os.environ.get("BRAINLM_DEBUG"):
+            traceback.print_exc()
+        return index, None, f"unexpected {type(exc).__name__}: {exc}"
+
+
+def _init_worker():
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:
+        pass
+
+
+def _default_cache() -> Path:
+    from ..atlas import cache_dir
+
+    return cache_dir() / "parcellated"
+
+
+def run_preprocess(cfg: PreprocessConfig) -> Summary:
+    from ..atlas import atlas_from_nifti, load_atlas
+    from .ingest import attach_phenotypes, discover, find_participants
+    from .scale import RobustScaler
+    from .store import write_store
+
+    cfg.validate()
+    started = time.perf_counter()
+    atlas = load_atlas(cfg.atlas, allow_fallback=cfg.allow_fallback_atlas)
+    if cfg.coords is not None:
+        atlas = _with_coords(atlas, cfg.coords)
+    recordings = discover(cfg.inputs, cfg.input_tr)
+    if not recordings:
+        raise ConfigError(f"no recordings found in {', '.join(map(str, cfg.inputs))} (looked for "
+                          "*.nii, *.nii.gz, *_timeseries.tsv/.csv, *.npy)")
+    participants = cfg.participants or find_participants(cfg.inputs)
+    warnings_ = attach_phenotypes(recordings, participants)
+
+    results: dict[int, object] = {}
+    problems: dict[int, str] = {i: r.problem for i, r in enumerate(recordings) if r.problem}
+    todo = [i for i in range(len(recordings)) if i not in problems]
+    _WORKER.update(recordings=recordings, atlas=atlas, settings=cfg.settings,
+                   cache_dir=cfg.cache_dir or _default_cache())
+    bar = _progress(len(todo), cfg.progress)
+    if cfg.workers == 1 or len(todo) <= 1:
+        outcomes = map(_work, todo)
+        for index, result, problem in outcomes:
+            _collect(index, result, problem, results, problems, bar)
+    else:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork")
+        with ProcessPoolExecutor(max_workers=min(cfg.workers, len(todo)), mp_context=ctx,
+                                 initializer=_init_worker) as pool:
+            for fut in as_completed([pool.submit(_work, i) for i in todo]):
+                _collect(*fut.result(), results, problems, bar)
+    bar.close()
+
+    fixed = {}
+    for i, rec in enumerate(recordings):
+        if i in results and rec.phenotypes.get("split") in SPLITS:
+            fixed[rec.subject] = rec.phenotypes["split"]
+    split_of = assign_splits(sorted({recordings[i].subject for i in results}), cfg.fractions,
+                             cfg.seed, fixed)
+    quarantined = [(str(recordings[i].path), problems[i]) for i in sorted(problems)]
+    if not results:
+        raise ConfigError(f"no recording could be processed ({len(problems)} quarantined):\n"
+                          + "\n".join(f"  {p}: {r}" for p, r in quarantined[:20]))
+
+    train = [i for i in results if split_of[recordings[i].subject] == "train"]
+    if not train:
+        raise ConfigError("no training subjects: add subjects or change the split fractions")
+    scaler = RobustScaler.fit(
+        [results[i].signals for i in train], [results[i].coverage for i in train],
+        seed=cfg.seed, atlas=atlas.name, atlas_hash=atlas.hash, tr=cfg.settings.target_tr,
+        n_subjects=len({recordings[i].subject for i in train}),
+        settings=cfg.settings.key())
+
+    kept, uncovered = [], {}
+    for i in sorted(results):
+        rec, res = recordings[i], results[i]
+        row = _manifest_row(rec, cfg, "ok", None)
+        row.update(split=split_of[rec.subject], tr_source=res.tr_source,
+                   n_timepoints_source=res.n_timepoints_source, source_hash=res.source_hash,
+                   uncovered=[int(v) for v in atlas.label_values[~res.coverage]],
+                   signals=scaler.transform(res.signals, res.coverage))
+        if not res.coverage.all():
+            uncovered[rec.recording_id] = int((~res.coverage).sum())
+        kept.append(row)
+    bad = [_manifest_row(recordings[i], cfg, "quarantined", problems[i]) for i in sorted(problems)]
+    per_split = {s: (len({r["subject"] for r in kept if r["split"] == s}),
+                     sum(r["split"] == s for r in kept)) for s in SPLITS}
+    write_store(cfg.out, kept, bad, scaler, atlas,
+                extra_meta={"seed": cfg.seed, "fractions": list(cfg.fractions),
+                            "settings": cfg.settings.key()})
+    dead = [int(v) for v in atlas.label_values[~scaler.has_data]]
+    return Summary(out=Path(cfg.out), atlas=atlas.name, n_parcels=atlas.n_parcels,
+                   per_split=per_split, quarantined=quarantined, warnings=warnings_,
+                   uncovered=uncovered, dead_parcels=dead,
+                   seconds=time.perf_counter() - started)
+
+
+def _collect(index, result, problem, results, problems, bar):
+    if result is not None:
+        results[index] = result
+    else:
+        problems[index] = problem
+        bar.write(f"quarantined {_WORKER['recordings'][index].path}: {problem}")
+    bar.update(1)
+
+
+def _manifest_row(rec, cfg, status, reason) -> dict:
+    row = {"recording_id": rec.recording_id, "subject": rec.subject, "session": rec.session,
+           "task": rec.task, "run": rec.run, "status": status, "reason": reason,
+           "source_path": str(Path(rec.path).resolve()), "tr": cfg.settings.target_tr}
+    for key, value in rec.phenotypes.items():
+        if key not in row and key != "split":
+            row[key] = value
+    return row
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="parcellating", unit="rec", disable=not enabled,
+                dynamic_ncols=True)
+
+
+def _with_coords(atlas, coords_path):
+    """Replace the atlas coordinates by a user table (for already-parcellated input)."""
+    import dataclasses
+
+    import pandas as pd
+
+    path = Path(coords_path)
+    try:
+        table = pd.read_csv(path, sep=None, engine="python", header=None)
+        if pd.to_numeric(table.iloc[0], errors="coerce").isna().any():
+            table = table.iloc[1:]
+        values = table.apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    except Exception as exc:
+        raise InputError(path, f"unreadable coordinates table ({exc})") from None
+    if values.ndim != 2 or values.shape[1] not in (3, 4) or not np.isfinite(values).all():
+        raise InputError(path, "expected rows of x, y, z (optionally index first) in MNI mm")
+    xyz = values[:, -3:].astype(np.float32)
+    labels = values[:, 0].astype(int) if values.shape[1] == 4 else np.arange(1, len(xyz) + 1)
+    return dataclasses.replace(atlas, name=f"{path.stem}", coords=xyz, label_values=labels,
+                               names=[], labels=np.zeros((1, 1, 1), np.int32),
+                               source=str(path))

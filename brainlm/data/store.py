@@ -1,0 +1,186 @@
+"""The processed dataset on disk, and windows of it for a DataLoader.
+
+Layout of a store folder:
+    store.json           version, parcel count, TR, atlas, scaler hash, split sizes
+    manifest.parquet     one row per recording (kept or quarantined), phenotypes joined
+    parcels.parquet      label, name and MNI coordinates of every parcel (the model's input)
+    scaler.safetensors   the training-split robust scaler
+    {train,val,test}.npy one flat float32 array per split; recording i is the [P, T_i] block
+                         at `offset` (C order), so a window is one small contiguous region and
+                         np.load(mmap_mode="r") reads only what is asked for.
+The manifest is written last: a store without one is incomplete and is never read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError, check_orientation
+from ..fileio import atomic_path, write_bytes_atomic
+from .split import SPLITS
+
+STORE_VERSION = "1"
+
+
+def write_store(out_dir, kept: list[dict], quarantined: list[dict], scaler, atlas,
+                extra_meta: dict | None = None) -> Path:
+    """Write scaled recordings and the manifest atomically (file by file, manifest last).
+
+    `kept` rows carry `signals` (scaled [P, T] float32) and `split` beside manifest fields.
+    """
+    import pandas as pd
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / "manifest.parquet"
+    if manifest_path.exists():  # the old store is inconsistent from the first new file on
+        manifest_path.unlink()
+    rows = []
+    for split in SPLITS:
+        members = [r for r in kept if r["split"] == split]
+        total = sum(int(np.prod(r["signals"].shape)) for r in members)
+        with atomic_path(out / f"{split}.npy") as tmp:
+            flat = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total,))
+            offset = 0
+            for r in members:
+                x = check_orientation(r["signals"], atlas.n_parcels, f"store write {r['recording_id']}")
+                flat[offset:offset + x.size] = x.ravel()
+                rows.append({**{k: v for k, v in r.items() if k != "signals"},
+                             "offset": offset, "n_parcels": x.shape[0], "n_timepoints": x.shape[1]})
+                offset += x.size
+            flat.flush()
+            del flat
+    rows += [{**q, "split": None, "offset": -1} for q in quarantined]
+    manifest = pd.DataFrame(rows)
+    for col in ("n_parcels", "n_timepoints", "n_timepoints_source"):
+        if col in manifest:
+            manifest[col] = manifest[col].astype("Int64")
+    parcels = pd.DataFrame({"label": atlas.label_values.astype(int),
+                            "name": atlas.names or [f"parcel_{int(v)}" for v in atlas.label_values],
+                            "x": atlas.coords[:, 0], "y": atlas.coords[:, 1], "z": atlas.coords[:, 2],
+                            "has_data": scaler.has_data})
+    with atomic_path(out / "parcels.parquet") as tmp:
+        parcels.to_parquet(tmp, index=False)
+    scaler.save(out / "scaler.safetensors")
+    meta = {"version": STORE_VERSION, "n_parcels": atlas.n_parcels, "tr": scaler.meta.get("tr"),
+            "atlas": atlas.name, "atlas_hash": atlas.hash,
+            "splits": {s: {"recordings": int(sum(r["split"] == s for r in kept)),
+                           "subjects": len({r["subject"] for r in kept if r["split"] == s})}
+                       for s in SPLITS}, **(extra_meta or {})}
+    write_bytes_atomic(out / "store.json", json.dumps(meta, indent=2, default=str).encode())
+    with atomic_path(manifest_path) as tmp:
+        manifest.to_parquet(tmp, index=False)
+    return out
+
+
+class BrainStore:
+    """Read side of a store: manifest, coordinates, scaler, and memory-mapped recordings."""
+
+    def __init__(self, path):
+        import pandas as pd
+
+        self.path = Path(path)
+        if not (self.path / "manifest.parquet").is_file():
+            raise ConfigError(f"{self.path}: not a processed store (no manifest.parquet); run "
+                              "`brainlm preprocess` first")
+        self.meta = json.loads((self.path / "store.json").read_text())
+        self.manifest = pd.read_parquet(self.path / "manifest.parquet")
+        self.parcels = pd.read_parquet(self.path / "parcels.parquet")
+        self._arrays: dict[str, np.ndarray] = {}
+
+    @property
+    def n_parcels(self) -> int:
+        return int(self.meta["n_parcels"])
+
+    @property
+    def tr(self) -> float:
+        return float(self.meta["tr"])
+
+    @property
+    def coords(self) -> np.ndarray:
+        return self.parcels[["x", "y", "z"]].to_numpy(np.float32)
+
+    def scaler(self):
+        from .scale import RobustScaler
+
+        return RobustScaler.load(self.path / "scaler.safetensors")
+
+    def recordings(self, split: str | None = None):
+        """Kept recordings (status ok), optionally of one split, in storage order."""
+        if split is not None and split not in SPLITS:
+            raise ConfigError(f"unknown split '{split}' (use one of {SPLITS})")
+        m = self.manifest[self.manifest["status"] == "ok"]
+        if split is not None:
+            m = m[m["split"] == split]
+        return m.reset_index(drop=True)
+
+    def _array(self, split: str) -> np.ndarray:
+        if split not in self._arrays:
+            self._arrays[split] = np.load(self.path / f"{split}.npy", mmap_mode="r",
+                                          allow_pickle=False)
+        return self._arrays[split]
+
+    def load(self, row) -> np.ndarray:
+        """One recording, [P, T] (a read-only memory map, nothing is loaded until touched)."""
+        p, t, off = int(row["n_parcels"]), int(row["n_timepoints"]), int(row["offset"])
+        x = self._array(row["split"])[off:off + p * t].reshape(p, t)
+        return check_orientation(x, self.n_parcels, f"store read {row['recording_id']}")
+
+    def __getstate__(self):  # DataLoader workers re-open the memory maps themselves
+        state = self.__dict__.copy()
+        state["_arrays"] = {}
+        return state
+
+
+class WindowDataset:
+    """Windows of T timepoints from one split, as a map-style dataset for torch's DataLoader.
+
+    mode="random": each item is a random window of recording `i % n`, reproducible from
+    (seed, epoch, i) so a resumed run sees the same windows; call `set_epoch` per epoch.
+    mode="sliding": every window at starts 0, stride, 2*stride, ... (evaluation).
+    Items: {"signal": float32 [P, T], "recording": int, "start": int}. No torch import here.
+    """
+
+    def __init__(self, store: BrainStore, split: str, window: int = 200, mode: str = "random",
+                 stride: int | None = None, windows_per_recording: int = 1, seed: int = 0):
+        if mode not in ("random", "sliding"):
+            raise ConfigError(f"window mode '{mode}' must be 'random' or 'sliding'")
+        if window < 1:
+            raise ConfigError(f"window length {window} must be positive")
+        self.store, self.split, self.window, self.mode = store, split, int(window), mode
+        self.rows = store.recordings(split)
+        if len(self.rows) == 0:
+            raise ConfigError(f"{store.path}: split '{split}' has no recordings")
+        short = self.rows[self.rows["n_timepoints"] < window]
+        if len(short):
+            raise ConfigError(f"{store.path}: {len(short)} recordings in '{split}' are shorter "
+                              f"than the window ({window}), e.g. {short.iloc[0]['recording_id']}")
+        self.seed, self.epoch, self.per_recording = seed, 0, int(windows_per_recording)
+        if mode == "sliding":
+            stride = int(stride or window)
+            self.index = [(i, s) for i, t in enumerate(self.rows["n_timepoints"])
+                          for s in range(0, int(t) - window + 1, stride)]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self.mode == "sliding":
+            return len(self.index)
+        return len(self.rows) * self.per_recording
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        if self.mode == "sliding":
+            rec, start = self.index[i]
+        else:
+            rec = i % len(self.rows)
+            n_t = int(self.rows.at[rec, "n_timepoints"])
+            rng = np.random.default_rng([self.seed, self.epoch, i])
+            start = int(rng.integers(0, n_t - self.window + 1))
+        x = self.store.load(self.rows.iloc[rec])[:, start:start + self.window]
+        return {"signal": np.array(x, dtype=np.float32), "recording": rec, "start": start}

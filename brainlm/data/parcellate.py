@@ -236,7 +236,7 @@ def extract_fast(info: NiftiInfo, atlas, chunk: int = 16) -> tuple[np.ndarray, n
                     valid = frames[0].astype(np.float64) * info.slope + info.inter != 0
                     compact, used, covered = op.masked(valid)
                     if not covered.any():
-                        raise InputError(info.path, _no_overlap_message(info, atlas))
+                        raise InputError(info.path, _no_overlap_message(info, atlas, op, valid))
                 sub = frames[:, used].astype(np.float64)
                 out[t0:t0 + n] = compact.T.dot(sub.T).T
     except InputError:
@@ -248,10 +248,14 @@ def extract_fast(info: NiftiInfo, atlas, chunk: int = 16) -> tuple[np.ndarray, n
     return np.ascontiguousarray(signals), covered
 
 
-def _no_overlap_message(info: NiftiInfo, atlas) -> str:
+def _no_overlap_message(info: NiftiInfo, atlas, op: LabelOperator, valid: np.ndarray) -> str:
+    if not valid.any():
+        return "the first volume is all zeros: no signal to parcellate"
     centre = info.affine @ np.r_[(np.array(info.shape[:3]) - 1) / 2.0, 1.0]
-    return ("field of view does not overlap the atlas: the image is not in MNI space "
-            f"(its centre maps to {np.round(centre[:3]).astype(int).tolist()} mm)")
+    where = f"its centre maps to {np.round(centre[:3]).astype(int).tolist()} mm"
+    if op.raw.nnz == 0:
+        return f"field of view does not overlap the atlas: not in MNI space? ({where})"
+    return f"no voxel with signal falls inside an atlas parcel: not in MNI space? ({where})"
 
 
 # --------------------------------------------------------------------------- nilearn engine

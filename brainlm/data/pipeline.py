@@ -50,6 +50,7 @@ class PreprocessConfig:
             raise ConfigError(f"standardize '{s.standardize}' must be psc, zscore or none")
         if s.min_timepoints < 1:
             raise ConfigError(f"window/min timepoints must be >= 1, got {s.min_timepoints}")
+        assign_splits([], self.fractions)  # checks the fractions
         nyquist = 0.5 / s.target_tr
         for name, f in (("high_pass", s.high_pass), ("low_pass", s.low_pass)):
             if f is not None and not (0 < f < nyquist):
@@ -138,7 +139,7 @@ def _default_cache() -> Path:
 
 
 def run_preprocess(cfg: PreprocessConfig) -> Summary:
-    from ..atlas import atlas_from_nifti, load_atlas
+    from ..atlas import load_atlas
     from .ingest import attach_phenotypes, discover, find_participants
     from .scale import RobustScaler
     from .store import write_store

@@ -8,18 +8,18 @@ Layout of a store folder:
     {train,val,test}.npy one flat float32 array per split; recording i is the [P, T_i] block
                          at `offset` (C order), so a window is one small contiguous region and
                          np.load(mmap_mode="r") reads only what is asked for.
-The manifest is written last: a store without one is incomplete and is never read.
+A store is written whole into a temporary folder and then renamed into place.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ConfigError, check_orientation
-from ..fileio import atomic_path, write_bytes_atomic
 from .split import SPLITS
 
 STORE_VERSION = "1"
@@ -27,32 +27,57 @@ STORE_VERSION = "1"
 
 def write_store(out_dir, kept: list[dict], quarantined: list[dict], scaler, atlas,
                 extra_meta: dict | None = None) -> Path:
-    """Write scaled recordings and the manifest atomically (file by file, manifest last).
+    """Write scaled recordings, the scaler and the manifest into a fresh folder, then swap it
+    in place of `out_dir`: a failed run leaves the previous store whole.
 
     `kept` rows carry `signals` (scaled [P, T] float32) and `split` beside manifest fields.
     """
-    import pandas as pd
+    import shutil
+    import tempfile
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / "manifest.parquet"
-    if manifest_path.exists():  # the old store is inconsistent from the first new file on
-        manifest_path.unlink()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        _write_store_files(tmp, kept, quarantined, scaler, atlas, extra_meta)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{tmp.name.split('.')[-2]}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        os.chmod(out, 0o777 & ~_umask())
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_store_files(out: Path, kept, quarantined, scaler, atlas, extra_meta) -> None:
+    import pandas as pd
+
     rows = []
     for split in SPLITS:
         members = [r for r in kept if r["split"] == split]
         total = sum(int(np.prod(r["signals"].shape)) for r in members)
-        with atomic_path(out / f"{split}.npy") as tmp:
-            flat = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total,))
-            offset = 0
-            for r in members:
-                x = check_orientation(r["signals"], atlas.n_parcels, f"store write {r['recording_id']}")
-                flat[offset:offset + x.size] = x.ravel()
-                rows.append({**{k: v for k, v in r.items() if k != "signals"},
-                             "offset": offset, "n_parcels": x.shape[0], "n_timepoints": x.shape[1]})
-                offset += x.size
-            flat.flush()
-            del flat
+        flat = np.lib.format.open_memmap(out / f"{split}.npy", mode="w+", dtype=np.float32,
+                                         shape=(total,))
+        offset = 0
+        for r in members:
+            x = check_orientation(r["signals"], atlas.n_parcels, f"store write {r['recording_id']}")
+            flat[offset:offset + x.size] = x.ravel()
+            rows.append({**{k: v for k, v in r.items() if k != "signals"},
+                         "offset": offset, "n_parcels": x.shape[0], "n_timepoints": x.shape[1]})
+            offset += x.size
+        flat.flush()
+        del flat
     rows += [{**q, "split": None, "offset": -1} for q in quarantined]
     manifest = pd.DataFrame(rows)
     for col in ("n_parcels", "n_timepoints", "n_timepoints_source"):
@@ -62,18 +87,15 @@ def write_store(out_dir, kept: list[dict], quarantined: list[dict], scaler, atla
                             "name": atlas.names or [f"parcel_{int(v)}" for v in atlas.label_values],
                             "x": atlas.coords[:, 0], "y": atlas.coords[:, 1], "z": atlas.coords[:, 2],
                             "has_data": scaler.has_data})
-    with atomic_path(out / "parcels.parquet") as tmp:
-        parcels.to_parquet(tmp, index=False)
+    parcels.to_parquet(out / "parcels.parquet", index=False)
     scaler.save(out / "scaler.safetensors")
     meta = {"version": STORE_VERSION, "n_parcels": atlas.n_parcels, "tr": scaler.meta.get("tr"),
             "atlas": atlas.name, "atlas_hash": atlas.hash,
             "splits": {s: {"recordings": int(sum(r["split"] == s for r in kept)),
                            "subjects": len({r["subject"] for r in kept if r["split"] == s})}
                        for s in SPLITS}, **(extra_meta or {})}
-    write_bytes_atomic(out / "store.json", json.dumps(meta, indent=2, default=str).encode())
-    with atomic_path(manifest_path) as tmp:
-        manifest.to_parquet(tmp, index=False)
-    return out
+    (out / "store.json").write_text(json.dumps(meta, indent=2, default=str))
+    manifest.to_parquet(out / "manifest.parquet", index=False)
 
 
 class BrainStore:

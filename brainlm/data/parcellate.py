@@ -210,35 +210,37 @@ def _open_stream(info: NiftiInfo):
     return open(info.path, "rb")
 
 
-def _read_exact(f, n: int, info: NiftiInfo) -> bytes:
-    buf = f.read(n)
-    if len(buf) != n:
-        raise InputError(info.path, "truncated file: data ends before the last volume "
-                                    f"({len(buf)} of {n} bytes in the last read)")
-    return buf
+def _fill(f, view: memoryview, info: NiftiInfo) -> None:
+    """Read exactly len(view) bytes into a preallocated buffer (no per-chunk allocation)."""
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise InputError(info.path, "truncated file: data end before the last volume")
+        got += n
 
 
-def extract_fast(info: NiftiInfo, atlas, chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def extract_fast(info: NiftiInfo, atlas, chunk: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Stream volumes through the label operator. Returns ([P, T] float32, coverage [P])."""
     op = _operator(atlas, info.shape[:3], info.affine)
     n_vox, n_t = op.n_voxels, info.shape[3]
-    frame_bytes = n_vox * info.dtype.itemsize
     out = np.empty((n_t, atlas.n_parcels), dtype=np.float32)
+    buf = np.empty((chunk, n_vox), dtype=info.dtype)
+    view = memoryview(buf).cast("B")
+    compact = used = covered = None
     try:
         with _open_stream(info) as f:
-            _read_exact(f, info.offset, info)
-            compact = used = covered = None
+            _fill(f, memoryview(bytearray(info.offset)), info)
             for t0 in range(0, n_t, chunk):
                 n = min(chunk, n_t - t0)
-                frames = np.frombuffer(_read_exact(f, n * frame_bytes, info), dtype=info.dtype)
-                frames = frames.reshape(n, n_vox)
+                _fill(f, view[: n * n_vox * buf.itemsize], info)
+                frames = buf[:n]
                 if compact is None:  # exact zeros in the first volume = outside the data's mask
                     valid = frames[0].astype(np.float64) * info.slope + info.inter != 0
                     compact, used, covered = op.masked(valid)
                     if not covered.any():
                         raise InputError(info.path, _no_overlap_message(info, atlas, op, valid))
-                sub = frames[:, used].astype(np.float64)
-                out[t0:t0 + n] = compact.T.dot(sub.T).T
+                out[t0:t0 + n] = frames[:, used].astype(np.float64) @ compact
     except InputError:
         raise
     except Exception as exc:  # zlib/gzip/EOF errors from a damaged file

@@ -1,0 +1,472 @@
+"""Synthetic parcellated resting-state fMRI with known networks and known phenotype effects.
+
+Why: users can run the whole pipeline (NIfTI -> parcellation -> pretraining -> probing) without
+UK Biobank, and tests get a ground truth: the modules and the effects of age, sex and a symptom
+score on the dynamics are known, so a downstream model can be checked for finding them.
+
+Generative model for one subject (arrays are [parcels, time]):
+
+* latent sources: a global signal, one source per module, and per parcel a local and a slow
+  (40 s) source. Each is an AR(1) process with its time constant in seconds (phi = exp(-TR/tau)),
+  so the dynamics do not depend on the TR, scaled so that after the HRF it has unit variance:
+  a change of timescale then leaves the amplitude alone.
+* neural signal of parcel p: sqrt(w_g) g + sqrt(w_m,p) m_module(p) + sqrt(w_l,p) (S e)_p
+  + sqrt(w_s,p) (S s)_p, weights normalised to sum 1 per parcel, S the row-normalised
+  exp(-distance / lambda) spatial mixing, all filtered by the canonical double-gamma HRF
+  sampled at the TR (one FFT convolution after the mixing, which it commutes with).
+  Modules: k-means with 2K clusters on mirrored coordinates (|x|, y, z), the j-th most
+  posterior cluster joined with the j-th of the anterior half, so each module is bilateral
+  and long-range (like the default mode network's PCC + mPFC) rather than a spatial blob.
+* white measurement noise, variance per volume ~ TR^-0.5 (between thermal averaging, 1/TR, and
+  TR-independent physiological noise; it keeps lag-1 and band power in range at TR 0.735 and 2),
+  a linear + quadratic drift, all scaled to ~0.3 % of a per-parcel baseline near 10,000.
+
+Phenotype effects (sizes in `SyntheticCohort.effects`): age lowers the within-module coupling
+weight, males have a larger amplitude in one module, and the symptom score lengthens one
+module's time constant. Subject i is drawn from `default_rng([seed, i])` alone, so a subject
+does not depend on the cohort size.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from scipy import fft as sp_fft
+from scipy import signal as sps
+from scipy.linalg import toeplitz
+from scipy.spatial.distance import cdist
+from scipy.special import gammaln
+
+from ..errors import ConfigError
+from ..fileio import atomic_path, write_bytes_atomic
+
+REFERENCE_AGE = 50.0
+
+
+@dataclass(frozen=True)
+class SimParams:
+    """Generator constants. Defaults give A424-like statistics at TR 0.735 s and 2.0 s."""
+
+    tau_global: float = 2.0  # s, AR time constants of the latent sources
+    tau_module: float = 2.0
+    tau_local: float = 1.5
+    tau_slow: float = 40.0  # slow parcel-specific fluctuations (the 1/f-like low end)
+    # variance weights of the neural signal at the reference age, normalised to sum 1 per parcel
+    w_global: float = 0.33
+    w_module: float = 0.3  # within-module coupling
+    w_local: float = 0.2  # spatially mixed parcel-specific activity
+    w_slow: float = 0.2
+    w_global_logsd: float = 0.1  # between-subject variability of the global weight
+    module_loading_range: float = 0.3  # per-parcel module loading in 1 +- this
+    spatial_lambda_mm: float = 10.0  # length scale of the distance-based mixing
+    noise_var: float = 0.38  # white-noise variance per volume at TR 0.735 s (neural variance 1)
+    noise_tr_exponent: float = 0.5  # noise variance ~ TR^-exponent (1 = pure thermal averaging)
+    amplitude: float = 0.0026  # neural std as a fraction of baseline
+    amplitude_logsd: float = 0.15  # between-subject variability of the amplitude
+    module_amp_logsd: float = 0.08  # nuisance variability of each module's amplitude
+    drift_linear: float = 1.5  # sd of the linear drift (end-to-end, in units of neural std)
+    drift_quadratic: float = 0.15  # sd of the Legendre-P2 drift (shared + parcel-specific)
+    baseline: float = 10000.0
+    baseline_rel_sd: float = 0.05
+    # phenotype effects
+    age_range: tuple[float, float] = (20.0, 80.0)
+    age_coupling_per_decade: float = -0.12  # relative change of w_module per decade of age
+    sex_module: int = 1
+    sex_amplitude_ratio: float = 1.25  # amplitude of sex_module in M relative to F
+    symptom_module: int = 2
+    symptom_log_tau: float = 0.6  # log(tau) of symptom_module per unit of symptom score
+
+
+@dataclass
+class SyntheticCohort:
+    """Raw intensities and the truth they were made from.
+
+    `signals` [N, P, T] float32; `participants` one row per subject (participant_id, age, sex,
+    symptom); `modules` [P] ground-truth module per parcel; `effects` JSON-serialisable effect
+    sizes and generator parameters; `truth` the per-subject latent parameters behind the effects.
+    """
+
+    signals: np.ndarray
+    participants: pd.DataFrame
+    modules: np.ndarray
+    effects: dict
+    tr: float = 0.735
+    seed: int = 0
+    truth: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @property
+    def n_subjects(self) -> int:
+        return self.signals.shape[0]
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def canonical_hrf(tr: float, length_s: float = 32.0) -> np.ndarray:
+    """SPM-style double gamma (peak ~5 s, undershoot ~15 s, ratio 1/6) sampled at the TR."""
+    t = np.arange(0.0, length_s + 1e-9, tr)
+    t[0] = 1e-12  # t**a at 0 in log space
+
+    def gpdf(a):
+        return np.exp((a - 1) * np.log(t) - t - gammaln(a))
+
+    h = gpdf(6.0) - gpdf(16.0) / 6.0
+    h[0] = 0.0
+    return h / h.sum()
+
+
+def make_modules(coords: np.ndarray, n_modules: int = 7) -> np.ndarray:
+    """Bilateral long-range modules: 2K k-means clusters on (|x|, y, z), paired posterior-anterior.
+
+    Mirroring makes each cluster bilateral; pairing the j-th most posterior cluster with the
+    j-th of the anterior half makes each module span distant regions (like DMN's PCC + mPFC),
+    so module structure is not just the spatial smoothness. Depends only on the coordinates.
+    """
+    coords = np.asarray(coords, dtype=np.float64)
+    mirrored = np.column_stack([np.abs(coords[:, 0]), coords[:, 1], coords[:, 2]])
+    from sklearn.cluster import KMeans
+
+    km = KMeans(n_clusters=2 * n_modules, n_init=4, random_state=12345).fit(mirrored)
+    assign, centers = km.labels_, km.cluster_centers_
+    order = np.lexsort((centers[:, 0], centers[:, 2], centers[:, 1]))  # by y, stable
+    cluster_module = np.empty(2 * n_modules, dtype=np.int64)
+    cluster_module[order[:n_modules]] = np.arange(n_modules)
+    cluster_module[order[n_modules:]] = np.arange(n_modules)
+    return cluster_module[assign]
+
+
+def _spatial_mixing(coords: np.ndarray, lam: float) -> np.ndarray:
+    """exp(-d/lambda) with unit-norm rows, so each mixed local source keeps unit variance."""
+    d = cdist(coords, coords)
+    m = np.exp(-d / lam)
+    return m / np.sqrt((m ** 2).sum(1, keepdims=True))
+
+
+def _filtered_var(h: np.ndarray, phi: float) -> float:
+    """Variance of HRF-filtered AR(1) with unit innovations: h' Toeplitz(phi^|k| / (1-phi^2)) h."""
+    gamma = phi ** np.arange(len(h)) / (1.0 - phi ** 2)
+    return float(h @ toeplitz(gamma) @ h)
+
+
+def _ar_sources(rng, taus: np.ndarray, hrf: np.ndarray, tr: float, n_total: int) -> np.ndarray:
+    """AR(1) series, one per row of `taus`, scaled so that each has unit variance once filtered
+    by the HRF (the filter is applied later, after the linear mixing it commutes with)."""
+    phis = np.exp(-tr / taus)
+    eps = rng.standard_normal((len(taus), n_total))
+    start = rng.standard_normal((len(taus), 1))  # stationary initial state: no AR burn-in
+    out = np.empty_like(eps)
+    for phi in np.unique(phis):  # lfilter takes one filter per call: group equal timescales
+        rows = phis == phi
+        gain = 1.0 / np.sqrt(_filtered_var(hrf, phi))
+        zi = phi * gain / np.sqrt(1.0 - phi ** 2) * start[rows]
+        out[rows] = sps.lfilter([gain], [1.0, -phi], eps[rows], axis=1, zi=zi)[0]
+    return out
+
+
+def _apply_hrf(x: np.ndarray, hrf: np.ndarray) -> np.ndarray:
+    """Causal convolution along time by FFT (same length as x)."""
+    n = x.shape[1]
+    nfft = sp_fft.next_fast_len(n + len(hrf) - 1, real=True)
+    spec = sp_fft.rfft(x, nfft, axis=1) * sp_fft.rfft(hrf, nfft)[None, :]
+    return sp_fft.irfft(spec, nfft, axis=1)[:, :n]
+
+
+def _legendre_drift(n_time: int) -> tuple[np.ndarray, np.ndarray]:
+    u = np.linspace(-1.0, 1.0, n_time)
+    return u, 0.5 * (3 * u ** 2 - 1)
+
+
+# ----------------------------------------------------------------------------- the cohort
+
+
+def _phenotypes(rng, p: SimParams) -> tuple[float, str, float]:
+    age = round(float(rng.uniform(*p.age_range)), 1)
+    sex = "M" if rng.random() < 0.5 else "F"
+    symptom = round(float(rng.standard_normal()), 3)
+    return age, sex, symptom
+
+
+def _simulate_subject(rng, pheno, modules, n_mod, mixing, hrf, tr, n_time, p: SimParams):
+    """One recording [P, T] of raw intensities, and the latent parameters behind the effects."""
+    age, sex, symptom = pheno
+    n_parcels = len(modules)
+    # subject-level parameters: the effects, then nuisance variability
+    w_mod = p.w_module * max(0.0, 1.0 + p.age_coupling_per_decade * (age - REFERENCE_AGE) / 10)
+    w_glob = p.w_global * np.exp(p.w_global_logsd * rng.standard_normal())
+    taus = np.full(1 + n_mod + 2 * n_parcels, p.tau_local)
+    taus[1 + n_mod + n_parcels:] = p.tau_slow
+    taus[0] = p.tau_global
+    taus[1:1 + n_mod] = p.tau_module
+    sym_mod = p.symptom_module % n_mod
+    tau_sym = p.tau_module * np.exp(p.symptom_log_tau * symptom)
+    taus[1 + sym_mod] = tau_sym
+    amp_mod = np.exp(p.module_amp_logsd * rng.standard_normal(n_mod))
+    sex_mod = p.sex_module % n_mod
+    if sex == "M":
+        amp_mod[sex_mod] *= p.sex_amplitude_ratio
+    loading = 1.0 + p.module_loading_range * rng.uniform(-1, 1, n_parcels)
+    w_m = w_mod * loading
+    total = w_glob + w_m + p.w_local + p.w_slow  # per parcel, so each has unit neural variance
+    w_g, w_m, w_l, w_s = w_glob / total, w_m / total, p.w_local / total, p.w_slow / total
+
+    burn = len(hrf)  # the HRF's memory; the AR sources start stationary
+    src = _ar_sources(rng, taus, hrf, tr, n_time + burn)
+    glob, mod = src[0], src[1:1 + n_mod]
+    loc, slow = src[1 + n_mod:1 + n_mod + n_parcels], src[1 + n_mod + n_parcels:]
+    neural = (np.sqrt(w_g)[:, None] * glob[None, :] + np.sqrt(w_m)[:, None] * mod[modules]
+              + np.sqrt(w_l)[:, None] * (mixing @ loc) + np.sqrt(w_s)[:, None] * (mixing @ slow))
+    neural = _apply_hrf(neural, hrf)[:, burn:] * amp_mod[modules][:, None]
+
+    noise_var = p.noise_var * (0.735 / tr) ** p.noise_tr_exponent
+    noise = np.sqrt(noise_var) * rng.standard_normal((n_parcels, n_time))
+    u1, u2 = _legendre_drift(n_time)
+    a1 = p.drift_linear / 2 * rng.standard_normal(n_parcels)
+    a2 = p.drift_quadratic * (rng.standard_normal() + rng.standard_normal(n_parcels)) / np.sqrt(2)
+    drift = a1[:, None] * u1[None, :] + a2[:, None] * u2[None, :]
+
+    amp = p.amplitude * np.exp(p.amplitude_logsd * rng.standard_normal())
+    baseline = p.baseline * (1.0 + p.baseline_rel_sd * rng.standard_normal(n_parcels))
+    x = baseline[:, None] * (1.0 + amp * (neural + noise + drift))
+    truth = {"w_global": float(w_glob), "w_module": float(w_mod),
+             "tau_symptom_module_s": float(tau_sym), "amp_sex_module": float(amp_mod[sex_mod]),
+             "amplitude": float(amp)}
+    return x.astype(np.float32), truth
+
+
+def simulate_cohort(coords, n_subjects: int, n_timepoints: int, tr: float = 0.735,
+                    seed: int = 0, n_modules: int = 7,
+                    params: SimParams | None = None) -> SyntheticCohort:
+    """Simulate `n_subjects` recordings [P, T] for parcels at `coords` (MNI mm, [P, 3]).
+
+    Subject i is drawn from default_rng([seed, i]) alone, so it is the same in any cohort size.
+    """
+    p = params or SimParams()
+    coords = np.asarray(coords, dtype=np.float64)
+    if coords.ndim != 2 or coords.shape[1] != 3:
+        raise ConfigError(f"coords must be [parcels, 3] MNI mm, got shape {coords.shape}")
+    if n_modules < 1 or coords.shape[0] < 2 * n_modules:
+        raise ConfigError(f"{coords.shape[0]} parcels cannot hold {n_modules} modules "
+                          "(need at least 2 parcels per module)")
+    if n_subjects < 1 or n_timepoints < 2:
+        raise ConfigError(f"need n_subjects >= 1 and n_timepoints >= 2, got {n_subjects}, "
+                          f"{n_timepoints}")
+    if not tr > 0:
+        raise ConfigError(f"tr must be positive, got {tr}")
+    if seed < 0:
+        raise ConfigError(f"seed must be >= 0, got {seed}")
+
+    modules = make_modules(coords, n_modules)
+    mixing = _spatial_mixing(coords, p.spatial_lambda_mm)
+    hrf = canonical_hrf(tr)
+    width = max(3, len(str(n_subjects)))
+    signals = np.empty((n_subjects, coords.shape[0], n_timepoints), dtype=np.float32)
+    rows, truths = [], []
+    for i in range(n_subjects):
+        rng = np.random.default_rng([seed, i])
+        pheno = _phenotypes(rng, p)
+        signals[i], truth = _simulate_subject(rng, pheno, modules, n_modules, mixing, hrf, tr,
+                                              n_timepoints, p)
+        pid = f"sub-{i + 1:0{width}d}"
+        rows.append({"participant_id": pid, "age": pheno[0], "sex": pheno[1],
+                     "symptom": pheno[2]})
+        truths.append({"participant_id": pid, **truth})
+    return SyntheticCohort(signals=signals, participants=pd.DataFrame(rows), modules=modules,
+                           effects=describe_effects(p, n_modules), tr=float(tr), seed=int(seed),
+                           truth=pd.DataFrame(truths))
+
+
+def describe_effects(p: SimParams, n_modules: int) -> dict:
+    """The known effects, in words and numbers, how to see them, and every generator constant."""
+    return {
+        "age": {
+            "acts_on": "within-module coupling: weight of the module source in every parcel",
+            "modules": "all",
+            "model": "w_module = w0 * (1 + per_decade * (age - reference_age) / 10), before the "
+                     "per-parcel normalisation of (w_global, w_module, w_local, w_slow) to sum 1",
+            "w0": p.w_module, "per_decade": p.age_coupling_per_decade,
+            "reference_age": REFERENCE_AGE,
+            "observable": "within-module minus between-module FC decreases with age",
+            "sign": -1,
+        },
+        "sex": {
+            "acts_on": "amplitude of the neural signal (not the noise) in one module's parcels",
+            "module": p.sex_module % n_modules,
+            "ratio_M_over_F": p.sex_amplitude_ratio,
+            "observable": "BOLD std of that module relative to the other parcels is larger in M",
+            "sign": 1,
+        },
+        "symptom": {
+            "acts_on": "AR time constant of one module's source (slower dynamics)",
+            "module": p.symptom_module % n_modules,
+            "model": "tau = tau_module * exp(log_tau_per_unit * symptom)",
+            "tau_module_s": p.tau_module, "log_tau_per_unit": p.symptom_log_tau,
+            "symptom_distribution": "standard normal score",
+            "observable": "autocorrelation at 3-6 s lags of that module's mean signal (after "
+                          "removing the global mean) rises with the score; parcel lag-1 barely "
+                          "changes at short TR because the HRF dominates it",
+            "sign": 1,
+        },
+        "parameters": asdict(p),
+    }
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def signal_statistics(x, tr: float) -> dict:
+    """lag-1 autocorrelation, mean off-diagonal FC and 0.01-0.1 Hz power fraction of x [P, T].
+
+    The three numbers that say whether a recording looks like resting-state BOLD; computed
+    after linear detrending of each parcel.
+    """
+    x = sps.detrend(np.asarray(x, dtype=np.float64), axis=1, type="linear")
+    ss = (x ** 2).sum(1)
+    ok = ss > 0
+    x = x[ok]
+    lag1 = float(np.mean((x[:, 1:] * x[:, :-1]).sum(1) / ss[ok]))
+    fc = np.corrcoef(x)
+    n = fc.shape[0]
+    mean_fc = float((fc.sum() - np.trace(fc)) / (n * (n - 1))) if n > 1 else float("nan")
+    power = np.abs(np.fft.rfft(x, axis=1)) ** 2
+    freqs = np.fft.rfftfreq(x.shape[1], d=tr)
+    band = (freqs >= 0.01) & (freqs <= 0.1)
+    band_power = float(np.mean(power[:, band].sum(1) / power[:, 1:].sum(1)))
+    return {"lag1": lag1, "mean_fc": mean_fc, "band_power": band_power}
+
+
+# ----------------------------------------------------------------------------- BIDS output
+
+
+def coarse_grid(atlas, voxel_size: float) -> tuple[np.ndarray, np.ndarray]:
+    """The atlas grid subsampled to `voxel_size` mm: (labels, affine), same origin and extent.
+
+    Subsampling (not resampling) keeps voxel 0 where the atlas has it, so the MNI mapping is
+    exact through the scaled affine; `voxel_size` must be an integer multiple of the atlas's.
+    """
+    affine = np.asarray(atlas.affine, dtype=np.float64)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    ratio = voxel_size / zooms
+    step = np.round(ratio).astype(int)
+    if np.any(step < 1) or not np.allclose(ratio, step, atol=1e-3):
+        raise ConfigError(f"voxel_size {voxel_size} mm must be an integer multiple of the "
+                          f"atlas voxel size {tuple(np.round(zooms, 3))} mm")
+    labels = atlas.labels[::step[0], ::step[1], ::step[2]]
+    new = affine.copy()
+    new[:3, :3] = affine[:3, :3] * step[None, :]
+    return np.ascontiguousarray(labels), new
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, zooms, tr: float) -> None:
+    """Write header + Fortran-order data through gzip with mtime=0, so the same cohort gives
+    byte-identical files (stable input hashes for the parcellation cache and DVC); nibabel's
+    own .nii.gz writer stamps the current time."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(data.shape)
+    hdr.set_data_dtype(data.dtype)
+    hdr.set_zooms(tuple(float(z) for z in zooms) + (float(tr),))
+    hdr.set_xyzt_units("mm", "sec")
+    hdr.set_sform(affine, code=4)  # MNI152
+    hdr.set_qform(affine, code=4)
+    hdr.set_data_offset(352)
+    hdr["scl_slope"] = 1.0
+    hdr["scl_inter"] = 0.0
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f, \
+            gzip.GzipFile(fileobj=f, mode="wb", compresslevel=1, mtime=0) as gz:
+        hdr.write_to(gz)  # 348-byte header + 4-byte extension flag = offset 352
+        gz.write(np.asarray(data).tobytes(order="F"))
+
+
+def write_bids(cohort: SyntheticCohort, atlas, out_dir, tr: float | None = None,
+               voxel_size: float = 4.0, dtype: str = "int16",
+               voxel_noise: float = 0.01) -> list[Path]:
+    """Paint each parcel's signal into its voxels and write a BIDS-like raw dataset.
+
+    Gives the parcellation step real 4-D NIfTI input. The grid is the atlas grid subsampled to
+    `voxel_size` (4 mm by default: 8x smaller than 2 mm); each voxel gets its parcel's series
+    plus independent noise with sd `voxel_noise` x the parcel's fluctuation sd, so voxels are not
+    identical copies yet the parcel mean recovers the signal. Parcels with no voxel on the
+    coarse grid are listed in ground_truth.json. Returns the NIfTI paths, one per subject.
+    """
+    tr = float(cohort.tr if tr is None else tr)
+    signals = cohort.signals
+    n_sub, n_parcels, n_time = signals.shape
+    if n_parcels != atlas.n_parcels:
+        raise ConfigError(f"cohort has {n_parcels} parcels but atlas {atlas.name} has "
+                          f"{atlas.n_parcels}")
+    if dtype not in ("int16", "float32"):
+        raise ConfigError(f"dtype must be 'int16' or 'float32', got {dtype!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    labels, affine = coarse_grid(atlas, voxel_size)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    flat = labels.ravel()
+    vox = np.flatnonzero(flat)
+    lab = flat[vox]
+    known = np.isin(lab, atlas.label_values)
+    vox, lab = vox[known], lab[known]
+    parcel_of_vox = np.searchsorted(atlas.label_values, lab)
+    missing = np.setdiff1d(atlas.label_values, lab)
+    if missing.size:
+        warnings.warn(f"{missing.size} parcel(s) have no voxel on the {voxel_size} mm grid: "
+                      f"{missing.tolist()}", stacklevel=2)
+
+    paths = []
+    for i in range(n_sub):
+        pid = str(cohort.participants["participant_id"].iloc[i])
+        func = out / pid / "func"
+        func.mkdir(parents=True, exist_ok=True)
+        x = signals[i].astype(np.float64)
+        sd = sps.detrend(x, axis=1).std(1)
+        rng = np.random.default_rng([cohort.seed, i, 1])  # independent of the cohort draws
+        values = x[parcel_of_vox] + (voxel_noise * sd[parcel_of_vox])[:, None] * \
+            rng.standard_normal((len(vox), n_time))
+        use_int = dtype == "int16"
+        if use_int:
+            values = np.rint(values)
+            if values.min() < -32768 or values.max() > 32767:
+                warnings.warn(f"{pid}: values exceed int16, writing float32", stacklevel=2)
+                use_int = False
+        out_dtype = np.int16 if use_int else np.float32
+        vol = np.zeros((flat.size, n_time), dtype=out_dtype)
+        vol[vox] = values.astype(out_dtype)
+        vol = vol.reshape(labels.shape + (n_time,))
+        path = func / f"{pid}_task-rest_bold.nii.gz"
+        _write_nifti(path, vol, affine, zooms, tr)
+        _atomic_write_text(func / f"{pid}_task-rest_bold.json", json.dumps(
+            {"RepetitionTime": tr, "TaskName": "rest",
+             "Description": "synthetic BOLD painted onto atlas parcels (brainlm.data.synthetic)"},
+            indent=2) + "\n")
+        paths.append(path)
+
+    _atomic_write_text(out / "participants.tsv",
+                       cohort.participants.to_csv(sep="\t", index=False, lineterminator="\n"))
+    _atomic_write_text(out / "dataset_description.json", json.dumps(
+        {"Name": "BrainLM synthetic resting-state cohort", "BIDSVersion": "1.9.0",
+         "DatasetType": "raw",
+         "GeneratedBy": [{"Name": "brainlm.data.synthetic"}]}, indent=2) + "\n")
+    truth = {
+        "atlas": {"name": atlas.name, "hash": atlas.hash},
+        "tr": tr, "seed": cohort.seed, "n_subjects": n_sub, "n_timepoints": n_time,
+        "voxel_size_mm": float(voxel_size), "voxel_noise": voxel_noise,
+        "parcel_labels": [int(v) for v in atlas.label_values],
+        "modules": [int(m) for m in cohort.modules],
+        "parcels_missing_on_grid": [int(v) for v in missing],
+        "effects": cohort.effects,
+        "subjects": json.loads(cohort.truth.to_json(orient="records")) if len(cohort.truth)
+        else [],
+    }
+    _atomic_write_text(out / "ground_truth.json", json.dumps(truth, indent=2) + "\n")
+    return paths

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import warnings
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -14,30 +12,16 @@ import pytest
 from scipy import signal as sps
 from scipy.stats import spearmanr
 
-from brainlm.atlas import load_atlas
 from brainlm.data.synthetic import (SimParams, SyntheticCohort, canonical_hrf, coarse_grid,
                                     make_modules, signal_statistics, simulate_cohort, write_bids)
 from brainlm.errors import ConfigError
 
-SHARED_ATLASES = Path("/work/shared/data/atlases")
 RANGES = {"lag1": (0.55, 0.85), "mean_fc": (0.15, 0.45), "band_power": (0.4, 0.8)}
 
 
 @pytest.fixture(scope="module")
-def syn_atlas(tmp_path_factory):
-    """A424 from BRAINLM_ATLAS_DIR (or the shared folder), else the offline fallback atlas."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BRAINLM_CACHE_DIR", str(tmp_path_factory.mktemp("syn-cache")))
-        if not os.environ.get("BRAINLM_ATLAS_DIR") and SHARED_ATLASES.is_dir():
-            mp.setenv("BRAINLM_ATLAS_DIR", str(SHARED_ATLASES))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return load_atlas("A424", allow_fallback=True, download=False)
-
-
-@pytest.fixture(scope="module")
-def cohort40(syn_atlas) -> SyntheticCohort:
-    return simulate_cohort(syn_atlas.coords, 40, 500, tr=0.735, seed=2)
+def cohort40(atlas) -> SyntheticCohort:
+    return simulate_cohort(atlas.coords, 40, 500, tr=0.735, seed=2)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -54,8 +38,8 @@ def test_statistics_in_range_each_subject(cohort40):
 
 
 @pytest.mark.parametrize("tr,n_time", [(2.0, 500), (2.0, 200), (0.735, 200), (0.735, 1200)])
-def test_statistics_hold_at_other_lengths_and_tr(syn_atlas, tr, n_time):
-    cohort = simulate_cohort(syn_atlas.coords, 5, n_time, tr=tr, seed=5)
+def test_statistics_hold_at_other_lengths_and_tr(atlas, tr, n_time):
+    cohort = simulate_cohort(atlas.coords, 5, n_time, tr=tr, seed=5)
     stats = [signal_statistics(x, tr) for x in cohort.signals]
     _assert_in_ranges({k: float(np.mean([s[k] for s in stats])) for k in RANGES},
                       f"mean of 5 at TR {tr}, T {n_time}")
@@ -82,8 +66,8 @@ def test_signal_statistics_on_known_series():
 # ----------------------------------------------------------------------------- determinism
 
 
-def test_deterministic_and_independent_of_cohort_size(syn_atlas):
-    c = syn_atlas.coords
+def test_deterministic_and_independent_of_cohort_size(atlas):
+    c = atlas.coords
     a = simulate_cohort(c, 3, 60, seed=4)
     b = simulate_cohort(c, 3, 60, seed=4)
     np.testing.assert_array_equal(a.signals, b.signals)
@@ -131,8 +115,8 @@ def test_hrf_shape():
 # ----------------------------------------------------------------------------- structure
 
 
-def test_modules_are_bilateral_long_range_and_visible_in_fc(syn_atlas, cohort40):
-    coords = syn_atlas.coords
+def test_modules_are_bilateral_long_range_and_visible_in_fc(atlas, cohort40):
+    coords = atlas.coords
     mods = cohort40.modules
     np.testing.assert_array_equal(mods, make_modules(coords, 7))  # depends on coords only
     assert set(mods.tolist()) == set(range(7))
@@ -201,9 +185,9 @@ def test_phenotype_effects_are_real(cohort40):
     assert r["symptom"] > 0.35, r  # higher score -> slower dynamics in the symptom module
 
 
-def test_effects_vanish_when_switched_off(syn_atlas):
+def test_effects_vanish_when_switched_off(atlas):
     null = SimParams(age_coupling_per_decade=0.0, sex_amplitude_ratio=1.0, symptom_log_tau=0.0)
-    cohort = simulate_cohort(syn_atlas.coords, 40, 300, tr=0.735, seed=2, params=null)
+    cohort = simulate_cohort(atlas.coords, 40, 300, tr=0.735, seed=2, params=null)
     r = _effect_correlations(cohort)
     assert all(abs(v) < 0.45 for v in r.values()), r  # chance level for 40 subjects
     assert cohort.effects["sex"]["ratio_M_over_F"] == 1.0
@@ -212,17 +196,17 @@ def test_effects_vanish_when_switched_off(syn_atlas):
 # ----------------------------------------------------------------------------- BIDS
 
 
-def test_write_bids_4mm(syn_atlas, tmp_path):
-    cohort = simulate_cohort(syn_atlas.coords, 2, 20, tr=0.735, seed=3)
+def test_write_bids_4mm(atlas, tmp_path):
+    cohort = simulate_cohort(atlas.coords, 2, 20, tr=0.735, seed=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # A424's one-voxel parcel has no 4 mm voxel
-        paths = write_bids(cohort, syn_atlas, tmp_path / "bids", tr=0.735)
+        paths = write_bids(cohort, atlas, tmp_path / "bids", tr=0.735)
     root = tmp_path / "bids"
     assert [p.name for p in paths] == ["sub-001_task-rest_bold.nii.gz",
                                        "sub-002_task-rest_bold.nii.gz"]
     assert paths[0] == root / "sub-001" / "func" / "sub-001_task-rest_bold.nii.gz"
-    expected_shape = tuple(-(-n // 2) for n in syn_atlas.shape) + (20,)
-    affine = syn_atlas.affine.copy()
+    expected_shape = tuple(-(-n // 2) for n in atlas.shape) + (20,)
+    affine = atlas.affine.copy()
     affine[:3, :3] *= 2
     for p in paths:
         img = nib.load(p)
@@ -234,7 +218,7 @@ def test_write_bids_4mm(syn_atlas, tmp_path):
         np.testing.assert_allclose(img.affine, affine)
         np.testing.assert_allclose(img.header.get_qform(), affine, atol=1e-4)
         data = np.asarray(img.dataobj)
-        labels, _ = coarse_grid(syn_atlas, 4.0)
+        labels, _ = coarse_grid(atlas, 4.0)
         assert np.all(data[labels == 0] == 0)
         assert 9000 < np.median(data[labels > 0]) < 11000
         sidecar = json.loads(p.with_name(p.name.replace(".nii.gz", ".json")).read_text())
@@ -247,22 +231,22 @@ def test_write_bids_4mm(syn_atlas, tmp_path):
     assert desc["BIDSVersion"] == "1.9.0" and desc["DatasetType"] == "raw" and desc["Name"]
     truth = json.loads((root / "ground_truth.json").read_text())
     assert truth["modules"] == cohort.modules.tolist()
-    assert truth["atlas"] == {"name": syn_atlas.name, "hash": syn_atlas.hash}
+    assert truth["atlas"] == {"name": atlas.name, "hash": atlas.hash}
     assert truth["tr"] == 0.735 and truth["seed"] == 3
     assert truth["effects"]["sex"]["module"] == cohort.effects["sex"]["module"]
     assert not list(root.rglob("*.part"))  # atomic writes leave no temporaries
 
 
-def test_write_bids_2mm_recovers_parcel_signals(syn_atlas, tmp_path):
-    cohort = simulate_cohort(syn_atlas.coords, 2, 30, tr=0.735, seed=6)
-    paths = write_bids(cohort, syn_atlas, tmp_path, tr=0.735, voxel_size=2.0)
-    labels = syn_atlas.labels
+def test_write_bids_2mm_recovers_parcel_signals(atlas, tmp_path):
+    cohort = simulate_cohort(atlas.coords, 2, 30, tr=0.735, seed=6)
+    paths = write_bids(cohort, atlas, tmp_path, tr=0.735, voxel_size=2.0)
+    labels = atlas.labels
     inside = labels > 0
-    index = np.searchsorted(syn_atlas.label_values, labels[inside])
-    counts = np.bincount(index, minlength=syn_atlas.n_parcels)
+    index = np.searchsorted(atlas.label_values, labels[inside])
+    counts = np.bincount(index, minlength=atlas.n_parcels)
     for i, p in enumerate(paths):
         img = nib.load(p)
-        np.testing.assert_allclose(img.affine, syn_atlas.affine)
+        np.testing.assert_allclose(img.affine, atlas.affine)
         vox = np.asarray(img.dataobj)[inside].astype(np.float64)  # [V, T]
         sums = np.stack([np.bincount(index, weights=vox[:, t], minlength=len(counts))
                          for t in range(vox.shape[1])], axis=1)
@@ -275,14 +259,14 @@ def test_write_bids_2mm_recovers_parcel_signals(syn_atlas, tmp_path):
         assert np.abs(means - sig).max() < 5  # rounding + small voxel noise only
 
 
-def test_write_bids_float32_and_bad_voxel_size(syn_atlas, tmp_path):
-    cohort = simulate_cohort(syn_atlas.coords, 1, 5, tr=2.0, seed=0)
+def test_write_bids_float32_and_bad_voxel_size(atlas, tmp_path):
+    cohort = simulate_cohort(atlas.coords, 1, 5, tr=2.0, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        (path,) = write_bids(cohort, syn_atlas, tmp_path, tr=2.0, voxel_size=6.0,
+        (path,) = write_bids(cohort, atlas, tmp_path, tr=2.0, voxel_size=6.0,
                              dtype="float32")
     img = nib.load(path)
     assert img.get_data_dtype() == np.float32
     assert img.header.get_zooms() == pytest.approx((6.0, 6.0, 6.0, 2.0))
     with pytest.raises(ConfigError):
-        write_bids(cohort, syn_atlas, tmp_path / "x", tr=2.0, voxel_size=3.0)
+        write_bids(cohort, atlas, tmp_path / "x", tr=2.0, voxel_size=3.0)

@@ -86,6 +86,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-fallback-atlas", action="store_true",
                    help="use the offline generated atlas when A424 cannot be found")
     p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("pretrain", help="masked-autoencoder pretraining on a processed store",
+                       description="Pretrain BrainLM on a store from `brainlm preprocess`. "
+                       "Run under torchrun for several GPUs or machines.")
+    p.add_argument("--data", required=True, help="store folder (brainlm preprocess --out)")
+    p.add_argument("--out", required=True, help="output: a save_pretrained folder")
+    p.add_argument("--profile", default="tiny", choices=("tiny", "13m", "111m", "650m"))
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--mask-strategy", default="random", choices=("random", "parcel", "future"))
+    p.add_argument("--future-patches", type=_positive_int, default=1)
+    p.add_argument("--max-steps", type=_positive_int, default=300)
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="global batch")
+    p.add_argument("--grad-accum", type=_positive_int, default=1)
+    p.add_argument("--lr", type=_positive_float, default=None,
+                   help="base learning rate (scaled by batch/256); default per profile")
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--window", type=_positive_int, default=200)
+    p.add_argument("--patch-size", type=_positive_int, default=20)
+    p.add_argument("--windows-per-recording", type=_positive_int, default=8)
+    p.add_argument("--eval-every", type=_positive_int, default=100)
+    p.add_argument("--ckpt-every", type=_positive_int, default=100)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from out/checkpoints/last.pt")
+    p.add_argument("--stop-after", type=_positive_int, default=None,
+                   help="leave after this many steps (resume later with --resume)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -128,6 +159,41 @@ def _cmd_preprocess(args) -> int:
     return 0
 
 
+def _cmd_pretrain(args) -> int:
+    from pathlib import Path
+
+    from .train.pretrain import PretrainConfig, pretrain
+
+    _quiet_transformers()
+    cfg = PretrainConfig(
+        data=Path(args.data), out=Path(args.out), profile=args.profile,
+        mask_ratio=args.mask_ratio, mask_strategy=args.mask_strategy,
+        future_patches=args.future_patches, window=args.window, patch_size=args.patch_size,
+        max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        base_lr=args.lr, warmup_steps=args.warmup_steps,
+        windows_per_recording=args.windows_per_recording, seed=args.seed,
+        workers=args.workers, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
+        resume=args.resume, stop_after=args.stop_after, compile=args.compile,
+        grad_checkpointing=args.grad_checkpointing, precision=args.precision,
+        device=args.device, progress=not args.no_progress)
+    result = pretrain(cfg)
+    if result.get("metrics"):
+        m = result["metrics"]
+        print(f"brainlm pretrain: {result['step']} steps, val MSE {m['val_mse']:.4f}, "
+              f"val R^2 {m['val_r2']:.4f} -> {args.out}")
+    elif "metrics" not in result and result["step"] < args.max_steps:
+        print(f"brainlm pretrain: stopped at step {result['step']} of {args.max_steps}; "
+              f"continue with --resume")
+    return 0
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr)
 
@@ -142,7 +208,9 @@ def main(argv=None) -> int:
 
     warnings.showwarning = _show_warning
     try:
-        return {"synth": _cmd_synth, "preprocess": _cmd_preprocess}[args.command](args)
+        commands = {"synth": _cmd_synth, "preprocess": _cmd_preprocess,
+                    "pretrain": _cmd_pretrain}
+        return commands[args.command](args)
     except BrainLMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

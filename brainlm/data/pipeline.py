@@ -153,6 +153,11 @@ def run_preprocess(cfg: PreprocessConfig) -> Summary:
     if not recordings:
         raise ConfigError(f"no recordings found in {', '.join(map(str, cfg.inputs))} (looked for "
                           "*.nii, *.nii.gz, *_timeseries.tsv/.csv, *.npy)")
+    if cfg.coords is not None:
+        for rec in recordings:
+            if rec.kind == "nifti" and rec.problem is None:
+                rec.problem = ("--coords applies to parcellated tables; parcellate NIfTI "
+                               "recordings with --atlas in a separate run")
     participants = cfg.participants or find_participants(cfg.inputs)
     warnings_ = attach_phenotypes(recordings, participants)
 

@@ -123,7 +123,7 @@ class BrainStore:
 
     @property
     def coords(self) -> np.ndarray:
-        return self.parcels[["x", "y", "z"]].to_numpy(np.float32)
+        return np.array(self.parcels[["x", "y", "z"]], dtype=np.float32)  # writable copy
 
     def scaler(self):
         from .scale import RobustScaler

@@ -1,0 +1,112 @@
+"""BrainLMConfig: the shape of a BrainLM masked autoencoder, and the size presets."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from ..errors import ConfigError
+
+MASK_STRATEGIES = ("random", "parcel", "future")
+
+# encoder (hidden, layers, heads, mlp) / decoder (hidden, layers, heads, mlp)
+PRESETS = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=128, decoder_hidden_size=64, decoder_num_hidden_layers=1,
+                 decoder_num_attention_heads=2, decoder_intermediate_size=128),
+    # upstream Family A shape (released as old_13M)
+    "13m": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=4,
+                intermediate_size=1024, decoder_hidden_size=512, decoder_num_hidden_layers=2,
+                decoder_num_attention_heads=4, decoder_intermediate_size=1024),
+    # the released ViTMAE sizes, as token models
+    "111m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, decoder_hidden_size=512, decoder_num_hidden_layers=8,
+                 decoder_num_attention_heads=16, decoder_intermediate_size=2048),
+    "650m": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16,
+                 intermediate_size=5120, decoder_hidden_size=512, decoder_num_hidden_layers=8,
+                 decoder_num_attention_heads=16, decoder_intermediate_size=2048),
+}
+
+
+class BrainLMConfig(PretrainedConfig):
+    """Tokens are (parcel, time patch) pairs: a [P, T] window gives P * T / patch_size tokens.
+
+    The parcel count is not part of the shape: parcels enter through their MNI coordinates
+    (divided by `coord_scale` mm), so one model runs on any atlas.
+    """
+
+    model_type = "brainlm"
+
+    def __init__(self, window: int = 200, patch_size: int = 20, hidden_size: int = 512,
+                 num_hidden_layers: int = 4, num_attention_heads: int = 4,
+                 intermediate_size: int = 1024, decoder_hidden_size: int = 512,
+                 decoder_num_hidden_layers: int = 2, decoder_num_attention_heads: int = 4,
+                 decoder_intermediate_size: int = 1024, mask_ratio: float = 0.75,
+                 mask_strategy: str = "random", future_patches: int = 1,
+                 coord_scale: float = 100.0, layer_norm_eps: float = 1e-6,
+                 initializer_range: float = 0.02, attention_backend: str = "sdpa",
+                 **kwargs):
+        self.window = window
+        self.patch_size = patch_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.decoder_hidden_size = decoder_hidden_size
+        self.decoder_num_hidden_layers = decoder_num_hidden_layers
+        self.decoder_num_attention_heads = decoder_num_attention_heads
+        self.decoder_intermediate_size = decoder_intermediate_size
+        self.mask_ratio = mask_ratio
+        self.mask_strategy = mask_strategy
+        self.future_patches = future_patches
+        self.coord_scale = coord_scale
+        self.layer_norm_eps = layer_norm_eps
+        self.initializer_range = initializer_range
+        self.attention_backend = attention_backend
+        super().__init__(**kwargs)
+        self.validate_shape()
+
+    @property
+    def num_patches(self) -> int:
+        """Time patches per parcel."""
+        return self.window // self.patch_size
+
+    def validate_shape(self) -> None:
+        """Clear errors for values that cannot work (the CLI shows them as one line)."""
+        ints = ("window", "patch_size", "hidden_size", "num_hidden_layers",
+                "num_attention_heads", "intermediate_size", "decoder_hidden_size",
+                "decoder_num_hidden_layers", "decoder_num_attention_heads",
+                "decoder_intermediate_size")
+        for name in ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.window % self.patch_size:
+            raise ConfigError(f"window {self.window} is not a multiple of patch_size "
+                              f"{self.patch_size}")
+        for width, heads, where in ((self.hidden_size, self.num_attention_heads, "encoder"),
+                                    (self.decoder_hidden_size, self.decoder_num_attention_heads,
+                                     "decoder")):
+            if width % heads:
+                raise ConfigError(f"{where} width {width} is not divisible by its {heads} heads")
+        check_mask(self.mask_ratio, self.mask_strategy, self.future_patches, self.num_patches)
+        if self.attention_backend not in ("sdpa", "eager"):
+            raise ConfigError(f"attention backend {self.attention_backend!r} must be sdpa or eager")
+        if not self.coord_scale > 0:
+            raise ConfigError(f"coord_scale must be > 0, got {self.coord_scale}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "BrainLMConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown profile '{name}' (use one of {', '.join(PRESETS)})")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+def check_mask(ratio: float, strategy: str, future_patches: int, num_patches: int) -> None:
+    if strategy not in MASK_STRATEGIES:
+        raise ConfigError(f"mask strategy '{strategy}' must be one of {', '.join(MASK_STRATEGIES)}")
+    if strategy == "future":
+        if not 1 <= future_patches < num_patches:
+            raise ConfigError(f"future_patches {future_patches} must be between 1 and "
+                              f"{num_patches - 1} (patches per parcel)")
+    elif not (isinstance(ratio, (int, float)) and 0 <= ratio < 1):
+        raise ConfigError(f"mask ratio {ratio!r} must be in [0, 1)")

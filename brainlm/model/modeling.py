@@ -1,0 +1,290 @@
+"""BrainLM masked autoencoder (Family A), readable in one sitting.
+
+A window [B, P, T] becomes L = P * N tokens (N = T / patch_size time patches per parcel, token
+index p * N + n). Each token embeds its patch, its parcel's coordinates and its time index.
+The encoder sees the CLS token and the visible tokens only; the decoder sees
+[CLS, visible, mask tokens] and predicts the masked patches; the loss is MSE on those.
+
+Speed comes from what is not done:
+- no unshuffle: attention does not care about sequence order and every token carries its own
+  position embedding, so the decoder runs on [CLS, visible..., masked...] as they come and the
+  masked tokens are a contiguous tail (no scatter/gather of the 4,241-token sequence);
+- the last decoder block computes queries, MLP and the prediction head for that tail only;
+- visible counts are the same for every window of a batch: no padding, static shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from ..errors import ConfigError
+from .config import BrainLMConfig, check_mask
+
+
+@dataclass
+class BrainLMPretrainingOutput(ModelOutput):
+    """loss: scalar MSE on masked patches (None when nothing is masked).
+    pred: [B, n_mask, patch_size] predictions for the tokens in `ids_mask` order.
+    ids_keep: [B, n_keep] visible token indices; ids_mask: [B, n_mask] masked ones.
+    encoder_hidden: [B, 1 + n_keep, H] encoder output (CLS first)."""
+
+    loss: torch.Tensor | None = None
+    pred: torch.Tensor | None = None
+    ids_keep: torch.Tensor | None = None
+    ids_mask: torch.Tensor | None = None
+    encoder_hidden: torch.Tensor | None = None
+
+
+def sinusoidal(n: int, dim: int, device=None) -> torch.Tensor:
+    """[n, dim] fixed sin/cos encoding of positions 0..n-1 (any window length)."""
+    pos = torch.arange(n, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32)
+                     * (-math.log(10000.0) / dim))
+    enc = torch.zeros(n, dim, device=device)
+    enc[:, 0::2] = torch.sin(pos * freq)
+    enc[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
+    return enc
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, eager: bool = False):
+        super().__init__()
+        self.heads, self.eager = heads, eager
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, q_start: int = 0) -> torch.Tensor:
+        """x: [B, S, D] -> [B, S - q_start, D]; queries only for tokens q_start.."""
+        b, s, d = x.shape
+        h, hd = self.heads, d // self.heads
+        if q_start:
+            w_q, w_kv = self.qkv.weight.split([d, 2 * d])
+            b_q, b_kv = self.qkv.bias.split([d, 2 * d])
+            q = F.linear(x[:, q_start:], w_q, b_q).view(b, s - q_start, h, hd).transpose(1, 2)
+            k, v = F.linear(x, w_kv, b_kv).view(b, s, 2, h, hd).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = self.qkv(x).view(b, s, 3, h, hd).permute(2, 0, 3, 1, 4)
+        if self.eager:  # reference path for the benchmark: materialises [S, S] scores
+            att = (q @ k.transpose(-2, -1)) * hd ** -0.5
+            out = att.softmax(dim=-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, s - q_start, d))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, dim: int, heads: int, mlp: int, eps: float, eager: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, heads, eager)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
+
+    def forward(self, x: torch.Tensor, q_start: int = 0) -> torch.Tensor:
+        x = x[:, q_start:] + self.attn(self.norm1(x), q_start)
+        return x + self.mlp(self.norm2(x))
+
+
+class Stack(nn.Module):
+    def __init__(self, dim, layers, heads, mlp, eps, eager):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp, eps, eager) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, last_q_start: int = 0) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            q_start = last_q_start if i == len(self.blocks) - 1 else 0
+            if self.gradient_checkpointing and self.training:
+                x = self._gradient_checkpointing_func(block.__call__, x, q_start)
+            else:
+                x = block(x, q_start)
+        return self.norm(x)
+
+
+class TokenEmbedding(nn.Module):
+    """Position of a token = projected parcel coordinates + sinusoidal time-patch encoding."""
+
+    def __init__(self, dim: int, coord_scale: float):
+        super().__init__()
+        self.coord = nn.Linear(3, dim)
+        self.coord_scale = coord_scale
+        self.dim = dim
+
+    def forward(self, coords: torch.Tensor, n_patches: int) -> torch.Tensor:
+        """coords [P, 3] or [B, P, 3] (mm) -> [1 or B, P * N, dim]."""
+        c = self.coord(coords / self.coord_scale)
+        if c.dim() == 2:
+            c = c[None]
+        t = sinusoidal(n_patches, self.dim, c.device).to(c.dtype)
+        return (c[:, :, None, :] + t[None, None]).flatten(1, 2)
+
+
+class BrainLMPreTrainedModel(PreTrainedModel):
+    config_class = BrainLMConfig
+    base_model_prefix = "brainlm"
+    main_input_name = "signals"
+    supports_gradient_checkpointing = True
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=self.config.initializer_range)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, BrainLMForPretraining):
+            nn.init.normal_(module.cls_token, std=self.config.initializer_range)
+            nn.init.normal_(module.mask_token, std=self.config.initializer_range)
+
+
+class BrainLMForPretraining(BrainLMPreTrainedModel):
+    def __init__(self, config: BrainLMConfig):
+        super().__init__(config)
+        c = config
+        eager = c.attention_backend == "eager"
+        self.patch_embed = nn.Linear(c.patch_size, c.hidden_size)
+        self.pos_embed = TokenEmbedding(c.hidden_size, c.coord_scale)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.hidden_size))
+        self.encoder = Stack(c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
+                             c.intermediate_size, c.layer_norm_eps, eager)
+        self.decoder_embed = nn.Linear(c.hidden_size, c.decoder_hidden_size)
+        self.decoder_pos_embed = TokenEmbedding(c.decoder_hidden_size, c.coord_scale)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_hidden_size))
+        self.decoder = Stack(c.decoder_hidden_size, c.decoder_num_hidden_layers,
+                             c.decoder_num_attention_heads, c.decoder_intermediate_size,
+                             c.layer_norm_eps, eager)
+        self.decoder_pred = nn.Linear(c.decoder_hidden_size, c.patch_size)
+        self.post_init()
+
+    # ------------------------------------------------------------------ helpers
+
+    def patchify(self, signals: torch.Tensor) -> torch.Tensor:
+        """[B, P, T] -> [B, P * N, patch_size] (token p * N + n = parcel p, time patch n)."""
+        b, p, t = signals.shape
+        ps = self.config.patch_size
+        if t % ps:
+            raise ConfigError(f"window of {t} timepoints is not a multiple of patch_size {ps}")
+        return signals.reshape(b, p * (t // ps), ps)
+
+    def unpatchify(self, patches: torch.Tensor, n_parcels: int) -> torch.Tensor:
+        """[B, P * N, patch_size] -> [B, P, T]."""
+        return patches.reshape(patches.shape[0], n_parcels, -1)
+
+    def _coords(self, coords, signals):
+        if coords is None:
+            if getattr(self.config, "parcel_coords", None) is None:
+                raise ConfigError("coords are needed: this model was saved without the "
+                                  "coordinates of its atlas")
+            coords = self.config.parcel_coords
+        coords = torch.as_tensor(coords, dtype=signals.dtype, device=signals.device)
+        if coords.shape[-2:] != (signals.shape[1], 3):
+            raise ConfigError(f"coords {tuple(coords.shape)} do not match {signals.shape[1]} "
+                              "parcels (expected [P, 3] in MNI mm)")
+        return coords
+
+    def masking(self, batch: int, n_parcels: int, n_patches: int, ratio: float, strategy: str,
+                future_patches: int, noise: torch.Tensor | None, device):
+        """Token indices (ids_keep [B, n_keep], ids_mask [B, n_mask]), same counts per window.
+
+        random: over all tokens (BrainLM); parcel: the same number of patches masked in every
+        parcel; future: the last `future_patches` patches of every parcel (forecasting).
+        `noise` [B, P * N] in [0, 1) makes the masks reproducible (the trainer seeds it).
+        """
+        check_mask(ratio, strategy, future_patches, n_patches)
+        length = n_parcels * n_patches
+        if strategy == "future" or (strategy == "parcel"):
+            k = future_patches if strategy == "future" else int(round(ratio * n_patches))
+            if strategy == "future":
+                order = torch.arange(n_patches, device=device).expand(batch, n_parcels, -1)
+            else:
+                if noise is None:
+                    noise = torch.rand(batch, length, device=device)
+                order = noise.view(batch, n_parcels, n_patches).argsort(dim=-1)
+            base = (torch.arange(n_parcels, device=device) * n_patches)[None, :, None]
+            ids = order + base
+            return (ids[..., : n_patches - k].reshape(batch, -1),
+                    ids[..., n_patches - k:].reshape(batch, -1))
+        n_mask = int(round(ratio * length))
+        if n_mask == 0:
+            ids = torch.arange(length, device=device).expand(batch, -1)
+            return ids, ids[:, :0]
+        if noise is None:
+            noise = torch.rand(batch, length, device=device)
+        shuffle = noise.argsort(dim=1)
+        return shuffle[:, : length - n_mask], shuffle[:, length - n_mask:]
+
+    # ------------------------------------------------------------------ forward
+
+    def encode(self, signals: torch.Tensor, coords=None, ids_keep: torch.Tensor | None = None):
+        """[B, P, T] -> [B, 1 + n_keep, H] (CLS first); all tokens when ids_keep is None."""
+        patches = self.patchify(signals)
+        pos = self.pos_embed(self._coords(coords, signals), patches.shape[1] // signals.shape[1])
+        b, length, ps = patches.shape
+        if ids_keep is not None and ids_keep.shape[1] < length:
+            patches = patches.gather(1, ids_keep[..., None].expand(-1, -1, ps))
+            pos = pos.expand(b, -1, -1).gather(1, ids_keep[..., None].expand(-1, -1, pos.shape[-1]))
+        x = self.patch_embed(patches) + pos
+        x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
+        return self.encoder(x)
+
+    def forward(self, signals: torch.Tensor, coords=None, mask_ratio: float | None = None,
+                mask_strategy: str | None = None, noise: torch.Tensor | None = None,
+                future_patches: int | None = None) -> BrainLMPretrainingOutput:
+        """signals: [B, P, T] scaled windows; coords: [P, 3] or [B, P, 3] MNI mm (default: the
+        atlas saved in the config). Mask settings default to the config's."""
+        c = self.config
+        ratio = c.mask_ratio if mask_ratio is None else mask_ratio
+        strategy = c.mask_strategy if mask_strategy is None else mask_strategy
+        future = c.future_patches if future_patches is None else future_patches
+        b, p, t = signals.shape
+        n_patches = t // c.patch_size
+        ids_keep, ids_mask = self.masking(b, p, n_patches, ratio, strategy, future, noise,
+                                          signals.device)
+        latent = self.encode(signals, coords, ids_keep)
+        if ids_mask.shape[1] == 0:
+            return BrainLMPretrainingOutput(ids_keep=ids_keep, ids_mask=ids_mask,
+                                            encoder_hidden=latent)
+        coords_t = self._coords(coords, signals)
+        dpos = self.decoder_pos_embed(coords_t, n_patches).expand(b, -1, -1)
+        d = dpos.shape[-1]
+        x = self.decoder_embed(latent)
+        n_keep = ids_keep.shape[1]
+        x_vis = x[:, 1:] + dpos.gather(1, ids_keep[..., None].expand(-1, -1, d))
+        x_mask = self.mask_token.to(x.dtype) + dpos.gather(1, ids_mask[..., None].expand(-1, -1, d))
+        x = torch.cat([x[:, :1], x_vis, x_mask], dim=1)
+        x = self.decoder(x, last_q_start=1 + n_keep)  # masked tail only in the last block
+        pred = self.decoder_pred(x)
+        target = self.patchify(signals).gather(1, ids_mask[..., None].expand(-1, -1, c.patch_size))
+        loss = F.mse_loss(pred.float(), target.float())
+        return BrainLMPretrainingOutput(loss=loss, pred=pred, ids_keep=ids_keep,
+                                        ids_mask=ids_mask, encoder_hidden=latent)
+
+    @torch.no_grad()
+    def reconstruct(self, signals: torch.Tensor, output: BrainLMPretrainingOutput):
+        """Windows with predictions written into the masked patches, and the mask.
+
+        Returns (reconstruction [B, P, T], mask [B, P, T] bool, True where predicted)."""
+        patches = self.patchify(signals).clone()
+        ps = self.config.patch_size
+        idx = output.ids_mask[..., None].expand(-1, -1, ps)
+        patches.scatter_(1, idx, output.pred.to(patches.dtype))
+        mask = torch.zeros_like(patches, dtype=torch.bool)
+        mask.scatter_(1, idx, True)
+        p = signals.shape[1]
+        return self.unpatchify(patches, p), self.unpatchify(mask, p)
+
+    def embed(self, signals: torch.Tensor, coords=None) -> dict:
+        """Deterministic embeddings with nothing masked: {"cls": [B, H], "mean": [B, H]}."""
+        hidden = self.encode(signals, coords, ids_keep=None)
+        return {"cls": hidden[:, 0], "mean": hidden[:, 1:].mean(dim=1)}

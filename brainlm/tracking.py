@@ -1,0 +1,49 @@
+"""Optional MLflow tracking: active only when a tracking URI is set, a no-op otherwise.
+
+Training code calls the same methods either way, so tracking never decides whether a run works.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class Tracker:
+    def __init__(self, experiment: str, run_name: str | None = None, uri: str | None = None,
+                 enabled: bool = True):
+        self.uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+        self.active = bool(self.uri) and enabled
+        self.run_id = None
+        if not self.active:
+            return
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        import mlflow
+
+        self._mlflow = mlflow
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(experiment)
+        self.run_id = mlflow.start_run(run_name=run_name).info.run_id
+
+    def params(self, params: dict) -> None:
+        if self.active:
+            flat = {k: (str(v) if isinstance(v, (list, tuple, dict, Path)) else v)
+                    for k, v in params.items()}
+            self._mlflow.log_params(flat)
+
+    def metrics(self, metrics: dict, step: int) -> None:
+        if self.active:
+            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def artifacts(self, folder, path: str | None = None) -> None:
+        if self.active:
+            self._mlflow.log_artifacts(str(folder), artifact_path=path)
+
+    def tags(self, tags: dict) -> None:
+        if self.active:
+            self._mlflow.set_tags(tags)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.active:
+            self._mlflow.end_run(status=status)
+            self.active = False

@@ -1,0 +1,442 @@
+"""Masked-autoencoder pretraining on a processed store: one flat loop, resumable, DDP-ready.
+
+Reproducibility is built from seeds rather than saved RNG state: the window of item i in epoch
+e comes from (seed, e, i), the sampler order from (seed, epoch), and every step's masks from
+(seed, step). A run resumed from a checkpoint therefore sees exactly the batches and masks the
+uninterrupted run saw, and `torchrun` with N processes sees the same global batch as one
+process (rank r takes global positions r, r + N, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+
+# base learning rate per profile, scaled by batch / 256 (MAE's rule)
+BASE_LR = {"tiny": 8e-3, "13m": 4e-3, "111m": 1.2e-3, "650m": 6e-4}
+
+
+@dataclass
+class PretrainConfig:
+    data: Path
+    out: Path
+    profile: str = "tiny"
+    mask_ratio: float = 0.75
+    mask_strategy: str = "random"
+    future_patches: int = 1
+    window: int = 200
+    patch_size: int = 20
+    max_steps: int = 300
+    batch_size: int = 32  # global, over processes and accumulation steps
+    grad_accum: int = 1
+    base_lr: float | None = None  # default per profile; lr = base_lr * batch_size / 256
+    min_lr_ratio: float = 0.0
+    warmup_steps: int | None = None  # default 5 % of max_steps
+    weight_decay: float = 0.05
+    clip_grad: float = 1.0
+    windows_per_recording: int = 8  # random windows per training recording per epoch
+    seed: int = 0
+    workers: int = 2
+    eval_every: int = 100
+    eval_windows: int = 64
+    ckpt_every: int = 100
+    resume: bool = False
+    stop_after: int | None = None  # leave after this many steps in this invocation
+    compile: bool = False
+    grad_checkpointing: bool = False
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    device: str = "auto"
+    progress: bool = True
+    tracking_uri: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def lr(self) -> float:
+        base = self.base_lr if self.base_lr is not None else BASE_LR.get(self.profile, 1e-3)
+        return base * self.batch_size / 256
+
+    def validate(self, world: int) -> None:
+        if self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.batch_size % (world * self.grad_accum):
+            raise ConfigError(f"batch size {self.batch_size} is not divisible by processes "
+                              f"({world}) x accumulation steps ({self.grad_accum})")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision '{self.precision}' must be auto, fp32 or bf16")
+        for name in ("eval_every", "ckpt_every", "windows_per_recording", "eval_windows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.clip_grad <= 0 or self.weight_decay < 0:
+            raise ConfigError("clip_grad must be > 0 and weight_decay >= 0")
+
+
+# ---------------------------------------------------------------------------- distributed
+
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, local_rank, world) from torchrun's environment; (0, 0, 1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+
+
+class _ResumeSampler(torch.utils.data.Sampler):
+    """A DistributedSampler's epoch order, starting `skip` items in (mid-epoch resume)."""
+
+    def __init__(self, base, skip: int = 0):
+        self.base, self.skip = base, skip
+
+    def __iter__(self):
+        return iter(list(self.base)[self.skip:])
+
+    def __len__(self):
+        return len(self.base) - self.skip
+
+
+# ---------------------------------------------------------------------------- pieces
+
+
+def step_noise(seed: int, step: int, micro: int, batch: int, length: int, rank: int, world: int):
+    """Mask noise for this rank's share of the global batch [batch, length] at a step."""
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, micro])
+                                          .generate_state(1)[0]))
+    noise = torch.rand(batch * world, length, generator=g)
+    return noise[rank::world]
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model, weight_decay: float):
+    """No weight decay on biases, norms and the CLS/mask tokens (as in MAE)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith("_token") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def evaluate(model, store, cfg: PretrainConfig, device, autocast) -> dict:
+    """Reconstruction MSE and R^2 on deterministic validation windows with fixed masks.
+
+    R^2 is computed per parcel over its masked values (1 - SSE / SST) and averaged over parcels
+    with any variance; it is not clipped at 0, so a model worse than the mean shows as < 0.
+    """
+    from ..data.store import WindowDataset
+
+    split = "val" if len(store.recordings("val")) else "train"
+    ds = WindowDataset(store, split, window=cfg.window, mode="sliding", stride=cfg.window)
+    n = min(len(ds), cfg.eval_windows)
+    coords = torch.as_tensor(store.coords, device=device)
+    p = store.n_parcels
+    sse = torch.zeros(p, dtype=torch.float64)
+    sum_y = torch.zeros(p, dtype=torch.float64)
+    sum_y2 = torch.zeros(p, dtype=torch.float64)
+    count = torch.zeros(p, dtype=torch.float64)
+    example = None
+    was_training = model.training
+    model.eval()
+    for start in range(0, n, 16):
+        x = torch.stack([torch.from_numpy(ds[i]["signal"]) for i in range(start, min(n, start + 16))])
+        x = x.to(device)
+        noise = step_noise(cfg.seed + 7919, start, 0, len(x), p * (cfg.window // cfg.patch_size),
+                           0, 1).to(device)
+        with autocast():
+            out = model(x, coords, noise=noise)
+        recon, mask = model.reconstruct(x, out)
+        err = ((recon.float() - x.float()) ** 2) * mask
+        y = x.double() * mask
+        sse += err.double().sum(dim=(0, 2)).cpu()
+        sum_y += y.sum(dim=(0, 2)).cpu()
+        sum_y2 += (y ** 2).sum(dim=(0, 2)).cpu()
+        count += mask.double().sum(dim=(0, 2)).cpu()
+        if example is None:
+            example = (x[0].float().cpu().numpy(), recon[0].float().cpu().numpy(),
+                       mask[0].cpu().numpy())
+    model.train(was_training)
+    sst = sum_y2 - sum_y ** 2 / count.clamp(min=1)
+    ok = (count > 1) & (sst > 1e-12)
+    r2 = 1 - sse[ok] / sst[ok]
+    return {"val_mse": float(sse.sum() / count.sum().clamp(min=1)),
+            "val_r2": float(r2.mean()) if ok.any() else float("nan"),
+            "val_windows": n, "example": example}
+
+
+def plot_reconstruction(example, path: Path, parcels=(0, 1, 2, 3), names=None) -> None:
+    """Predicted vs true signal of a few parcels in one validation window; masked spans shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x, recon, mask = example
+    fig, axes = plt.subplots(len(parcels), 1, figsize=(9, 1.8 * len(parcels)), sharex=True)
+    for ax, p in zip(np.atleast_1d(axes), parcels):
+        t = np.arange(x.shape[1])
+        ax.plot(t, x[p], color="0.3", lw=1, label="true")
+        ax.plot(t, np.where(mask[p], recon[p], np.nan), color="C3", lw=1.2, label="predicted")
+        ax.fill_between(t, x[p].min(), x[p].max(), where=mask[p], color="C3", alpha=0.08)
+        ax.set_ylabel(names[p] if names is not None else f"parcel {p}", fontsize=8)
+    np.atleast_1d(axes)[0].legend(loc="upper right", fontsize=8)
+    np.atleast_1d(axes)[-1].set_xlabel("timepoint (masked patches shaded)")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history: list) -> None:
+    from ..fileio import atomic_path
+
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "step": step,
+             "history": json.dumps(history)}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path):
+    """Tensors and plain containers only: weights_only=True never runs pickled code."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from ..data.store import BrainStore, WindowDataset
+    from ..model.config import BrainLMConfig
+    from ..model.modeling import BrainLMForPretraining
+    from ..tracking import Tracker
+
+    rank, local_rank, world = dist_info()
+    cfg.validate(world)
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    torch.manual_seed(cfg.seed)
+    store = BrainStore(cfg.data)
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoints" / "last.pt"
+    model_cfg = BrainLMConfig.from_preset(
+        cfg.profile, window=cfg.window, patch_size=cfg.patch_size, mask_ratio=cfg.mask_ratio,
+        mask_strategy=cfg.mask_strategy, future_patches=cfg.future_patches)
+    model_cfg.parcel_coords = store.coords.round(3).tolist()
+    model_cfg.atlas = store.meta.get("atlas")
+    model_cfg.atlas_hash = store.meta.get("atlas_hash")
+    model = BrainLMForPretraining(model_cfg).to(device)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    micro = cfg.batch_size // world // cfg.grad_accum
+    train_ds = WindowDataset(store, "train", window=cfg.window, mode="random",
+                             windows_per_recording=cfg.windows_per_recording, seed=cfg.seed)
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    steps_per_epoch = len(sampler) // (micro * cfg.grad_accum)
+    if steps_per_epoch < 1:
+        raise ConfigError(f"{len(train_ds)} training windows per epoch are fewer than one "
+                          f"batch of {cfg.batch_size}; raise windows_per_recording or lower "
+                          "the batch size")
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(0.9, 0.95), fused=device.type == "cuda")
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.max_steps // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, warmup, cfg.max_steps, cfg.min_lr_ratio))
+    step, history = 0, []
+    if cfg.resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, history = int(state["step"]), json.loads(state["history"])
+    elif cfg.resume and rank == 0:
+        print(f"no checkpoint at {ckpt_path}: starting from step 0")
+    train_model = model
+    if cfg.compile:
+        train_model = torch.compile(model)
+    if world > 1:
+        train_model = DDP(train_model, device_ids=[local_rank] if device.type == "cuda" else None)
+    coords = torch.as_tensor(store.coords, device=device)
+    length = store.n_parcels * (cfg.window // cfg.patch_size)
+
+    tracker = Tracker("pretrain", run_name=f"{cfg.profile}-mask{cfg.mask_ratio:g}",
+                      uri=cfg.tracking_uri, enabled=rank == 0)
+    tracker.params({**{k: v for k, v in asdict(cfg).items() if k not in ("extra",)},
+                    "lr": cfg.lr, "n_parameters": sum(p.numel() for p in model.parameters()),
+                    "atlas_hash": model_cfg.atlas_hash, **cfg.extra})
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress or rank != 0,
+               desc=f"pretrain {cfg.profile} mask {cfg.mask_ratio:g}", dynamic_ncols=True)
+    last_eval: dict = {}
+    iterator, epoch = None, None
+    stop_at = cfg.max_steps if cfg.stop_after is None else min(cfg.max_steps,
+                                                                 step + cfg.stop_after)
+    model.train()
+    t0, windows_done = time.perf_counter(), 0
+    while step < stop_at:
+        if epoch != step // steps_per_epoch or iterator is None:
+            epoch = step // steps_per_epoch
+            sampler.set_epoch(epoch)
+            train_ds.set_epoch(epoch)
+            skip = (step % steps_per_epoch) * micro * cfg.grad_accum
+            loader = DataLoader(train_ds, batch_size=micro, sampler=_ResumeSampler(sampler, skip),
+                                num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                                drop_last=True, persistent_workers=False)
+            iterator = iter(loader)
+        loss_sum = torch.zeros((), device=device)
+        for m in range(cfg.grad_accum):
+            batch = next(iterator)
+            x = batch["signal"].to(device, non_blocking=True)
+            noise = step_noise(cfg.seed, step, m, micro, length, rank, world).to(device)
+            sync = m == cfg.grad_accum - 1 or world == 1
+            ctx = train_model.no_sync() if (world > 1 and not sync) else nullcontext()
+            with ctx, autocast():
+                loss = train_model(x, coords, noise=noise).loss / cfg.grad_accum
+            with ctx:
+                loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        step += 1
+        windows_done += cfg.batch_size
+        record = {"step": step, "loss": float(loss_sum), "lr": scheduler.get_last_lr()[0],
+                  "grad_norm": float(grad_norm)}
+        if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            ev = evaluate(model, store, cfg, device, autocast)
+            last_eval = ev
+            record.update({k: v for k, v in ev.items() if k.startswith("val_")})
+        history.append(record)
+        tracker.metrics({k: v for k, v in record.items() if k != "step"}, step=step)
+        rate = windows_done / (time.perf_counter() - t0)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", win_s=f"{rate:.1f}")
+        bar.update(1)
+        if rank == 0 and (step % cfg.ckpt_every == 0 or step == stop_at):
+            save_checkpoint(ckpt_path, model, optimizer, scheduler, step, history)
+    bar.close()
+
+    result = {"step": step, "finished": step >= cfg.max_steps, "history": history}
+    if rank == 0 and step >= cfg.max_steps:
+        if not last_eval:
+            last_eval = evaluate(model, store, cfg, device, autocast)
+        _write_outputs(model, store, cfg, out, history, last_eval, tracker)
+        result["metrics"] = {k: v for k, v in last_eval.items() if k.startswith("val_")}
+    tracker.end()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def _write_outputs(model, store, cfg: PretrainConfig, out: Path, history, last_eval, tracker):
+    """save_pretrained folder + scaler + model card + metrics/history + reconstruction plot."""
+    import shutil
+
+    from ..fileio import sha256_file, write_bytes_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    shutil.copyfile(store.path / "scaler.safetensors", out / "scaler.safetensors")
+    metrics = {k: v for k, v in last_eval.items() if k.startswith("val_")}
+    metrics.update(step=history[-1]["step"], train_loss=history[-1]["loss"])
+    write_bytes_atomic(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+    write_bytes_atomic(out / "history.json", json.dumps(history).encode())
+    names = store.parcels["name"].tolist()
+    if last_eval.get("example") is not None:
+        plot_reconstruction(last_eval["example"], out / "reconstruction.png", names=names)
+    card = model_card(model, store, cfg, metrics, sha256_file(out / "scaler.safetensors"))
+    write_bytes_atomic(out / "README.md", card.encode())
+    tracker.metrics({k: v for k, v in metrics.items() if k.startswith("val_")},
+                    step=metrics["step"])
+    tracker.artifacts(out, "model")
+
+
+def model_card(model, store, cfg: PretrainConfig, metrics: dict, scaler_hash: str) -> str:
+    c = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    splits = store.meta.get("splits", {})
+    split_rows = "\n".join(f"| {s} | {v['subjects']} | {v['recordings']} |"
+                           for s, v in splits.items())
+    return f"""---
+library_name: transformers
+license: apache-2.0
+tags: [brainlm, fmri, masked-autoencoder]
+---
+# BrainLM ({cfg.profile}, mask ratio {cfg.mask_ratio:g})
+
+Masked-autoencoder transformer pretrained on parcellated fMRI with the `brainlm` package.
+
+```python
+from brainlm.model.modeling import BrainLMForPretraining
+model = BrainLMForPretraining.from_pretrained("<this folder>")
+emb = model.embed(windows)  # windows: float32 [batch, {store.n_parcels}, {c.window}], scaled with scaler.safetensors
+```
+
+## Shape
+| | |
+|---|---|
+| parameters | {n_params:,} |
+| tokens | {store.n_parcels} parcels x {c.num_patches} patches of {c.patch_size} timepoints |
+| encoder | {c.hidden_size} wide, {c.num_hidden_layers} layers, {c.num_attention_heads} heads, MLP {c.intermediate_size} |
+| decoder | {c.decoder_hidden_size} wide, {c.decoder_num_hidden_layers} layers, {c.decoder_num_attention_heads} heads, MLP {c.decoder_intermediate_size} |
+| masking | {c.mask_strategy}, ratio {c.mask_ratio:g}{f", future patches {c.future_patches}" if c.mask_strategy == "future" else ""} |
+
+## Data
+| split | subjects | recordings |
+|---|---|---|
+{split_rows}
+
+Atlas {store.meta.get("atlas")} (hash `{store.meta.get("atlas_hash")}`), TR {store.tr:g} s,
+store `{store.path}`. Inputs must be scaled with `scaler.safetensors` (sha256 `{scaler_hash[:16]}`),
+fitted on the training subjects only; the parcel coordinates are saved in `config.json`.
+
+## Training
+{cfg.max_steps} steps, batch {cfg.batch_size}, AdamW (lr {cfg.lr:.2e} = base x batch / 256,
+weight decay {cfg.weight_decay}), cosine schedule with warmup, gradient clipping {cfg.clip_grad}, seed {cfg.seed}.
+
+## Validation (deterministic windows, fixed masks)
+| metric | value |
+|---|---|
+| reconstruction MSE (masked patches) | {metrics.get("val_mse", float("nan")):.4f} |
+| R^2 (per parcel, averaged; not clipped) | {metrics.get("val_r2", float("nan")):.4f} |
+| final training loss | {metrics.get("train_loss", float("nan")):.4f} |
+
+## Licence
+Code: Apache-2.0. These weights were trained on the data named above: their use is bound by
+that data's terms. Upstream BrainLM's released weights are CC BY-NC-ND 4.0; this model does
+not contain them.
+"""

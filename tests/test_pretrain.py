@@ -1,0 +1,187 @@
+"""Pretraining as a user runs it: outputs, exact resume after a kill, DDP on gloo, MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from brainlm.data.parcellate import ParcellationSettings
+from brainlm.data.pipeline import PreprocessConfig, run_preprocess
+from brainlm.train.pretrain import PretrainConfig, evaluate, pretrain
+
+P, T = 12, 120
+COMMON = ["--profile", "tiny", "--window", "40", "--patch-size", "10", "--batch-size", "4",
+          "--windows-per-recording", "2", "--workers", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A small store of already-parcellated series: 12 parcels, 10 subjects."""
+    root = tmp_path_factory.mktemp("pt")
+    raw = root / "raw"
+    raw.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        x = np.cumsum(rng.standard_normal((T, P)), axis=0) * 0.3 + 100
+        np.save(raw / f"sub-{i:02d}_task-rest_timeseries.npy", x)
+    pd.DataFrame(rng.uniform(-60, 60, (P, 3)), columns=["x", "y", "z"]).to_csv(
+        root / "coords.tsv", sep="\t", index=False)
+    cfg = PreprocessConfig(inputs=[raw], out=root / "store", coords=root / "coords.tsv",
+                           input_tr=0.735, progress=False, cache_dir=root / "cache",
+                           settings=ParcellationSettings(min_timepoints=40, standardize="zscore"))
+    run_preprocess(cfg)
+    return root / "store"
+
+
+def _run(args, **kw):
+    return subprocess.run([sys.executable, "-m", "brainlm.cli", "pretrain"] + args,
+                          capture_output=True, text=True, **kw)
+
+
+def test_pretrain_writes_a_loadable_model_folder(store, tmp_path):
+    out = tmp_path / "model"
+    res = _run(["--data", str(store), "--out", str(out), "--max-steps", "6", "--eval-every", "3",
+                "--mask-ratio", "0.5"] + COMMON)
+    assert res.returncode == 0, res.stderr
+    assert "val R^2" in res.stdout
+    for name in ("config.json", "model.safetensors", "scaler.safetensors", "README.md",
+                 "metrics.json", "history.json", "reconstruction.png"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert np.isfinite(metrics["val_mse"]) and np.isfinite(metrics["val_r2"])
+    history = json.loads((out / "history.json").read_text())
+    assert [h["step"] for h in history] == list(range(1, 7))
+    assert "val_r2" in history[2] and "val_r2" not in history[1]
+    card = (out / "README.md").read_text()
+    assert "mask ratio 0.5" in card and f"{metrics['val_r2']:.4f}" in card
+    assert "hash" in card and "Licence" in card
+    # loadable elsewhere: a fresh process with no store, coordinates from config.json
+    code = ("import torch; from brainlm.model.modeling import BrainLMForPretraining as M; "
+            f"m = M.from_pretrained({str(out)!r}); "
+            f"e = m.embed(torch.zeros(1, {P}, 40)); print(tuple(e['cls'].shape))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().endswith("(1, 64)")
+
+
+def test_exact_resume_after_a_kill(store, tmp_path):
+    full = tmp_path / "full"
+    args = ["--data", str(store), "--max-steps", "10", "--eval-every", "5", "--ckpt-every", "2",
+            "--lr", "0.01"] + COMMON
+    assert _run(args + ["--out", str(full)]).returncode == 0
+    reference = json.loads((full / "history.json").read_text())
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "brainlm.cli", "pretrain", "--out",
+                             str(killed)] + args, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = killed / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists()
+    state = torch.load(ckpt, weights_only=True)
+    assert 2 <= state["step"] < 10 or not (killed / "history.json").exists()
+    res = _run(args + ["--out", str(killed), "--resume"])
+    assert res.returncode == 0, res.stderr
+    resumed = json.loads((killed / "history.json").read_text())
+    assert [h["step"] for h in resumed] == list(range(1, 11))
+    for a, b in zip(resumed, reference):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), a["step"]
+    assert resumed[-1]["val_r2"] == pytest.approx(reference[-1]["val_r2"], rel=1e-6)
+
+
+def test_stop_after_then_resume_equals_one_run(store, tmp_path):
+    base = PretrainConfig(data=store, out=tmp_path / "a", window=40, patch_size=10,
+                          batch_size=4, windows_per_recording=2, workers=0, max_steps=6,
+                          eval_every=6, ckpt_every=6, progress=False, base_lr=0.01)
+    one = pretrain(base)
+    part = PretrainConfig(**{**base.__dict__, "out": tmp_path / "b", "stop_after": 4})
+    first = pretrain(part)
+    assert first["step"] == 4 and not first["finished"]
+    rest = pretrain(PretrainConfig(**{**part.__dict__, "stop_after": None, "resume": True}))
+    assert rest["finished"]
+    assert [h["loss"] for h in rest["history"]] == pytest.approx(
+        [h["loss"] for h in one["history"]], rel=1e-6)
+
+
+def test_ddp_on_gloo_matches_one_process(store, tmp_path):
+    args = ["--data", str(store), "--max-steps", "3", "--eval-every", "3", "--ckpt-every", "3",
+            "--lr", "0.01"] + COMMON
+    single = _run(args + ["--out", str(tmp_path / "one")])
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", "-m", "brainlm.cli", "pretrain",
+                          "--out", str(tmp_path / "two")] + args, capture_output=True,
+                         text=True, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    h1 = json.loads((tmp_path / "one" / "history.json").read_text())
+    h2 = json.loads((tmp_path / "two" / "history.json").read_text())
+    assert [h["loss"] for h in h2] == pytest.approx([h["loss"] for h in h1], rel=1e-4)
+    from safetensors.torch import load_file
+
+    w1 = load_file(tmp_path / "one" / "model.safetensors")
+    w2 = load_file(tmp_path / "two" / "model.safetensors")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+
+
+def test_mlflow_logs_params_metrics_and_artifacts(store, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = PretrainConfig(data=store, out=tmp_path / "m", window=40, patch_size=10,
+                         batch_size=4, windows_per_recording=2, workers=0, max_steps=4,
+                         eval_every=2, ckpt_every=4, progress=False, tracking_uri=uri,
+                         mask_ratio=0.2)
+    pretrain(cfg)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("pretrain")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["mask_ratio"] == "0.2"
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 4
+    assert "val_r2" in run.data.metrics
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert "model/model.safetensors" in names and "model/reconstruction.png" in names
+
+
+def test_r2_is_per_parcel_and_not_clipped(store, tmp_path):
+    """A model that predicts nonsense gets R^2 < 0, reported as such."""
+    from brainlm.data.store import BrainStore
+    from brainlm.model.config import BrainLMConfig
+    from brainlm.model.modeling import BrainLMForPretraining
+
+    model = BrainLMForPretraining(BrainLMConfig.from_preset("tiny", window=40, patch_size=10))
+    with torch.no_grad():
+        model.decoder_pred.bias.fill_(25.0)  # far from any scaled value
+    cfg = PretrainConfig(data=store, out=tmp_path, window=40, patch_size=10)
+    ev = evaluate(model, BrainStore(store), cfg, torch.device("cpu"),
+                  lambda: torch.autocast("cpu", enabled=False))
+    assert ev["val_r2"] < -10
+    assert ev["val_mse"] > 100
+
+
+def test_bad_pretrain_settings(store, tmp_path):
+    res = _run(["--data", str(store), "--out", str(tmp_path / "x"), "--batch-size", "3",
+                "--grad-accum", "2", "--window", "40", "--patch-size", "10"])
+    assert res.returncode == 2 and "not divisible" in res.stderr
+    res = _run(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
+    assert res.returncode == 2 and "not a processed store" in res.stderr
+    res = _run(["--data", str(store), "--out", str(tmp_path / "x"), "--mask-ratio", "1.5",
+                "--window", "40", "--patch-size", "10"])
+    assert res.returncode == 2 and "mask ratio 1.5" in res.stderr

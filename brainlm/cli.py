@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1),
                    help="train,val,test fractions of subjects (default 0.8,0.1,0.1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scaler", default=None, help="apply this scaler.safetensors (from an "
+                   "earlier store) instead of fitting one: for data seen only at inference")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--allow-fallback-atlas", action="store_true",
                    help="use the offline generated atlas when A424 cannot be found")
@@ -125,7 +127,10 @@ def _cmd_synth(args) -> int:
 
     from .atlas import load_atlas
     from .data.synthetic import simulate_cohort, write_bids
+    from .errors import ConfigError
 
+    if not 0.05 <= args.tr <= 10:
+        raise ConfigError(f"--tr {args.tr:g} s is out of range (0.05-10 s)")
     atlas = load_atlas(args.atlas, allow_fallback=True)
     cohort = simulate_cohort(atlas.coords, args.subjects, args.timepoints, tr=args.tr,
                              seed=args.seed)
@@ -153,6 +158,7 @@ def _cmd_preprocess(args) -> int:
         coords=Path(args.coords) if args.coords else None, fractions=args.split,
         seed=args.seed, workers=args.workers,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        scaler=Path(args.scaler) if args.scaler else None,
         allow_fallback_atlas=args.allow_fallback_atlas, progress=not args.no_progress)
     summary = run_preprocess(cfg)
     print(summary.format())

@@ -27,6 +27,32 @@ def atomic_path(dest):
             os.unlink(tmp)
 
 
+@contextmanager
+def atomic_dir(dest):
+    """Yield a temporary folder beside `dest`; on success it takes the place of `dest` (the old
+    folder is removed only after the swap), so a failed run leaves the previous one whole."""
+    import shutil
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        old = None
+        if dest.exists():
+            old = tmp.with_name(tmp.name[:-4] + ".old")
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(dest, 0o777 & ~umask)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_bytes_atomic(dest, data: bytes) -> None:
     with atomic_path(dest) as tmp:
         Path(tmp).write_bytes(data)

@@ -90,7 +90,8 @@ def test_download_checks_the_pinned_sha256(tmp_path, monkeypatch):
                         lambda url, timeout: io.BytesIO(b"tampered"))
     with pytest.warns(UserWarning, match="does not match the pinned"):
         assert atlas_mod.find_a424() is None
-    assert not list((tmp_path / "cache").rglob("*.nii.gz"))  # nothing half-written kept
+    leftovers = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert leftovers == []  # neither the bad file nor a temporary one is kept
 
 
 def test_download_into_cache_when_content_matches(tmp_path, monkeypatch, atlas_spec):

@@ -54,7 +54,7 @@ def messy(tmp_path, atlas, painter):
     bad["short"] = _nifti(raw / "sub-bshort/func/sub-bshort_task-rest_bold.nii.gz",
                           data[..., :20], affine)
     nan = data.copy()
-    nan[tuple(np.argwhere(nan[..., 0] > 0)[100])] = np.nan
+    nan[tuple(np.argwhere(nan[..., 0] > 0)[100]) + (3,)] = np.inf  # one voxel, one volume
     bad["nan"] = _nifti(raw / "sub-bnan/func/sub-bnan_task-rest_bold.nii.gz", nan, affine)
     bad["nospace"] = _nifti(raw / "sub-bnospace/func/sub-bnospace_task-rest_bold.nii.gz",
                             data, affine, codes=0)

@@ -86,7 +86,8 @@ def test_xcpd_tables_with_own_coordinates_and_empty_parcels(tmp_path):
     assert np.all(x[7] == 0) and np.isfinite(x).all()
 
 
-def test_confounds_are_found_and_regressed_in_the_pipeline(tmp_path, atlas, painter, atlas_spec):
+def test_confounds_are_found_and_regressed_in_the_pipeline(tmp_path, atlas, painter, atlas_spec,
+                                                          capsys):
     raw = tmp_path / "raw"
     rng = np.random.default_rng(1)
     motion = rng.standard_normal(60)
@@ -110,4 +111,8 @@ def test_confounds_are_found_and_regressed_in_the_pipeline(tmp_path, atlas, pain
     assert motion_r(tmp_path / "plain") > 0.8
     assert motion_r(tmp_path / "clean") < 0.05
     # asking for a column that is not there quarantines with the file named
+    capsys.readouterr()
     assert main(args + ["--out", str(tmp_path / "bad"), "--confounds", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert ("sub-0_task-rest_bold.nii.gz: confounds table "
+            "sub-0_task-rest_desc-confounds_timeseries.tsv lacks columns: nope") in err

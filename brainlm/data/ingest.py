@@ -17,8 +17,8 @@ from ..errors import InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 TABLE_SUFFIXES = (".tsv", ".csv", ".npy")
-_ENTITY = re.compile(r"(?:^|[_/])(sub|ses|task|run)-([a-zA-Z0-9]+)")
-_NOT_TIMESERIES = ("participants", "confounds", "_events", "_physio", "coordinates")
+_ENTITY = re.compile(r"(?:^|[_/])(sub|ses|task|acq|run|space|res|desc|seg|atlas)-([a-zA-Z0-9]+)")
+_ID_ENTITIES = ("ses", "task", "acq", "run", "space", "res", "desc", "seg", "atlas")
 
 
 @dataclass
@@ -30,18 +30,20 @@ class Recording:
     session: str = ""
     task: str = ""
     run: str = ""
+    entities: dict = field(default_factory=dict)  # all BIDS entities of the file name
     kind: str = "nifti"  # "nifti" or "timeseries" (already parcellated, time x parcels)
     tr: float | None = None  # from a JSON sidecar or the user; None -> read the header
+    tr_origin: str = "header"  # "user", "sidecar" or "header"
     confounds: Path | None = None
     phenotypes: dict = field(default_factory=dict)
     problem: str | None = None  # set when discovery already knows it cannot be used
 
     @property
     def recording_id(self) -> str:
-        parts = [self.subject]
-        parts += [f"{k}-{v}" for k, v in (("ses", self.session), ("task", self.task),
-                                           ("run", self.run)) if v]
-        return "_".join(parts)
+        """sub-X plus every other entity of the name (space, desc, seg... keep outputs of
+        one run in different spaces or atlases apart)."""
+        return "_".join([self.subject] + [f"{k}-{self.entities[k]}" for k in _ID_ENTITIES
+                                          if self.entities.get(k)])
 
 
 def _is_nifti(p: Path) -> bool:
@@ -49,8 +51,10 @@ def _is_nifti(p: Path) -> bool:
 
 
 def _is_timeseries(p: Path) -> bool:
+    """fMRIPrep/XCP-D style `*_timeseries.tsv|csv|npy`, but not the confounds table."""
     name = p.name.lower()
-    return name.endswith(TABLE_SUFFIXES) and not any(s in name for s in _NOT_TIMESERIES)
+    return (any(name.endswith("_timeseries" + s) for s in TABLE_SUFFIXES)
+            and "desc-confounds" not in name)
 
 
 def _entities(path: Path, root: Path | None) -> dict:
@@ -68,15 +72,22 @@ def _strip_ext(name: str) -> str:
     return name
 
 
-def _sidecar_tr(path: Path) -> float | None:
+def _sidecar_tr(path: Path) -> tuple[float | None, str | None]:
+    """(TR, problem) from the BIDS JSON sidecar; a sidecar that exists but is unusable is a
+    problem, not something to skip silently (the header TR may be wrong in the same way)."""
     sidecar = path.with_name(_strip_ext(path.name) + ".json")
     if not sidecar.is_file():
-        return None
+        return None, None
     try:
-        tr = json.loads(sidecar.read_text()).get("RepetitionTime")
-    except (OSError, ValueError):
-        return None
-    return float(tr) if isinstance(tr, (int, float)) and tr > 0 else None
+        meta = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as exc:
+        return None, f"unreadable JSON sidecar {sidecar.name} ({exc})"
+    if not isinstance(meta, dict) or "RepetitionTime" not in meta:
+        return None, None
+    tr = meta["RepetitionTime"]
+    if isinstance(tr, bool) or not isinstance(tr, (int, float)) or not tr > 0:
+        return None, f"RepetitionTime {tr!r} in {sidecar.name} is not a positive number"
+    return float(tr), None
 
 
 def _confounds_for(path: Path) -> Path | None:
@@ -102,7 +113,7 @@ def discover(inputs, input_tr: float | None = None) -> list[Recording]:
             files = [p for p in sorted(item.rglob("*")) if p.is_file()
                      and "derivatives" not in p.relative_to(item).parts[:-1]]
             nifti = [p for p in files if _is_nifti(p)]
-            bold = [p for p in nifti if "_bold" in p.name]
+            bold = [p for p in nifti if _strip_ext(p.name).endswith("_bold")]
             tables = [p for p in files if _is_timeseries(p)]
             chosen = (bold or nifti) + tables
             root = item
@@ -115,14 +126,24 @@ def discover(inputs, input_tr: float | None = None) -> list[Recording]:
             subject = "sub-" + ent.get("sub", _strip_ext(path.name).split("_")[0])
             subject = subject.replace("sub-sub-", "sub-")
             kind = "nifti" if _is_nifti(path) else "timeseries"
-            recordings.append(Recording(
-                path=path, subject=subject, session=ent.get("ses", ""), task=ent.get("task", ""),
-                run=ent.get("run", ""), kind=kind,
-                tr=input_tr if input_tr is not None else _sidecar_tr(path),
-                confounds=_confounds_for(path) if kind == "nifti" else None))
+            rec = Recording(path=path, subject=subject, session=ent.get("ses", ""),
+                            task=ent.get("task", ""), run=ent.get("run", ""), entities=ent,
+                            kind=kind, confounds=_confounds_for(path) if kind == "nifti" else None)
+            if input_tr is not None:
+                rec.tr, rec.tr_origin = input_tr, "user"
+            else:
+                rec.tr, rec.problem = _sidecar_tr(path)
+                rec.tr_origin = "sidecar" if rec.tr is not None else "header"
+            space = ent.get("space", "")
+            if space and not space.upper().startswith("MNI") and rec.problem is None:
+                rec.problem = (f"space-{space} is not an MNI space: use the MNI-space outputs "
+                               "(the atlas is in MNI152)")
+            recordings.append(rec)
     recordings.sort(key=lambda r: (r.recording_id, str(r.path)))
     seen: dict[str, Path] = {}
     for rec in recordings:  # the same run twice (say .nii and .nii.gz): keep the first
+        if rec.problem is not None:
+            continue
         if rec.recording_id in seen:
             rec.problem = f"duplicate recording {rec.recording_id} (also {seen[rec.recording_id]})"
         else:

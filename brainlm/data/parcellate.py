@@ -70,6 +70,8 @@ class NiftiInfo:
     offset: int
     tr: float | None
     compressed: bool
+    header_tr: float | None = None
+    notes: list = field(default_factory=list)
 
 
 def read_nifti_info(path, tr_override: float | None = None) -> NiftiInfo:
@@ -102,10 +104,16 @@ def read_nifti_info(path, tr_override: float | None = None) -> NiftiInfo:
     slope, inter = getattr(img.dataobj, "slope", None), getattr(img.dataobj, "inter", None)
     slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
     inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
-    tr = tr_override if tr_override is not None else _header_tr(hdr)
+    header_tr = _header_tr(hdr)
+    tr = tr_override if tr_override is not None else header_tr
+    notes = []
+    codes = {int(hdr["sform_code"]), int(hdr["qform_code"])} - {0}
+    if codes <= {1}:  # ANTs writes 1 for MNI-registered data too: warn, do not refuse
+        notes.append("header says scanner space (sform/qform code 1): assuming the data are "
+                     "registered to MNI152")
     return NiftiInfo(path=path, shape=shape, affine=affine, dtype=hdr.get_data_dtype(),
                      slope=slope, inter=inter, offset=int(img.dataobj.offset), tr=tr,
-                     compressed=path.name.endswith(".gz"))
+                     compressed=path.name.endswith(".gz"), header_tr=header_tr, notes=notes)
 
 
 def _header_tr(hdr) -> float | None:
@@ -235,8 +243,9 @@ def extract_fast(info: NiftiInfo, atlas, chunk: int = 4) -> tuple[np.ndarray, np
                 n = min(chunk, n_t - t0)
                 _fill(f, view[: n * n_vox * buf.itemsize], info)
                 frames = buf[:n]
-                if compact is None:  # exact zeros in the first volume = outside the data's mask
-                    valid = frames[0].astype(np.float64) * info.slope + info.inter != 0
+                if compact is None:  # zero or NaN in the first volume = outside the data's mask
+                    first = frames[0].astype(np.float64) * info.slope + info.inter
+                    valid = np.isfinite(first) & (first != 0)
                     compact, used, covered = op.masked(valid)
                     if not covered.any():
                         raise InputError(info.path, _no_overlap_message(info, atlas, op, valid))
@@ -272,9 +281,15 @@ def extract_nilearn(info: NiftiInfo, atlas) -> tuple[np.ndarray, np.ndarray]:
 
     try:
         img = nib.load(str(info.path))
-        img.get_fdata(dtype=np.float32)  # surface read errors here, with the file's name
+        data = img.get_fdata(dtype=np.float32)  # surface read errors here, with the file's name
     except Exception as exc:
         raise InputError(info.path, _describe(exc)) from None
+    bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+    if bad:  # nilearn would silently turn them into zeros
+        raise InputError(info.path, f"NaN/Inf voxel values ({bad}); the nilearn engine does not "
+                                    "mask them (the fast engine treats NaN in the first volume "
+                                    "as outside the brain)")
+    del data
     masker = NiftiLabelsMasker(labels_img=atlas.to_nifti(), resampling_target="labels",
                                strategy="mean", standardize=None)
     with warnings.catch_warnings():
@@ -306,11 +321,10 @@ def read_timeseries_table(path, n_parcels: int) -> tuple[np.ndarray, np.ndarray]
             table = np.load(path, allow_pickle=False)
         else:
             sep = "\t" if path.name.endswith(".tsv") else ","
-            table = pd.read_csv(path, sep=sep, header=None, na_values=["n/a", "NaN", "nan"])
-            first = table.iloc[0]
-            if pd.to_numeric(first, errors="coerce").isna().all():  # a header row
-                table = table.iloc[1:]
-            table = table.apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+            raw = pd.read_csv(path, sep=sep, header=None, dtype=str, keep_default_na=False)
+            table = _numeric_table(raw, path)
+    except InputError:
+        raise
     except Exception as exc:
         raise InputError(path, f"unreadable time-series table ({_describe(exc)})") from None
     table = np.asarray(table, dtype=np.float64)
@@ -330,6 +344,30 @@ def read_timeseries_table(path, n_parcels: int) -> tuple[np.ndarray, np.ndarray]
                                f"{int(bad[:, ~empty].any(axis=0).sum())} parcel columns")
     signals = np.where(bad, 0.0, table).T.astype(np.float32)
     return signals, ~empty & (signals.std(axis=1) > 0)
+
+
+_MISSING = {"", "n/a", "na", "nan", "NaN", "NA", "N/A"}
+
+
+def _numeric_table(raw, path: Path) -> np.ndarray:
+    """Text cells -> float [rows, cols]. The first row is a header when it holds any
+    non-number, or when it is exactly 0..C-1 or 1..C (column labels written as numbers)."""
+    import pandas as pd
+
+    first = pd.to_numeric(raw.iloc[0], errors="coerce")
+    n_cols = raw.shape[1]
+    labels = first.to_numpy()
+    is_header = (first.isna().any() and not raw.iloc[0].isin(_MISSING).all()) or \
+        np.array_equal(labels, np.arange(n_cols)) or np.array_equal(labels, np.arange(1, n_cols + 1))
+    body = raw.iloc[1:] if is_header else raw
+    missing = body.isin(_MISSING)
+    values = body.apply(pd.to_numeric, errors="coerce")
+    text = values.isna() & ~missing
+    if text.to_numpy().any():
+        r, c = np.argwhere(text.to_numpy())[0]
+        raise InputError(path, f"non-numeric value {body.iat[r, c]!r} in row {r + 1 + is_header}, "
+                               f"column {c + 1} ({int(text.to_numpy().sum())} such cells)")
+    return values.to_numpy(np.float64)
 
 
 # --------------------------------------------------------------------------- cleaning, TR
@@ -372,6 +410,11 @@ def clean(signals: np.ndarray, coverage: np.ndarray, tr: float, settings: Parcel
     out = np.zeros_like(signals, dtype=np.float32)
     if not coverage.any():
         return out
+    nyquist = 0.5 / tr
+    for name, f in (("high_pass", settings.high_pass), ("low_pass", settings.low_pass)):
+        if f is not None and f >= nyquist:
+            raise ValueError(f"{name} {f:g} Hz is not below the Nyquist frequency {nyquist:.3f} Hz "
+                             f"of this recording's TR ({tr:g} s)")
     standardize = {"psc": "psc", "zscore": "zscore_sample", "none": None}[settings.standardize]
     x = signals[coverage].T.astype(np.float64)  # nilearn wants [time, features]
     if not (settings.detrend or standardize or settings.high_pass or settings.low_pass
@@ -395,12 +438,17 @@ def _load_confounds(path: Path | None, columns: tuple[str, ...], source: Path, n
     if path is None:
         raise InputError(source, "confound regression asked for, but no "
                                  "*_desc-confounds_timeseries.tsv beside it")
-    table = pd.read_csv(path, sep="\t", na_values=["n/a"])
+    try:
+        table = pd.read_csv(path, sep="\t", na_values=["n/a"])
+    except Exception as exc:
+        raise InputError(source, f"unreadable confounds table {path.name} ({exc})") from None
     missing = [c for c in columns if c not in table.columns]
     if missing:
-        raise InputError(path, f"confound columns not found: {', '.join(missing)}")
+        raise InputError(source, f"confounds table {path.name} lacks columns: "
+                                 f"{', '.join(missing)}")
     if len(table) != n_t:
-        raise InputError(path, f"{len(table)} rows for a recording of {n_t} volumes")
+        raise InputError(source, f"confounds table {path.name} has {len(table)} rows for "
+                                 f"{n_t} volumes")
     return table[list(columns)].fillna(0.0).to_numpy(np.float64)
 
 
@@ -444,10 +492,16 @@ def parcellate_recording(recording, atlas, settings: ParcellationSettings,
 
 def _compute(recording, atlas, settings: ParcellationSettings, source_hash: str) -> Parcellated:
     path = Path(recording.path)
+    notes: list[str] = []
     if recording.kind == "nifti":
         info = read_nifti_info(path, recording.tr)
         n_t = info.shape[3]
         tr = info.tr
+        notes += info.notes
+        if (getattr(recording, "tr_origin", "") == "sidecar" and info.header_tr
+                and abs(info.header_tr - tr) > 0.01 * tr):
+            notes.append(f"sidecar TR {tr:g} s differs from header TR {info.header_tr:g} s; "
+                         "using the sidecar")
     else:
         info, tr = None, recording.tr
         signals, coverage = read_timeseries_table(path, atlas.n_parcels)
@@ -477,10 +531,7 @@ def _compute(recording, atlas, settings: ParcellationSettings, source_hash: str)
         raise InputError(path, f"signal cleaning failed: {exc}") from None
     result = Parcellated(signals=resample_tr(cleaned, tr, settings.target_tr), coverage=coverage,
                          tr_source=float(tr), n_timepoints_source=int(n_t),
-                         source_hash=source_hash)
-    uncovered = int((~coverage).sum())
-    if uncovered:
-        result.notes.append(f"{uncovered} parcels without coverage")
+                         source_hash=source_hash, notes=notes)
     return result
 
 

@@ -10,6 +10,7 @@ import os
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class PreprocessConfig:
     seed: int = 0
     workers: int = 1
     cache_dir: Path | None = None  # default: <user cache>/brainlm/parcellated
+    scaler: Path | None = None  # reuse this scaler (later inference) instead of fitting one
     allow_fallback_atlas: bool = False
     progress: bool = True
 
@@ -51,6 +53,15 @@ class PreprocessConfig:
         if s.min_timepoints < 1:
             raise ConfigError(f"window/min timepoints must be >= 1, got {s.min_timepoints}")
         assign_splits([], self.fractions)  # checks the fractions
+        out = Path(self.out).resolve()
+        for item in self.inputs:
+            src = Path(item).resolve()
+            if out == src or src in out.parents or out in src.parents:
+                raise ConfigError(f"--out {self.out} overlaps the input {item}: write the store "
+                                  "to a separate folder")
+        from .store import check_replaceable
+
+        check_replaceable(out)
         nyquist = 0.5 / s.target_tr
         for name, f in (("high_pass", s.high_pass), ("low_pass", s.low_pass)):
             if f is not None and not (0 < f < nyquist):
@@ -177,8 +188,14 @@ def run_preprocess(cfg: PreprocessConfig) -> Summary:
         ctx = mp.get_context("fork")
         with ProcessPoolExecutor(max_workers=min(cfg.workers, len(todo)), mp_context=ctx,
                                  initializer=_init_worker) as pool:
-            for fut in as_completed([pool.submit(_work, i) for i in todo]):
-                _collect(*fut.result(), results, problems, bar)
+            futures = {pool.submit(_work, i): i for i in todo}
+            for fut in as_completed(futures):
+                try:
+                    outcome = fut.result()
+                except BrokenProcessPool:  # a worker died (out of memory, a crash)
+                    outcome = (futures[fut], None, "the worker process died while parcellating "
+                               "it (out of memory?); rerun with fewer --workers")
+                _collect(*outcome, results, problems, bar)
     bar.close()
 
     fixed = {}
@@ -193,13 +210,21 @@ def run_preprocess(cfg: PreprocessConfig) -> Summary:
                           + "\n".join(f"  {p}: {r}" for p, r in quarantined[:20]))
 
     train = [i for i in results if split_of[recordings[i].subject] == "train"]
-    if not train:
+    if cfg.scaler is not None:
+        try:
+            scaler = RobustScaler.load(cfg.scaler)
+        except Exception as exc:
+            raise ConfigError(f"{cfg.scaler}: cannot read the scaler ({exc})") from None
+        scaler.check_compatible(atlas_hash=atlas.hash, tr=cfg.settings.target_tr,
+                                n_parcels=atlas.n_parcels)
+    elif not train:
         raise ConfigError("no training subjects: add subjects or change the split fractions")
-    scaler = RobustScaler.fit(
-        [results[i].signals for i in train], [results[i].coverage for i in train],
-        seed=cfg.seed, atlas=atlas.name, atlas_hash=atlas.hash, tr=cfg.settings.target_tr,
-        n_subjects=len({recordings[i].subject for i in train}),
-        settings=cfg.settings.key())
+    else:
+        scaler = RobustScaler.fit(
+            [results[i].signals for i in train], [results[i].coverage for i in train],
+            seed=cfg.seed, atlas=atlas.name, atlas_hash=atlas.hash, tr=cfg.settings.target_tr,
+            n_subjects=len({recordings[i].subject for i in train}),
+            settings=cfg.settings.key())
 
     kept, uncovered = [], {}
     for i in sorted(results):
@@ -211,6 +236,7 @@ def run_preprocess(cfg: PreprocessConfig) -> Summary:
                    signals=scaler.transform(res.signals, res.coverage))
         if not res.coverage.all():
             uncovered[rec.recording_id] = int((~res.coverage).sum())
+        warnings_ += [f"{rec.path}: {note}" for note in res.notes]
         kept.append(row)
     bad = [_manifest_row(recordings[i], cfg, "quarantined", problems[i]) for i in sorted(problems)]
     per_split = {s: (len({r["subject"] for r in kept if r["split"] == s}),
@@ -239,9 +265,14 @@ def _manifest_row(rec, cfg, status, reason) -> dict:
            "task": rec.task, "run": rec.run, "status": status, "reason": reason,
            "source_path": str(Path(rec.path).resolve()), "tr": cfg.settings.target_tr}
     for key, value in rec.phenotypes.items():
-        if key not in row and key != "split":
-            row[key] = value
+        if key != "split":  # a phenotype named like a manifest column keeps a prefix
+            row[key if key not in _MANIFEST_COLUMNS else f"pheno_{key}"] = value
     return row
+
+
+_MANIFEST_COLUMNS = {"recording_id", "subject", "session", "task", "run", "status", "reason",
+                     "source_path", "tr", "split", "tr_source", "n_timepoints_source",
+                     "source_hash", "uncovered", "offset", "n_parcels", "n_timepoints"}
 
 
 def _progress(total: int, enabled: bool):

@@ -8,6 +8,7 @@ safetensors file that travels with every model.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 import numpy as np
 
@@ -52,7 +53,9 @@ class RobustScaler:
             block[~cov] = np.nan
             parts.append(block)
         pooled = np.concatenate(parts, axis=1)
-        q25, median, q75 = np.nanpercentile(pooled, [25, 50, 75], axis=1)
+        with warnings.catch_warnings():  # parcels without any data: handled just below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            q25, median, q75 = np.nanpercentile(pooled, [25, 50, 75], axis=1)
         iqr = q75 - q25
         dead = ~np.isfinite(iqr) | (iqr <= 1e-12)
         median = np.where(np.isfinite(median), median, 0.0)
@@ -63,19 +66,25 @@ class RobustScaler:
         return cls(median.astype(np.float32), iqr.astype(np.float32), meta, ~dead)
 
     def transform(self, x: np.ndarray, coverage: np.ndarray | None = None) -> np.ndarray:
-        """[P, T] -> scaled [P, T] float32; uncovered parcels become 0 (the typical value)."""
+        """[P, T] -> scaled [P, T] float32. Parcels without coverage in this recording, or
+        without any training data, become 0 (the typical value): no statistics, no signal."""
         check_orientation(x, self.n_parcels, "scaler transform")
         y = (x - self.median[:, None]) / self.iqr[:, None]
         if coverage is not None:
             y[~coverage] = 0.0
+        if self.has_data is not None:
+            y[~self.has_data] = 0.0
         return y.astype(np.float32, copy=False)
 
     def inverse_transform(self, y: np.ndarray) -> np.ndarray:
         check_orientation(y, self.n_parcels, "scaler inverse transform")
         return y * self.iqr[:, None] + self.median[:, None]
 
-    def check_compatible(self, atlas_hash: str | None = None, tr: float | None = None) -> None:
+    def check_compatible(self, atlas_hash: str | None = None, tr: float | None = None,
+                         n_parcels: int | None = None) -> None:
         """Refuse to scale data from another atlas or TR than the statistics came from."""
+        if n_parcels is not None and n_parcels != self.n_parcels:
+            raise ConfigError(f"scaler has {self.n_parcels} parcels, data have {n_parcels}")
         if atlas_hash and self.meta.get("atlas_hash") and atlas_hash != self.meta["atlas_hash"]:
             raise ConfigError(f"scaler was fitted on atlas {self.meta['atlas_hash']}, data use "
                               f"atlas {atlas_hash}")

@@ -28,8 +28,10 @@ def assign_splits(subjects, fractions=(0.8, 0.1, 0.1), seed: int = 0,
     free = sorted({s for s in subjects if s not in fixed},
                   key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
     n = len(free)
-    counts = [int(round(f * n)) for f in fractions]
-    counts[0] = n - counts[1] - counts[2]
+    exact = [f * n for f in fractions]  # largest remainder: counts sum to n, none negative
+    counts = [int(e) for e in exact]
+    for i in sorted(range(3), key=lambda j: exact[j] - counts[j], reverse=True)[:n - sum(counts)]:
+        counts[i] += 1
     if n >= sum(f > 0 for f in fractions):
         for i, f in enumerate(fractions):  # no empty split that was asked for
             if f > 0 and counts[i] == 0:

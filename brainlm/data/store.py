@@ -6,23 +6,38 @@ Layout of a store folder:
     parcels.parquet      label, name and MNI coordinates of every parcel (the model's input)
     scaler.safetensors   the training-split robust scaler
     {train,val,test}.npy one flat float32 array per split; recording i is the [P, T_i] block
-                         at `offset` (C order), so a window is one small contiguous region and
-                         np.load(mmap_mode="r") reads only what is asked for.
+                         at `offset` (C order): a window is P short runs inside one recording's
+                         block, and np.load(mmap_mode="r") reads only what is asked for.
 A store is written whole into a temporary folder and then renamed into place.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ConfigError, check_orientation
+from ..fileio import atomic_dir
 from .split import SPLITS
 
 STORE_VERSION = "1"
+
+
+def check_replaceable(out: Path) -> None:
+    """A store folder may be replaced; anything else that is not empty may not."""
+    out = Path(out)
+    if out.is_file():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            meta = json.loads((out / "store.json").read_text())
+        except (OSError, ValueError):
+            meta = None
+        if not isinstance(meta, dict) or "version" not in meta:
+            raise ConfigError(f"--out {out} exists and is not a brainlm store; refusing to "
+                              "replace it (choose an empty or new folder)")
 
 
 def write_store(out_dir, kept: list[dict], quarantined: list[dict], scaler, atlas,
@@ -32,32 +47,11 @@ def write_store(out_dir, kept: list[dict], quarantined: list[dict], scaler, atla
 
     `kept` rows carry `signals` (scaled [P, T] float32) and `split` beside manifest fields.
     """
-    import shutil
-    import tempfile
-
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    check_replaceable(out)
+    with atomic_dir(out) as tmp:
         _write_store_files(tmp, kept, quarantined, scaler, atlas, extra_meta)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{tmp.name.split('.')[-2]}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        os.chmod(out, 0o777 & ~_umask())
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _write_store_files(out: Path, kept, quarantined, scaler, atlas, extra_meta) -> None:
@@ -162,7 +156,8 @@ class WindowDataset:
 
     mode="random": each item is a random window of recording `i % n`, reproducible from
     (seed, epoch, i) so a resumed run sees the same windows; call `set_epoch` per epoch.
-    mode="sliding": every window at starts 0, stride, 2*stride, ... (evaluation).
+    mode="sliding": windows at starts 0, stride, 2*stride, ... plus one ending at the last
+    timepoint when the stride does not reach it, so every timepoint is covered (evaluation).
     Items: {"signal": float32 [P, T], "recording": int, "start": int}. No torch import here.
     """
 
@@ -183,8 +178,12 @@ class WindowDataset:
         self.seed, self.epoch, self.per_recording = seed, 0, int(windows_per_recording)
         if mode == "sliding":
             stride = int(stride or window)
-            self.index = [(i, s) for i, t in enumerate(self.rows["n_timepoints"])
-                          for s in range(0, int(t) - window + 1, stride)]
+            self.index = []
+            for i, t in enumerate(self.rows["n_timepoints"]):
+                starts = list(range(0, int(t) - window + 1, stride))
+                if starts[-1] != int(t) - window:
+                    starts.append(int(t) - window)
+                self.index += [(i, s) for s in starts]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

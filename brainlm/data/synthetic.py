@@ -45,7 +45,7 @@ from scipy.spatial.distance import cdist
 from scipy.special import gammaln
 
 from ..errors import ConfigError
-from ..fileio import atomic_path, write_bytes_atomic
+from ..fileio import atomic_dir, atomic_path, write_bytes_atomic
 
 REFERENCE_AGE = 50.0
 
@@ -407,8 +407,36 @@ def write_bids(cohort: SyntheticCohort, atlas, out_dir, tr: float | None = None,
                           f"{atlas.n_parcels}")
     if dtype not in ("int16", "float32"):
         raise ConfigError(f"dtype must be 'int16' or 'float32', got {dtype!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir)
+    _check_replaceable(final)
+    with atomic_dir(final) as out:
+        missing = _write_dataset(cohort, atlas, out, tr, voxel_size, dtype, voxel_noise)
+    if missing.size:
+        warnings.warn(f"{missing.size} parcel(s) have no voxel on the {voxel_size} mm grid: "
+                      f"{missing.tolist()}", stacklevel=2)
+    pids = cohort.participants["participant_id"].astype(str)
+    return [final / pid / "func" / f"{pid}_task-rest_bold.nii.gz" for pid in pids]
+
+
+def _check_replaceable(out: Path) -> None:
+    """Re-running synth replaces its own earlier output, never a folder of someone else's."""
+    if out.is_file():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            desc = json.loads((out / "dataset_description.json").read_text())
+            ours = any(g.get("Name") == "brainlm.data.synthetic" for g in desc["GeneratedBy"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            ours = False
+        if not ours:
+            raise ConfigError(f"--out {out} exists and is not a brainlm synthetic dataset; "
+                              "refusing to replace it (choose an empty or new folder)")
+
+
+def _write_dataset(cohort, atlas, out: Path, tr: float, voxel_size: float, dtype: str,
+                   voxel_noise: float) -> np.ndarray:
+    signals = cohort.signals
+    n_sub, n_parcels, n_time = signals.shape
 
     labels, affine = coarse_grid(atlas, voxel_size)
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))
@@ -419,11 +447,7 @@ def write_bids(cohort: SyntheticCohort, atlas, out_dir, tr: float | None = None,
     vox, lab = vox[known], lab[known]
     parcel_of_vox = np.searchsorted(atlas.label_values, lab)
     missing = np.setdiff1d(atlas.label_values, lab)
-    if missing.size:
-        warnings.warn(f"{missing.size} parcel(s) have no voxel on the {voxel_size} mm grid: "
-                      f"{missing.tolist()}", stacklevel=2)
 
-    paths = []
     for i in range(n_sub):
         pid = str(cohort.participants["participant_id"].iloc[i])
         func = out / pid / "func"
@@ -449,7 +473,6 @@ def write_bids(cohort: SyntheticCohort, atlas, out_dir, tr: float | None = None,
             {"RepetitionTime": tr, "TaskName": "rest",
              "Description": "synthetic BOLD painted onto atlas parcels (brainlm.data.synthetic)"},
             indent=2) + "\n")
-        paths.append(path)
 
     _atomic_write_text(out / "participants.tsv",
                        cohort.participants.to_csv(sep="\t", index=False, lineterminator="\n"))
@@ -469,4 +492,4 @@ def write_bids(cohort: SyntheticCohort, atlas, out_dir, tr: float | None = None,
         else [],
     }
     _atomic_write_text(out / "ground_truth.json", json.dumps(truth, indent=2) + "\n")
-    return paths
+    return missing

@@ -119,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("embed", help="embeddings (CLS and mean) of every recording to parquet",
+                       description="Works with our pretrained folders and with upstream's "
+                       "released ViTMAE weights (vitmae_111M / vitmae_650M folders).")
+    p.add_argument("--model", required=True, help="pretrained folder (config.json + weights)")
+    p.add_argument("--data", required=True, help="store folder")
+    p.add_argument("--out", required=True, help="output .parquet")
+    p.add_argument("--split", default=None, choices=("train", "val", "test"))
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--window", type=_positive_int, default=None,
+                   help="window of released ViTMAE weights (default 200); ours know theirs")
     return parser
 
 
@@ -193,6 +204,16 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+def _cmd_embed(args) -> int:
+    from .analysis.embeddings import export_embeddings
+
+    _quiet_transformers()
+    out = export_embeddings(args.model, args.data, args.out, args.split, args.batch_size,
+                            args.window)
+    print(f"brainlm embed: {args.model} -> {out}")
+    return 0
+
+
 def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
@@ -215,7 +236,7 @@ def main(argv=None) -> int:
     warnings.showwarning = _show_warning
     try:
         commands = {"synth": _cmd_synth, "preprocess": _cmd_preprocess,
-                    "pretrain": _cmd_pretrain}
+                    "pretrain": _cmd_pretrain, "embed": _cmd_embed}
         return commands[args.command](args)
     except BrainLMError as exc:
         print(f"error: {exc}", file=sys.stderr)

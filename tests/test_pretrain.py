@@ -185,3 +185,39 @@ def test_bad_pretrain_settings(store, tmp_path):
     res = _run(["--data", str(store), "--out", str(tmp_path / "x"), "--mask-ratio", "1.5",
                 "--window", "40", "--patch-size", "10"])
     assert res.returncode == 2 and "mask ratio 1.5" in res.stderr
+
+
+def test_embed_cli_with_our_model_and_with_released_weights(store, tmp_path):
+    from transformers import ViTMAEConfig
+
+    from brainlm.model.legacy import save_random_released
+
+    ours = tmp_path / "ours"
+    assert _run(["--data", str(store), "--out", str(ours), "--max-steps", "2"] + COMMON
+                ).returncode == 0
+    released = tmp_path / "released"
+    save_random_released(released, ViTMAEConfig(
+        image_size=48, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, decoder_hidden_size=32, decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2, decoder_intermediate_size=64))
+    tables = {}
+    for name, extra in (("ours", []), ("released", ["--window", "40"])):
+        out = tmp_path / f"{name}.parquet"
+        res = subprocess.run([sys.executable, "-m", "brainlm.cli", "embed", "--model",
+                              str(tmp_path / name), "--data", str(store), "--out", str(out)]
+                             + extra, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        tables[name] = pd.read_parquet(out)
+    for name, width in (("ours", 64), ("released", 32)):
+        t = tables[name]
+        assert len(t) == 10 and t["recording_id"].is_unique
+        assert {f"cls_{width - 1}", f"mean_{width - 1}"} <= set(t.columns)
+        assert f"cls_{width}" not in t.columns
+        values = t.filter(regex="^(cls|mean)_").to_numpy()
+        assert np.isfinite(values).all() and values.std(axis=0).max() > 0
+        assert (t["n_windows"] == T // 40).all()
+    res = subprocess.run([sys.executable, "-m", "brainlm.cli", "embed", "--model",
+                          str(tmp_path / "released"), "--data", str(store), "--out",
+                          str(tmp_path / "x.parquet")], capture_output=True, text=True)
+    assert res.returncode == 2  # the default 200-timepoint window does not fit this canvas
+    assert "nor large enough for a 12 x 200 window" in res.stderr

@@ -10,6 +10,8 @@ runs in its own process so its peak memory (max RSS) is its own. Methods:
   nilearn       NiftiLabelsMasker(labels_img=A424) with its defaults
   nilearn-labels  NiftiLabelsMasker(resampling_target="labels") (our reference engine)
   fast          brainlm's streaming sparse operator (extract_fast), first call in the process
+  recording     the whole per-recording path of `brainlm preprocess` (parcellate_recording):
+                sha256 of the file, fast extraction, cleaning, TR resampling; no cache
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = ["floor-gzip", "floor-isal", "fast", "nilearn", "nilearn-labels"]
+METHODS = ["floor-gzip", "floor-isal", "fast", "recording", "nilearn", "nilearn-labels"]
 
 
 def make_recording(path: Path, atlas, n_t: int, seed: int = 0) -> None:
@@ -82,6 +84,13 @@ def run_method(method: str, path: Path, atlas_spec: str) -> dict:
 
         signals, _ = extract_fast(read_nifti_info(path), atlas)
         np.save(path.with_name("fast.npy"), signals)
+    elif method == "recording":
+        from brainlm.data.ingest import Recording
+        from brainlm.data.parcellate import ParcellationSettings, parcellate_recording
+
+        result = parcellate_recording(Recording(path=path, subject="sub-bench"), atlas,
+                                      ParcellationSettings(min_timepoints=1), cache_dir=None)
+        assert result.signals.shape[0] == atlas.n_parcels
     elif method.startswith("nilearn"):
         import warnings
 

@@ -120,6 +120,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
 
+    p = sub.add_parser("finetune", help="fine-tune on a phenotype or forecasting",
+                       description="Regression/classification of subject variables (linear "
+                       "probe or full fine-tuning) or forecasting, on the store's splits.")
+    p.add_argument("--model", required=True, help="pretrained folder (ours or released ViTMAE)")
+    p.add_argument("--data", required=True, help="store folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--target", default=None, help="phenotype column (participants.tsv)")
+    p.add_argument("--task", default="regression",
+                   choices=("regression", "classification", "forecast"))
+    p.add_argument("--mode", default="probe", choices=("probe", "full"))
+    p.add_argument("--pooling", default="cls", choices=("cls", "mean"))
+    p.add_argument("--epochs", type=_positive_int, default=30)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--layer-decay", type=_positive_float, default=0.75)
+    p.add_argument("--head-dropout", type=float, default=0.0)
+    p.add_argument("--patience", type=_positive_int, default=5)
+    p.add_argument("--horizon", type=_positive_int, default=20, help="forecast: timepoints")
+    p.add_argument("--windows-per-recording", type=_positive_int, default=4)
+    p.add_argument("--window", type=_positive_int, default=None,
+                   help="window of released ViTMAE weights (default 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
     p = sub.add_parser("embed", help="embeddings (CLS and mean) of every recording to parquet",
                        description="Works with our pretrained folders and with upstream's "
                        "released ViTMAE weights (vitmae_111M / vitmae_650M folders).")
@@ -204,6 +229,25 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+def _cmd_finetune(args) -> int:
+    from pathlib import Path
+
+    from .train.finetune import FinetuneConfig, finetune
+
+    _quiet_transformers()
+    cfg = FinetuneConfig(
+        model=Path(args.model), data=Path(args.data), out=Path(args.out), target=args.target,
+        task=args.task, mode=args.mode, pooling=args.pooling, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        layer_decay=args.layer_decay, head_dropout=args.head_dropout, patience=args.patience,
+        horizon=args.horizon, windows_per_recording=args.windows_per_recording,
+        window=args.window, seed=args.seed, device=args.device)
+    meta = finetune(cfg)
+    print(f"brainlm finetune: {args.task} {args.target or ''} ({args.mode}), "
+          f"{meta['epochs_run']} epochs, best val loss {meta['best_val_loss']:.4f} -> {args.out}")
+    return 0
+
+
 def _cmd_embed(args) -> int:
     from .analysis.embeddings import export_embeddings
 
@@ -236,7 +280,7 @@ def main(argv=None) -> int:
     warnings.showwarning = _show_warning
     try:
         commands = {"synth": _cmd_synth, "preprocess": _cmd_preprocess,
-                    "pretrain": _cmd_pretrain, "embed": _cmd_embed}
+                    "pretrain": _cmd_pretrain, "finetune": _cmd_finetune, "embed": _cmd_embed}
         return commands[args.command](args)
     except BrainLMError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,0 +1,128 @@
+"""Fine-tuning: probe and full, classification, forecasting, honest splits, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from brainlm.cli import main
+from brainlm.data.parcellate import ParcellationSettings
+from brainlm.data.pipeline import PreprocessConfig, run_preprocess
+from brainlm.data.store import BrainStore
+from brainlm.errors import ConfigError
+from brainlm.model.config import BrainLMConfig
+from brainlm.model.modeling import BrainLMForPretraining
+from brainlm.train.finetune import FinetuneConfig, finetune, layer_groups
+
+P, T = 10, 120
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """20 subjects whose parcel-0 amplitude grows with age; an untrained tiny model."""
+    root = tmp_path_factory.mktemp("ft")
+    raw = root / "raw"
+    raw.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(20):
+        age = rng.uniform(20, 80)
+        x = rng.standard_normal((T, P))
+        x[:, 0] *= 0.5 + age / 40
+        np.save(raw / f"sub-{i:02d}_task-rest_timeseries.npy", 100 + x)
+        rows.append({"participant_id": f"sub-{i:02d}", "age": round(age, 1),
+                     "group": "old" if age > 50 else "young"})
+    pd.DataFrame(rows).to_csv(raw / "participants.tsv", sep="\t", index=False)
+    pd.DataFrame(rng.uniform(-60, 60, (P, 3)), columns=["x", "y", "z"]).to_csv(
+        root / "coords.tsv", sep="\t", index=False)
+    run_preprocess(PreprocessConfig(
+        inputs=[raw], out=root / "store", coords=root / "coords.tsv", input_tr=0.735,
+        progress=False, cache_dir=root / "cache",
+        settings=ParcellationSettings(min_timepoints=40, standardize="none", detrend=False)))
+    store = BrainStore(root / "store")
+    torch.manual_seed(0)
+    model = BrainLMForPretraining(BrainLMConfig.from_preset("tiny", window=40, patch_size=10))
+    model.config.parcel_coords = store.coords.tolist()
+    model.config.atlas_hash = store.meta["atlas_hash"]
+    model.save_pretrained(root / "model")
+    return root
+
+
+def _cfg(root, out, **kw):
+    base = dict(model=root / "model", data=root / "store", out=out, target="age", epochs=3,
+                batch_size=8, progress=False)
+    return FinetuneConfig(**{**base, **kw})
+
+
+def test_probe_regression_predicts_val_and_test_only(setup, tmp_path):
+    meta = finetune(_cfg(setup, tmp_path / "probe"))
+    preds = pd.read_parquet(tmp_path / "probe" / "predictions.parquet")
+    store = BrainStore(setup / "store")
+    train = set(store.recordings("train")["subject"])
+    assert set(preds["split"]) == {"val", "test"}
+    assert not train & set(preds["subject"])  # nothing trained on is predicted (or scored)
+    assert np.isfinite(preds["y_pred"]).all()
+    assert meta["epochs_run"] <= 3 and np.isfinite(meta["best_val_loss"])
+    saved = json.loads((tmp_path / "probe" / "finetune.json").read_text())
+    assert saved["target_mean"] == pytest.approx(
+        store.recordings("train")["age"].mean(), rel=1e-6)
+
+
+def test_probe_leaves_the_encoder_untouched_full_mode_changes_it(setup, tmp_path):
+    from safetensors.torch import load_file
+
+    finetune(_cfg(setup, tmp_path / "p"))
+    assert set(load_file(tmp_path / "p" / "finetuned.safetensors")) == {"head.linear.weight",
+                                                                        "head.linear.bias"}
+    finetune(_cfg(setup, tmp_path / "f", mode="full", epochs=1, windows_per_recording=1))
+    state = load_file(tmp_path / "f" / "finetuned.safetensors")
+    original = load_file(setup / "model" / "model.safetensors")
+    key = "encoder.blocks.0.attn.qkv.weight"
+    assert not torch.equal(state[f"encoder.{key}"], original[key])
+
+
+def test_layer_decay_orders_learning_rates(setup):
+    model = BrainLMForPretraining.from_pretrained(setup / "model")
+    head = torch.nn.Linear(64, 1)
+    groups = layer_groups(model, head, lr=1.0, decay=0.5, weight_decay=0.05)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    emb = lr_of[id(model.patch_embed.weight)]
+    first = lr_of[id(model.encoder.blocks[0].attn.qkv.weight)]
+    last = lr_of[id(model.encoder.blocks[-1].attn.qkv.weight)]
+    assert emb < first < last < lr_of[id(head.weight)] == 1.0
+    assert last == pytest.approx(0.5 * lr_of[id(model.encoder.norm.weight)])
+    assert id(model.decoder_pred.weight) not in lr_of  # the decoder is not fine-tuned
+
+
+def test_classification_writes_probabilities(setup, tmp_path):
+    finetune(_cfg(setup, tmp_path / "c", target="group", task="classification"))
+    preds = pd.read_parquet(tmp_path / "c" / "predictions.parquet")
+    proba = preds[["proba_old", "proba_young"]].to_numpy()
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+    assert set(preds["y_pred"]) <= {"old", "young"}
+
+
+def test_forecast_head_predicts_every_parcel(setup, tmp_path):
+    assert main(["finetune", "--model", str(setup / "model"), "--data", str(setup / "store"),
+                 "--out", str(tmp_path / "fc"), "--task", "forecast", "--horizon", "10",
+                 "--epochs", "2", "--batch-size", "8"]) == 0
+    arrays = np.load(tmp_path / "fc" / "forecast.npz")
+    assert arrays["test_pred"].shape == arrays["test_true"].shape
+    assert arrays["test_pred"].shape[1:] == (P, 10)
+    assert len(arrays["test_subject"]) == arrays["test_pred"].shape[0]
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"target": "height"}, "no column 'height'"),
+    ({"target": "group", "task": "regression"}, "not numeric"),
+    ({"task": "forecast", "horizon": 15}, "multiple of the patch size"),
+    ({"layer_decay": 1.5}, "layer_decay"),
+    ({"task": "segmentation"}, "must be one of"),
+])
+def test_bad_finetune_settings(setup, tmp_path, kw, message):
+    with pytest.raises(ConfigError, match=message):
+        finetune(_cfg(setup, tmp_path / "x", **kw))

@@ -145,6 +145,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
 
+    p = sub.add_parser("evaluate", help="score a fine-tuning run beside baselines",
+                       description="Test-split metrics with subject-level bootstrap CIs, beside "
+                       "FC + linear, raw-ROI MLP (or persistence, parcel mean, linear AR for "
+                       "forecasting) fitted on the same training recordings.")
+    p.add_argument("--run", required=True, help="output folder of brainlm finetune")
+    p.add_argument("--out", default=None, help="default: RUN/evaluation")
+    p.add_argument("--n-boot", type=_positive_int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("analyze", help="zero-shot: functional networks and reconstruction",
+                       description="Cluster parcels from the model's representations and from "
+                       "raw FC (ARI against ground truth when given), and reconstruct a "
+                       "recording with rotating masks (every patch masked exactly once).")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="store folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--networks", type=_positive_int, default=7, help="number of clusters")
+    p.add_argument("--truth", default=None, help="ground_truth.json of brainlm synth "
+                   "(its 'modules'), or a TSV with one network label per parcel")
+    p.add_argument("--max-windows", type=_positive_int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("perturb", help="in-silico perturbation of parcels in a recording",
+                       description="Scale, shift or clamp some parcels over a time range and "
+                       "map the model's predicted change in every parcel.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="store folder")
+    p.add_argument("--recording", required=True, help="recording_id in the manifest")
+    p.add_argument("--parcels", required=True,
+                   help="comma-separated atlas labels (or names) of the parcels to perturb")
+    p.add_argument("--mode", default="shift", choices=("scale", "shift", "clamp"))
+    p.add_argument("--value", type=float, default=1.0)
+    p.add_argument("--start", type=int, default=0, help="first timepoint")
+    p.add_argument("--stop", type=int, default=None, help="timepoint after the last")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("embed", help="embeddings (CLS and mean) of every recording to parquet",
                        description="Works with our pretrained folders and with upstream's "
                        "released ViTMAE weights (vitmae_111M / vitmae_650M folders).")
@@ -248,6 +286,31 @@ def _cmd_finetune(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_run
+
+    result = evaluate_run(args.run, args.out, n_boot=args.n_boot, seed=args.seed)
+    print(result["table"])
+    print(f"brainlm evaluate: {result['paths']['markdown']}")
+    return 0
+
+
+def _cmd_analyze(args) -> int:
+    from .analysis.cli import analyze
+
+    _quiet_transformers()
+    print(analyze(args))
+    return 0
+
+
+def _cmd_perturb(args) -> int:
+    from .analysis.cli import perturb
+
+    _quiet_transformers()
+    print(perturb(args))
+    return 0
+
+
 def _cmd_embed(args) -> int:
     from .analysis.embeddings import export_embeddings
 
@@ -280,7 +343,9 @@ def main(argv=None) -> int:
     warnings.showwarning = _show_warning
     try:
         commands = {"synth": _cmd_synth, "preprocess": _cmd_preprocess,
-                    "pretrain": _cmd_pretrain, "finetune": _cmd_finetune, "embed": _cmd_embed}
+                    "pretrain": _cmd_pretrain, "finetune": _cmd_finetune,
+                    "evaluate": _cmd_evaluate, "analyze": _cmd_analyze, "perturb": _cmd_perturb,
+                    "embed": _cmd_embed}
         return commands[args.command](args)
     except BrainLMError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -126,3 +126,55 @@ def test_forecast_head_predicts_every_parcel(setup, tmp_path):
 def test_bad_finetune_settings(setup, tmp_path, kw, message):
     with pytest.raises(ConfigError, match=message):
         finetune(_cfg(setup, tmp_path / "x", **kw))
+
+
+def test_evaluate_scores_model_and_baselines_on_the_same_test_subjects(setup, tmp_path, capsys):
+    run = tmp_path / "run"
+    finetune(_cfg(setup, run))
+    assert main(["evaluate", "--run", str(run), "--n-boot", "200"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((run / "evaluation" / "results.json").read_text())
+    methods = {r["method"] for r in results}
+    assert methods == {"brainlm", "fc_linear", "raw_roi_mlp"}
+    test_subjects = BrainStore(setup / "store").recordings("test")["subject"].nunique()
+    for r in results:
+        assert r["n_subjects"] == test_subjects  # every method on exactly the test subjects
+        if r["value"] is not None:
+            assert r["low"] <= r["value"] <= r["high"]
+    assert {r["metric"] for r in results} == {"r2", "mae", "pearson_r"}
+    assert "fc_linear" in printed and (run / "evaluation" / "comparison.png").stat().st_size > 0
+    assert (run / "evaluation" / "results.md").read_text().count("|") > 10
+
+
+def test_evaluate_classification_and_forecast_runs(setup, tmp_path):
+    finetune(_cfg(setup, tmp_path / "c", target="group", task="classification"))
+    assert main(["evaluate", "--run", str(tmp_path / "c"), "--n-boot", "100"]) == 0
+    rows = json.loads((tmp_path / "c" / "evaluation" / "results.json").read_text())
+    assert {r["metric"] for r in rows} == {"accuracy", "balanced_accuracy", "roc_auc"}
+    finetune(_cfg(setup, tmp_path / "f", task="forecast", target=None, horizon=10, epochs=2))
+    assert main(["evaluate", "--run", str(tmp_path / "f"), "--n-boot", "100"]) == 0
+    rows = json.loads((tmp_path / "f" / "evaluation" / "results.json").read_text())
+    assert {r["method"] for r in rows} == {"brainlm", "persistence", "parcel_mean", "linear_ar"}
+    assert (tmp_path / "f" / "evaluation" / "forecast_r2.png").is_file()
+
+
+def test_analyze_and_perturb_commands(setup, tmp_path, capsys):
+    truth = tmp_path / "networks.tsv"
+    pd.DataFrame({"network": np.arange(P) % 3}).to_csv(truth, sep="\t", index=False)
+    assert main(["analyze", "--model", str(setup / "model"), "--data", str(setup / "store"),
+                 "--out", str(tmp_path / "a"), "--networks", "3", "--truth", str(truth)]) == 0
+    summary = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    assert np.isfinite(summary["networks"]["ari_model"]) and np.isfinite(
+        summary["networks"]["ari_fc"])
+    assert len(summary["networks"]["labels_model"]) == P
+    assert (tmp_path / "a" / "reconstruction.png").is_file()
+    rec = BrainStore(setup / "store").recordings("test").iloc[0]["recording_id"]
+    assert main(["perturb", "--model", str(setup / "model"), "--data", str(setup / "store"),
+                 "--recording", rec, "--parcels", "1,2", "--mode", "shift", "--value", "2",
+                 "--start", "40", "--stop", "80", "--out", str(tmp_path / "p")]) == 0
+    effect = np.load(tmp_path / "p" / "effect.npy")
+    assert effect.shape == (P, T) and np.isfinite(effect).all()
+    assert np.abs(effect[:, 40:80]).sum() > 0
+    assert main(["perturb", "--model", str(setup / "model"), "--data", str(setup / "store"),
+                 "--recording", "sub-nobody", "--parcels", "1", "--out", str(tmp_path / "q")]) == 2
+    assert "no kept recording 'sub-nobody'" in capsys.readouterr().err

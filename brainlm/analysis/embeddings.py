@@ -13,7 +13,7 @@ def embed_store(model, store, split: str | None = None, batch_size: int = 16, de
     import torch
 
     from ..data.store import WindowDataset
-    from ..model import window_length
+    from ..model import embed_windows, window_length
 
     window = window_length(model)
     coords = torch.as_tensor(store.coords, device=device)
@@ -28,7 +28,7 @@ def embed_store(model, store, split: str | None = None, batch_size: int = 16, de
             for start in range(0, len(ds), batch_size):
                 items = [ds[i] for i in range(start, min(len(ds), start + batch_size))]
                 x = torch.stack([torch.from_numpy(it["signal"]) for it in items]).to(device)
-                emb = (model.embed(x) if hasattr(model, "layout") else model.embed(x, coords))
+                emb = embed_windows(model, x, coords)
                 for j, it in enumerate(items):
                     acc = sums.setdefault(it["recording"], [0, 0.0, 0.0])
                     acc[0] += 1

@@ -34,8 +34,16 @@ def load_model(path, coords=None, n_time: int | None = None):
     raise ConfigError(f"{path}: model_type {model_type!r} is neither 'brainlm' nor 'vit_mae'")
 
 
+def is_released(model) -> bool:
+    """Family B (`ReleasedBrainLM`) models carry a canvas layout; ours do not."""
+    return hasattr(model, "layout")
+
+
 def window_length(model) -> int:
     """Timepoints per window the model expects."""
-    if hasattr(model, "layout"):
-        return int(model.layout.n_time)
-    return int(model.config.window)
+    return int(model.layout.n_time) if is_released(model) else int(model.config.window)
+
+
+def embed_windows(model, x, coords) -> dict:
+    """{"cls", "mean"} of windows [B, P, T] for either family (ours takes the coordinates)."""
+    return model.embed(x) if is_released(model) else model.embed(x, coords)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..model import embed_windows, is_released
 
 TASKS = ("regression", "classification", "forecast")
 
@@ -116,8 +117,7 @@ class ForecastHead(nn.Module):
 
 
 def embed(model, x: torch.Tensor, coords: torch.Tensor, pooling: str) -> torch.Tensor:
-    out = model.embed(x) if hasattr(model, "layout") else model.embed(x, coords)
-    return out[pooling]
+    return embed_windows(model, x, coords)[pooling]
 
 
 def layer_groups(model, head: nn.Module, lr: float, decay: float, weight_decay: float):
@@ -205,7 +205,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         mu, sd = float(yt.mean()), float(yt.std() or 1.0)
         targets = {s: (y[s].astype(np.float64) - mu) / sd for s in y}
         n_out = 1
-    width = model.hidden_size if hasattr(model, "layout") else model.config.hidden_size
+    width = model.hidden_size if is_released(model) else model.config.hidden_size
     head = Head(width, n_out, cfg.head_dropout).to(device)
     loss_fn = nn.CrossEntropyLoss() if classes else nn.MSELoss()
 
@@ -362,7 +362,7 @@ def _write_outputs(cfg, model, head, splits, preds, classes, mu, sd, meta):
 
 def _finetune_forecast(cfg, model, store, splits, window, coords, device, rng) -> dict:
     """Observe window - horizon timepoints, predict the last `horizon` of every parcel."""
-    if hasattr(model, "layout"):
+    if is_released(model):
         raise ConfigError("the forecasting head needs a BrainLM (Family A) model; released "
                           "ViTMAE weights can forecast through their decoder instead")
     ps = model.config.patch_size

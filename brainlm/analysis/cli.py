@@ -1,0 +1,110 @@
+"""What `brainlm analyze` and `brainlm perturb` do with a model folder and a store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError
+
+
+def _load(model_path, store_path):
+    from ..data.store import BrainStore
+    from ..model import load_model
+
+    store = BrainStore(store_path)
+    return load_model(model_path, coords=store.coords), store
+
+
+def _truth(path, store) -> np.ndarray | None:
+    """Network label per parcel: brainlm synth's ground_truth.json, or a one-column table."""
+    if path is None:
+        return None
+    path = Path(path)
+    try:
+        if path.suffix == ".json":
+            truth = json.loads(path.read_text())
+            labels = dict(zip(truth["parcel_labels"], truth["modules"]))
+            return np.array([labels[int(v)] for v in store.parcels["label"]])
+        import pandas as pd
+
+        column = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",").iloc[:, -1]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{path}: cannot read network labels ({exc})") from None
+    if len(column) != store.n_parcels or column.isna().any():
+        raise ConfigError(f"{path}: needs one network label per parcel ({store.n_parcels}), "
+                          f"got {len(column)} rows ({int(column.isna().sum())} empty)")
+    return column.astype(str).to_numpy()
+
+
+def analyze(args) -> str:
+    """Networks from representations vs raw FC, and one recording reconstructed."""
+    import torch
+
+    from ..data.store import WindowDataset
+    from ..fileio import write_bytes_atomic
+    from ..model import window_length
+    from .networks import identify_networks
+    from .reconstruction import plot_reconstruction, reconstruct_recording
+
+    model, store = _load(args.model, args.data)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    window = window_length(model)
+    ds = WindowDataset(store, args.split, window=window, mode="sliding", stride=window)
+    n = min(len(ds), args.max_windows)
+    windows = np.stack([ds[i]["signal"] for i in range(n)])
+    truth = _truth(args.truth, store)
+    coords = torch.as_tensor(store.coords)
+    nets = identify_networks(model, windows, coords, k=args.networks, truth=truth, seed=args.seed)
+    row = store.recordings(args.split).iloc[0]
+    rec = reconstruct_recording(model, np.asarray(store.load(row)), coords, seed=args.seed)
+    names = store.parcels["name"].tolist()
+    plot_reconstruction(np.asarray(store.load(row)), rec.recon, out / "reconstruction.png",
+                        names=names)
+    summary = {"networks": {"k": nets["k"], "n_windows": nets["n_windows"],
+                            "ari_model": nets["model"]["ari"], "ari_fc": nets["fc"]["ari"],
+                            "labels_model": nets["model"]["labels"].tolist(),
+                            "labels_fc": nets["fc"]["labels"].tolist()},
+               "reconstruction": {"recording_id": row["recording_id"],
+                                  "r2_mean": float(np.nanmean(rec.r2))}}
+    write_bytes_atomic(out / "analysis.json", json.dumps(summary, indent=2).encode())
+    ari = ("" if truth is None else f", ARI model {nets['model']['ari']:.3f} vs raw FC "
+           f"{nets['fc']['ari']:.3f}")
+    return (f"brainlm analyze: {nets['k']} networks from {n} windows{ari}; "
+            f"{row['recording_id']} reconstructed with rotating masks, mean R^2 "
+            f"{summary['reconstruction']['r2_mean']:.3f} -> {out}")
+
+
+def perturb(args) -> str:
+    import torch
+
+    from .perturbation import effect_summary, perturb_recording, save_effect
+
+    model, store = _load(args.model, args.data)
+    rows = store.recordings()
+    match = rows[rows["recording_id"] == args.recording]
+    if match.empty:
+        raise ConfigError(f"{args.data}: no kept recording '{args.recording}' (e.g. "
+                          f"{', '.join(rows['recording_id'].head(3))})")
+    x = np.asarray(store.load(match.iloc[0]))
+    labels = [str(v) for v in store.parcels["label"]]
+    names = store.parcels["name"].astype(str).tolist()
+    parcels = []
+    for item in (p.strip() for p in args.parcels.split(",") if p.strip()):
+        if item in labels:
+            parcels.append(labels.index(item))
+        elif item in names:
+            parcels.append(names.index(item))
+        else:
+            raise ConfigError(f"parcel '{item}' is neither an atlas label nor a parcel name")
+    stop = x.shape[1] if args.stop is None else args.stop
+    result = perturb_recording(model, x, torch.as_tensor(store.coords), parcels, args.mode,
+                               args.value, args.start, stop, seed=args.seed)
+    out = save_effect(result["effect"], args.out, parcels, names=names,
+                      time_range=(args.start, stop))
+    summary = effect_summary(result["effect"], parcels, time_range=(args.start, stop))
+    return (f"brainlm perturb: {args.mode} {args.value:g} on {len(parcels)} parcels over "
+            f"[{args.start}, {stop}); mean |effect| elsewhere {summary['others']:.4f} -> {out}")

@@ -1,0 +1,395 @@
+"""Evaluation: metrics against hand-computed values, subject-level bootstrap, baselines that
+recover planted effects, and the reports."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+from brainlm.errors import ConfigError
+from brainlm.evaluate import (
+    FCBaseline,
+    LinearAR,
+    RawROIMLP,
+    bootstrap_ci,
+    classification_metrics,
+    fc_features,
+    forecast_metrics,
+    metric_fn,
+    parcel_mean,
+    persistence,
+    plot_comparison,
+    plot_forecast,
+    regression_metrics,
+    results_table,
+    roi_block_features,
+    score_rows,
+    subject_split_check,
+    write_results,
+)
+
+
+def mae(t, p):
+    return float(np.mean(np.abs(t - p)))
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_regression_metrics_hand_values():
+    m = regression_metrics([1, 2, 3], [1, 2, 4])
+    assert m["r2"] == pytest.approx(0.5)  # SSE 1, SST 2
+    assert m["mae"] == pytest.approx(1 / 3)
+    assert m["pearson_r"] == pytest.approx(9 / math.sqrt(84))
+    assert all(type(v) is float for v in m.values())
+
+
+def test_regression_r2_negative_not_clipped():
+    m = regression_metrics([1, 2, 3], [3, 2, 1])  # SSE 8, SST 2
+    assert m["r2"] == pytest.approx(-3.0)
+    assert m["mae"] == pytest.approx(4 / 3)
+    assert m["pearson_r"] == pytest.approx(-1.0)
+
+
+def test_regression_constant_target_is_nan():
+    m = regression_metrics([2, 2, 2], [1, 2, 3])
+    assert math.isnan(m["r2"]) and math.isnan(m["pearson_r"])
+    assert m["mae"] == pytest.approx(2 / 3)
+
+
+def test_classification_binary_hand_values():
+    proba1 = np.array([0.1, 0.6, 0.4, 0.8])
+    m = classification_metrics([0, 0, 1, 1], np.column_stack([1 - proba1, proba1]))
+    assert m == pytest.approx({"accuracy": 0.5, "balanced_accuracy": 0.5, "roc_auc": 0.75})
+    # imbalanced: recall 2/3 and 1 -> balanced 5/6 while accuracy is 3/4
+    proba1 = np.array([0.2, 0.7, 0.3, 0.9])
+    m = classification_metrics([0, 0, 0, 1], np.column_stack([1 - proba1, proba1]))
+    assert m == pytest.approx({"accuracy": 0.75, "balanced_accuracy": 5 / 6, "roc_auc": 1.0})
+
+
+def test_classification_one_class_auc_is_nan():
+    proba = np.array([[0.3, 0.7], [0.6, 0.4], [0.2, 0.8]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = classification_metrics([1, 1, 1], proba)
+    assert math.isnan(m["roc_auc"])
+    assert m["accuracy"] == pytest.approx(2 / 3)
+    assert m["balanced_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_classification_multiclass_matches_sklearn_and_labels():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1, 2] * 10)
+    proba = rng.dirichlet(np.ones(3), size=30)
+    proba[np.arange(30), y] += 0.3
+    proba /= proba.sum(1, keepdims=True)
+    m = classification_metrics(y, proba)
+    assert m["roc_auc"] == pytest.approx(roc_auc_score(y, proba, multi_class="ovr"))
+    labels = np.array(["a", "b", "c"])
+    m2 = classification_metrics(labels[y], proba, classes=labels)
+    assert m2 == pytest.approx(m)
+    with pytest.raises(ConfigError, match="classes"):
+        classification_metrics(labels[y], proba)
+
+
+def test_forecast_metrics_hand_values():
+    y = np.zeros((2, 2, 2))
+    p = np.zeros((2, 2, 2))
+    y[:, 0, 0], p[:, 0, 0] = [0, 2], [1, 1]  # R^2 0
+    y[:, 1, 0], p[:, 1, 0] = [5, 5], [4, 6]  # constant target: left out of the mean
+    y[:, 0, 1], p[:, 0, 1] = [0, 2], [0, 2]  # R^2 1
+    y[:, 1, 1], p[:, 1, 1] = [1, 3], [2, 2]  # R^2 0
+    m = forecast_metrics(y, p)
+    assert m["r2_by_horizon"] == pytest.approx([0.0, 0.5])
+    assert m["mse"] == pytest.approx((1 + 1 + 1 + 1 + 1 + 1) / 8)
+    with pytest.raises(ConfigError):
+        forecast_metrics(y[:, :, 0], p[:, :, 0])
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+def _one_big_subject():
+    """Subject 0: 50 rows with error 10; subjects 1-9: one row each with error 0."""
+    y_true = np.r_[np.full(50, 10.0), np.zeros(9)]
+    subjects = np.r_[np.zeros(50, int), np.arange(1, 10)]
+    return y_true, np.zeros_like(y_true), subjects
+
+
+def test_bootstrap_resamples_subjects_not_rows():
+    y_true, y_pred, subjects = _one_big_subject()
+    by_subject = bootstrap_ci(mae, y_true, y_pred, subjects, n_boot=500)
+    by_row = bootstrap_ci(mae, y_true, y_pred, np.arange(len(y_true)), n_boot=500)
+    assert by_subject["value"] == by_row["value"] == pytest.approx(500 / 59)
+    # P(subject 0 never drawn) = 0.9 ** 10 = 0.35, so error 0 is inside the subject CI
+    assert by_subject["low"] == 0.0
+    width_subject = by_subject["high"] - by_subject["low"]
+    width_row = by_row["high"] - by_row["low"]
+    assert width_subject > 4 * width_row
+
+
+def test_bootstrap_deterministic_per_seed():
+    rng = np.random.default_rng(0)
+    y_true, y_pred, subjects = rng.normal(size=30), np.zeros(30), np.repeat(np.arange(10), 3)
+    a = bootstrap_ci(mae, y_true, y_pred, subjects, n_boot=200, seed=3)
+    b = bootstrap_ci(mae, y_true, y_pred, subjects, n_boot=200, seed=3)
+    c = bootstrap_ci(mae, y_true, y_pred, subjects, n_boot=200, seed=4)
+    assert a == b
+    assert (a["low"], a["high"]) != (c["low"], c["high"])
+
+
+def test_bootstrap_ci_contains_point_estimate():
+    rng = np.random.default_rng(1)
+    r2 = metric_fn("regression", "r2")
+    for _ in range(5):
+        subjects = rng.integers(0, 12, 40)
+        y = rng.normal(size=40)
+        pred = y + rng.normal(scale=rng.uniform(0.3, 2), size=40)
+        ci = bootstrap_ci(r2, y, pred, subjects, n_boot=200, seed=int(rng.integers(100)))
+        assert ci["low"] <= ci["value"] <= ci["high"]
+        assert not ci["widened"]
+
+
+def test_bootstrap_widens_when_percentiles_miss_the_value():
+    # distinct subjects in a resample are ~63 % of all, so every resample is below the value
+    subjects = np.arange(20)
+    ci = bootstrap_ci(lambda t, p: float(len(np.unique(t))), subjects, subjects, subjects,
+                      n_boot=100)
+    assert ci["value"] == 20 and ci["high"] == 20 and ci["low"] < 20 and ci["widened"]
+
+
+def test_bootstrap_skips_nan_resamples():
+    y = np.array([0, 1, 0, 1])
+    proba = np.column_stack([1 - np.array([0.2, 0.8, 0.3, 0.7]), [0.2, 0.8, 0.3, 0.7]])
+    subjects = np.array(["a", "b", "c", "d"])  # one class drawn in ~1/8 of resamples
+    auc = metric_fn("classification", "roc_auc")
+    ci = bootstrap_ci(auc, y, proba, subjects, n_boot=200)
+    assert 0 < ci["n_skipped"] < 200 and ci["n_boot"] == 200 - ci["n_skipped"]
+    assert ci["value"] == 1.0 and ci["low"] == ci["high"] == 1.0
+
+
+def test_bootstrap_forecast_3d():
+    rng = np.random.default_rng(2)
+    y = rng.normal(size=(30, 4, 5))
+    pred = 0.7 * y + rng.normal(scale=0.5, size=y.shape)
+    subjects = np.repeat(np.arange(10), 3)
+    for name in ("mse", "r2"):
+        ci = bootstrap_ci(metric_fn("forecast", name), y, pred, subjects, n_boot=100)
+        assert np.isfinite([ci["value"], ci["low"], ci["high"]]).all()
+        assert ci["low"] <= ci["value"] <= ci["high"] and ci["high"] > ci["low"]
+    with pytest.raises(ConfigError, match="groups"):
+        bootstrap_ci(mae, y, pred, subjects[:-1])
+
+
+def test_score_rows_one_row_per_metric():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 40)
+    proba1 = np.clip(0.5 + 0.3 * (y - 0.5) + rng.normal(scale=0.2, size=40), 0, 1)
+    rows = score_rows("classification", "sex", "brainlm", y, np.column_stack([1 - proba1,
+                      proba1]), np.repeat(np.arange(20), 2), n_boot=50)
+    assert [r["metric"] for r in rows] == ["accuracy", "balanced_accuracy", "roc_auc"]
+    assert all(r["n_subjects"] == 20 and r["low"] <= r["value"] <= r["high"] for r in rows)
+
+
+def test_subject_split_check():
+    subject_split_check(["sub-01", "sub-02"], ["sub-03"])
+    with pytest.raises(ConfigError, match="sub-02.*sub-05|sub-05.*sub-02") as e:
+        subject_split_check(["sub-01", "sub-02", "sub-05"], ["sub-05", "sub-02", "sub-09"])
+    assert "sub-01" not in str(e.value) and "sub-09" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- features
+
+def test_fc_features_match_manual():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(4, 50))
+    x[1] += x[0]
+    expected = np.arctanh(np.corrcoef(x)[np.triu_indices(4, k=1)])
+    np.testing.assert_allclose(fc_features(x), expected, rtol=1e-6)
+    assert fc_features(rng.normal(size=(12, 30))).shape == (66,)
+
+
+def test_fc_features_constant_parcel_is_zero():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3, 40))
+    x[2] = 1.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f = fc_features(x)
+    assert np.isfinite(f).all()
+    assert f[1] == 0 and f[2] == 0  # pairs (0, 2) and (1, 2)
+    assert np.isfinite(fc_features(np.tile([[0.0, 1.0]], (2, 5)))).all()  # r = 1 is clipped
+
+
+def test_roi_block_features():
+    x = np.arange(2 * 240, dtype=float).reshape(2, 240)
+    f = roi_block_features(x, block=20, window=200)
+    assert f.shape == (2 * 10,)
+    assert f[0] == pytest.approx(9.5) and f[10] == pytest.approx(240 + 9.5)
+    with pytest.raises(ConfigError, match="window"):
+        roi_block_features(x[:, :150])
+
+
+# ----------------------------------------------------------------------------- baselines
+
+def _planted_fc(n_subjects=30, per_subject=2, parcels=12, time=150, seed=0):
+    """corr(parcel 0, parcel 1) = 0.8 tanh(y) for subject variable y; 60 recordings."""
+    rng = np.random.default_rng(seed)
+    ys = rng.normal(size=n_subjects)
+    xs, y, subjects = [], [], []
+    for s, ys_s in enumerate(ys):
+        rho = 0.8 * np.tanh(ys_s)
+        for _ in range(per_subject):
+            x = rng.normal(size=(parcels, time))
+            x[1] = rho * x[0] + np.sqrt(1 - rho**2) * x[1]
+            xs.append(x)
+            y.append(ys_s)
+            subjects.append(f"sub-{s:02d}")
+    return xs, np.array(y), np.array(subjects)
+
+
+def _split(subjects, n_train):
+    train = np.isin(subjects, np.unique(subjects)[:n_train])
+    subject_split_check(subjects[train], subjects[~train])
+    return np.flatnonzero(train), np.flatnonzero(~train)
+
+
+def _take(xs, idx):
+    return [xs[i] for i in idx]
+
+
+def test_fc_baseline_recovers_planted_regression_effect():
+    xs, y, subjects = _planted_fc()
+    tr, te = _split(subjects, 22)
+    model = FCBaseline("regression").fit(_take(xs, tr), y[tr], groups=subjects[tr])
+    assert regression_metrics(y[te], model.predict(_take(xs, te)))["r2"] > 0.5
+
+
+def test_fc_baseline_recovers_planted_classification_effect():
+    xs, y, subjects = _planted_fc()
+    label = (y > np.median(y)).astype(int)
+    tr, te = _split(subjects, 22)
+    model = FCBaseline("classification").fit(_take(xs, tr), label[tr], groups=subjects[tr])
+    proba = model.predict_proba(_take(xs, te))
+    assert proba.shape == (len(te), 2)
+    m = classification_metrics(label[te], proba, model.classes_)
+    assert m["balanced_accuracy"] > 0.75
+
+
+def test_fc_baseline_errors():
+    with pytest.raises(ConfigError, match="task"):
+        FCBaseline("forecast")
+    with pytest.raises(ConfigError, match="fit"):
+        FCBaseline("regression").predict([np.zeros((3, 10))])
+    with pytest.raises(ConfigError, match="targets"):
+        FCBaseline("regression").fit([np.ones((3, 10)), np.ones((3, 10))], [1.0])
+    with pytest.raises(ConfigError, match="one class"):
+        FCBaseline("classification").fit([np.ones((3, 10))] * 4, [1, 1, 1, 1])
+
+
+def _planted_mean(task, n=120, parcels=8, time=200, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n) if task == "classification" else rng.normal(size=n)
+    xs = rng.normal(size=(n, parcels, time))
+    xs[:, 0] += 0.8 * y[:, None]  # the mean level of parcel 0 carries the target
+    return xs, y
+
+
+def test_raw_roi_mlp_classification_beats_chance():
+    xs, y = _planted_mean("classification")
+    model = RawROIMLP("classification", seed=0).fit(xs[:80], y[:80])
+    m = classification_metrics(y[80:], model.predict_proba(xs[80:]), model.classes_)
+    assert m["balanced_accuracy"] > 0.7
+
+
+def test_raw_roi_mlp_regression_beats_chance():
+    xs, y = _planted_mean("regression")
+    model = RawROIMLP("regression", seed=0).fit(xs[:80], y[:80])
+    pred = model.predict(xs[80:])
+    assert pred.shape == (40,)
+    assert regression_metrics(y[80:], pred)["pearson_r"] > 0.4
+    with pytest.raises(ConfigError, match="window"):
+        RawROIMLP("regression").fit(xs[:10, :, :100], y[:10])
+
+
+def _ar(n, parcels, length, phi, seed):
+    rng = np.random.default_rng(seed)
+    burn = 50
+    x = np.zeros((n, parcels, length + burn))
+    e = rng.normal(size=x.shape)
+    for t in range(len(phi), x.shape[2]):
+        x[..., t] = sum(p * x[..., t - 1 - k] for k, p in enumerate(phi)) + e[..., t]
+    return x[..., burn:]
+
+
+def test_forecast_baseline_shapes():
+    ctx = np.arange(2 * 3 * 6, dtype=float).reshape(2, 3, 6)
+    p = persistence(ctx, 4)
+    assert p.shape == (2, 3, 4) and (p == ctx[..., -1:]).all()
+    m = parcel_mean(ctx, 4)
+    assert m.shape == (2, 3, 4) and np.allclose(m, ctx.mean(-1, keepdims=True))
+    ar = LinearAR(order=5).fit(ctx, np.zeros((2, 3, 4)))
+    assert ar.predict(ctx[:1]).shape == (1, 3, 4)
+    with pytest.raises(ConfigError, match="order"):
+        LinearAR(order=10).fit(ctx, np.zeros((2, 3, 4)))
+
+
+@pytest.mark.parametrize("phi", [(0.9,), (1.5, -0.75)])
+def test_linear_ar_beats_naive_forecasts(phi):
+    train, test = _ar(150, 8, 35, phi, 1), _ar(60, 8, 35, phi, 2)
+    ar = LinearAR(order=10).fit(train[..., :30], train[..., 30:])
+    ctx, future = test[..., :30], test[..., 30:]
+    mse = {name: forecast_metrics(future, pred)["mse"]
+           for name, pred in [("ar", ar.predict(ctx)), ("persistence", persistence(ctx, 5)),
+                              ("mean", parcel_mean(ctx, 5))]}
+    assert mse["ar"] < 0.95 * mse["persistence"] and mse["ar"] < 0.95 * mse["mean"]
+
+
+# ----------------------------------------------------------------------------- reports
+
+def _rows():
+    base = {"task": "regression", "target": "age", "metric": "r2", "n_subjects": 20}
+    return [
+        {**base, "method": "fc_linear", "value": 0.41, "low": 0.2, "high": 0.55},
+        {**base, "method": "raw_roi_mlp", "value": 0.1, "low": -0.1, "high": 0.3},
+        {**base, "method": "brainlm", "value": 0.35, "low": 0.1, "high": 0.5},
+        {**base, "method": "brainlm", "metric": "mae", "value": 4.2, "low": 3.9,
+         "high": 4.61},
+        {**base, "method": "persistence", "metric": "mae", "value": float("nan"),
+         "low": float("nan"), "high": float("nan")},
+    ]
+
+
+def test_results_table_model_first_with_ci():
+    table = results_table(_rows())
+    lines = table.strip().splitlines()
+    assert "95 % CI" in lines[0] and len(lines) == 2 + 5
+    for method in ("brainlm", "fc_linear", "raw_roi_mlp", "persistence"):
+        assert method in table
+    assert "[0.100, 0.500]" in table and "[3.900, 4.610]" in table and "n/a" in table
+    r2_lines = [ln for ln in lines if "| r2 |" in ln]
+    assert ["brainlm" in r2_lines[0], "fc_linear" in r2_lines[1],
+            "raw_roi_mlp" in r2_lines[2]] == [True, True, True]
+
+
+def test_write_results(tmp_path):
+    paths = write_results(_rows(), tmp_path / "eval")
+    assert set(paths) == {"markdown", "json"}
+    assert paths["markdown"].read_text() == results_table(_rows())
+    data = json.loads(paths["json"].read_text())
+    assert len(data) == 5 and data[0]["method"] == "brainlm"
+    assert any(r["value"] is None for r in data)  # NaN written as null
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["results.json",
+                                                                      "results.md"]
+
+
+def test_plots_write_png(tmp_path):
+    png = plot_comparison(_rows(), tmp_path / "cmp.png")
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    png = plot_forecast({"brainlm": [0.5, 0.3, 0.1], "persistence": [0.4, 0.1, -0.2]},
+                        tmp_path / "fc" / "horizon.png")
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"

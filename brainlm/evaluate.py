@@ -400,7 +400,9 @@ class FCBaseline(_Baseline):
         self.scaling = scaling
 
     def features(self, xs) -> np.ndarray:
-        return np.stack([fc_features(x) for x in _recordings(xs, self.name)])
+        feats = np.stack([fc_features(x) for x in _recordings(xs, self.name)])
+        self._n_features = feats.shape[1]
+        return feats
 
     def _pipeline(self, y, groups):
         from sklearn.linear_model import LogisticRegressionCV, RidgeCV
@@ -411,9 +413,12 @@ class FCBaseline(_Baseline):
         if self.task == "regression":
             head = RidgeCV(alphas=np.logspace(-3, 5, 17), cv=cv)
         else:
-            # newton-cholesky: same optimum as lbfgs, ~10x faster on few-sample FC problems
+            # newton-cholesky: same optimum as lbfgs, ~10x faster on few edges; but its
+            # Hessian is edges^2 (60 GB for A424's 89,676 edges), so lbfgs beyond a few thousand
+            small = getattr(self, "_n_features", 0) <= 2000
             head = LogisticRegressionCV(Cs=np.logspace(-3, 5, 17), l1_ratios=(0.0,), cv=cv,
-                                        scoring="neg_log_loss", solver="newton-cholesky",
+                                        scoring="neg_log_loss",
+                                        solver="newton-cholesky" if small else "lbfgs",
                                         max_iter=1000, random_state=self.seed,
                                         use_legacy_attributes=False)
         scaler = (StandardScaler() if self.scaling == "feature" else _PooledScaler())

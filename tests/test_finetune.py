@@ -178,3 +178,23 @@ def test_analyze_and_perturb_commands(setup, tmp_path, capsys):
     assert main(["perturb", "--model", str(setup / "model"), "--data", str(setup / "store"),
                  "--recording", "sub-nobody", "--parcels", "1", "--out", str(tmp_path / "q")]) == 2
     assert "no kept recording 'sub-nobody'" in capsys.readouterr().err
+
+
+def test_released_weights_fine_tune_through_the_same_command(setup, tmp_path):
+    from transformers import ViTMAEConfig
+
+    from brainlm.model.legacy import save_random_released
+
+    save_random_released(tmp_path / "vit", ViTMAEConfig(
+        image_size=48, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, decoder_hidden_size=32, decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2, decoder_intermediate_size=64))
+    for mode in ("probe", "full"):
+        out = tmp_path / mode
+        assert main(["finetune", "--model", str(tmp_path / "vit"), "--data", str(setup / "store"),
+                     "--out", str(out), "--target", "age", "--mode", mode, "--window", "40",
+                     "--epochs", "2", "--windows-per-recording", "1"]) == 0
+        preds = pd.read_parquet(out / "predictions.parquet")
+        assert np.isfinite(preds["y_pred"]).all() and set(preds["split"]) == {"val", "test"}
+    model_state = json.loads((tmp_path / "full" / "finetune.json").read_text())
+    assert model_state["window"] == 40

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows-per-recording", type=_positive_int, default=8)
     p.add_argument("--eval-every", type=_positive_int, default=100)
     p.add_argument("--ckpt-every", type=_positive_int, default=100)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (>= 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from out/checkpoints/last.pt")
     p.add_argument("--stop-after", type=_positive_int, default=None,
@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", default=None, help="ground_truth.json of brainlm synth "
                    "(its 'modules'), or a TSV with one network label per parcel")
     p.add_argument("--max-windows", type=_positive_int, default=64)
+    p.add_argument("--window", type=_positive_int, default=None,
+                   help="window of released ViTMAE weights (default 200)")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("perturb", help="in-silico perturbation of parcels in a recording",
@@ -181,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=int, default=0, help="first timepoint")
     p.add_argument("--stop", type=int, default=None, help="timepoint after the last")
     p.add_argument("--out", required=True)
+    p.add_argument("--window", type=_positive_int, default=None,
+                   help="window of released ViTMAE weights (default 200)")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("embed", help="embeddings (CLS and mean) of every recording to parquet",

@@ -230,7 +230,9 @@ def score_rows(task: str, target: str, method: str, y_true, y_pred, groups, *, c
                           n_boot=n_boot, seed=seed, alpha=alpha)
         rows.append({"task": task, "target": target, "method": method, "metric": name,
                      "value": ci["value"], "low": ci["low"], "high": ci["high"],
-                     "n_subjects": n_subjects, "n_boot": ci["n_boot"]})
+                     "n_subjects": n_subjects, "n_boot": ci["n_boot"],
+                     "widened": bool(ci.get("widened", False)),
+                     "n_skipped": int(ci.get("n_skipped", 0))})
     return rows
 
 
@@ -554,12 +556,13 @@ def _fmt(v) -> str:
 
 
 def results_table(rows: list[dict]) -> str:
-    """Markdown table, one line per (task, target, metric, method), the CI as `[low, high]`.
-    A row is a baseline when its method is in BASELINE_METHODS or it has "baseline": True."""
+    """Markdown table, one line per (task, target, metric, method), the CI as `[low, high]`
+    (marked * where it was widened to include the point estimate). A row is a baseline when
+    its method is in BASELINE_METHODS or it has "baseline": True."""
     head = ["task", "target", "method", "metric", "value", "95 % CI", "n_subjects"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in _ordered(rows):
-        ci = f"[{_fmt(r.get('low'))}, {_fmt(r.get('high'))}]"
+        ci = f"[{_fmt(r.get('low'))}, {_fmt(r.get('high'))}]" + ("*" if r.get("widened") else "")
         cells = [r["task"], r["target"], r["method"], r["metric"], _fmt(r["value"]), ci,
                  str(r.get("n_subjects", ""))]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
@@ -669,6 +672,8 @@ def evaluate_run(run_dir, out_dir=None, n_boot: int = 1000, seed: int = 0) -> di
     cfg, window = meta["config"], int(meta["window"])
     task = cfg["task"]
     store = BrainStore(meta["store"])
+    if not len(store.recordings("test")):
+        raise ConfigError(f"{meta['store']}: the test split is empty; nothing to evaluate")
     out = Path(out_dir) if out_dir else run / "evaluation"
     rows: list[dict] = []
     plots = {}
@@ -718,7 +723,7 @@ def evaluate_run(run_dir, out_dir=None, n_boot: int = 1000, seed: int = 0) -> di
                            n_boot=n_boot, seed=seed)
         xs_train = [np.asarray(store.load(r)) for _, r in train.iterrows()]
         xs_test = [np.asarray(store.load(r)) for _, r in test.iterrows()]
-        block = next(b for b in (20, 10, 5, 1) if window % b == 0)
+        block = meta.get("patch_size") or next(b for b in (20, 10, 5, 1) if window % b == 0)
         labels = y_train.astype(str) if task == "classification" else y_train.astype(np.float64)
         for name, baseline in (("fc_linear", FCBaseline(task, seed=seed)),
                                ("raw_roi_mlp", RawROIMLP(task, seed=seed, block=block,

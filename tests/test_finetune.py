@@ -72,10 +72,20 @@ def test_probe_regression_predicts_val_and_test_only(setup, tmp_path):
         store.recordings("train")["age"].mean(), rel=1e-6)
 
 
-def test_probe_leaves_the_encoder_untouched_full_mode_changes_it(setup, tmp_path):
+def test_probe_leaves_the_encoder_untouched_full_mode_changes_it(setup, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
+    import brainlm.model as model_mod
+
+    used = []
+    real = model_mod.load_model
+    monkeypatch.setattr(model_mod, "load_model", lambda *a, **k: used.append(real(*a, **k))
+                        or used[-1])
     finetune(_cfg(setup, tmp_path / "p"))
+    after = used[-1].state_dict()
+    before = load_file(setup / "model" / "model.safetensors")
+    assert all(torch.equal(after[k], before[k]) for k in before)  # frozen in memory too
+    monkeypatch.undo()
     assert set(load_file(tmp_path / "p" / "finetuned.safetensors")) == {"head.linear.weight",
                                                                         "head.linear.bias"}
     finetune(_cfg(setup, tmp_path / "f", mode="full", epochs=1, windows_per_recording=1))
@@ -198,3 +208,36 @@ def test_released_weights_fine_tune_through_the_same_command(setup, tmp_path):
         assert np.isfinite(preds["y_pred"]).all() and set(preds["split"]) == {"val", "test"}
     model_state = json.loads((tmp_path / "full" / "finetune.json").read_text())
     assert model_state["window"] == 40
+
+
+def test_test_labels_never_influence_training(setup, tmp_path):
+    """Shuffle the test subjects' targets: validation predictions and the stopping epoch must
+    not move (test labels are only read by evaluate)."""
+    import shutil
+
+    copy = tmp_path / "store"
+    shutil.copytree(setup / "store", copy)
+    manifest = pd.read_parquet(copy / "manifest.parquet")
+    test = manifest["split"] == "test"
+    manifest.loc[test, "age"] = manifest.loc[test, "age"].to_numpy()[::-1] + 100
+    manifest.to_parquet(copy / "manifest.parquet", index=False)
+    a = finetune(_cfg(setup, tmp_path / "a"))
+    b = finetune(_cfg(setup, tmp_path / "b", data=copy))
+    pa = pd.read_parquet(tmp_path / "a" / "predictions.parquet")
+    pb = pd.read_parquet(tmp_path / "b" / "predictions.parquet")
+    assert a["history"] == b["history"]
+    np.testing.assert_array_equal(pa["y_pred"], pb["y_pred"])
+
+
+def test_empty_split_and_short_recordings_are_clear(setup, tmp_path):
+    import shutil
+
+    copy = tmp_path / "store"
+    shutil.copytree(setup / "store", copy)
+    manifest = pd.read_parquet(copy / "manifest.parquet")
+    manifest.loc[manifest["split"] == "val", "split"] = "train"
+    manifest.to_parquet(copy / "manifest.parquet", index=False)
+    with pytest.raises(ConfigError, match="the val split is empty"):
+        finetune(_cfg(setup, tmp_path / "x", data=copy))
+    with pytest.raises(ConfigError, match="--window 80"):
+        finetune(_cfg(setup, tmp_path / "y", window=80))

@@ -119,7 +119,7 @@ def test_stop_after_then_resume_equals_one_run(store, tmp_path):
 
 def test_ddp_on_gloo_matches_one_process(store, tmp_path):
     args = ["--data", str(store), "--max-steps", "3", "--eval-every", "3", "--ckpt-every", "3",
-            "--lr", "0.01"] + COMMON
+            "--lr", "0.01", "--grad-accum", "2"] + COMMON
     single = _run(args + ["--out", str(tmp_path / "one")])
     assert single.returncode == 0, single.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -185,6 +185,10 @@ def test_bad_pretrain_settings(store, tmp_path):
     res = _run(["--data", str(store), "--out", str(tmp_path / "x"), "--mask-ratio", "1.5",
                 "--window", "40", "--patch-size", "10"])
     assert res.returncode == 2 and "mask ratio 1.5" in res.stderr
+    for ratio, message in (("0", "masks nothing"), ("0.999", "masks 48")):
+        res = _run(["--data", str(store), "--out", str(tmp_path / "x"), "--mask-ratio", ratio]
+                   + COMMON)
+        assert res.returncode == 2 and message in res.stderr, res.stderr
 
 
 def test_embed_cli_with_our_model_and_with_released_weights(store, tmp_path):

@@ -10,12 +10,12 @@ import numpy as np
 from ..errors import ConfigError
 
 
-def _load(model_path, store_path):
+def _load(model_path, store_path, window=None):
     from ..data.store import BrainStore
     from ..model import load_model
 
     store = BrainStore(store_path)
-    return load_model(model_path, coords=store.coords), store
+    return load_model(model_path, coords=store.coords, n_time=window), store
 
 
 def _truth(path, store) -> np.ndarray | None:
@@ -49,7 +49,7 @@ def analyze(args) -> str:
     from .networks import identify_networks
     from .reconstruction import plot_reconstruction, reconstruct_recording
 
-    model, store = _load(args.model, args.data)
+    model, store = _load(args.model, args.data, args.window)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     window = window_length(model)
@@ -66,13 +66,14 @@ def analyze(args) -> str:
                         names=names)
     summary = {"networks": {"k": nets["k"], "n_windows": nets["n_windows"],
                             "ari_model": nets["model"]["ari"], "ari_fc": nets["fc"]["ari"],
+                            "ari_position_only": nets["position_only"]["ari"],
                             "labels_model": nets["model"]["labels"].tolist(),
                             "labels_fc": nets["fc"]["labels"].tolist()},
                "reconstruction": {"recording_id": row["recording_id"],
                                   "r2_mean": float(np.nanmean(rec.r2))}}
     write_bytes_atomic(out / "analysis.json", json.dumps(summary, indent=2).encode())
-    ari = ("" if truth is None else f", ARI model {nets['model']['ari']:.3f} vs raw FC "
-           f"{nets['fc']['ari']:.3f}")
+    ari = ("" if truth is None else f", ARI model {nets['model']['ari']:.3f} (flat-input control "
+           f"{nets['position_only']['ari']:.3f}) vs raw FC {nets['fc']['ari']:.3f}")
     return (f"brainlm analyze: {nets['k']} networks from {n} windows{ari}; "
             f"{row['recording_id']} reconstructed with rotating masks, mean R^2 "
             f"{summary['reconstruction']['r2_mean']:.3f} -> {out}")
@@ -83,7 +84,7 @@ def perturb(args) -> str:
 
     from .perturbation import effect_summary, perturb_recording, save_effect
 
-    model, store = _load(args.model, args.data)
+    model, store = _load(args.model, args.data, args.window)
     rows = store.recordings()
     match = rows[rows["recording_id"] == args.recording]
     if match.empty:

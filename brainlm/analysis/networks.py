@@ -127,7 +127,8 @@ def identify_networks(model, windows, coords=None, k: int = 7, truth=None, seed:
     """Cluster parcels into `k` networks from (a) model representations and (b) raw FC of the
     same windows [B, P, T], with the same clustering.
 
-    Returns {"k", "n_windows", "model": {...}, "fc": {...}}, each with "labels" [P],
+    Returns {"k", "n_windows", "model": {...}, "position_only": {...}, "fc": {...}}, each with
+    "labels" [P],
     "features" ([P, H] representations / [P, P] FC) and "ari" (None without `truth` [P]).
     """
     w = _as_windows(windows)
@@ -135,8 +136,11 @@ def identify_networks(model, windows, coords=None, k: int = 7, truth=None, seed:
         raise ConfigError(f"truth labels {np.asarray(truth).size} parcels, windows have "
                           f"{w.shape[1]}")
     out = {"k": int(k), "n_windows": int(w.shape[0])}
+    # control: every token carries its parcel's coordinates, and networks are spatial, so the
+    # model's clusters are compared with those it gives for flat (all-zero) input
+    control = parcel_representations(model, np.zeros_like(w[:1]), coords, batch_size)
     for name, feats in (("model", parcel_representations(model, w, coords, batch_size)),
-                        ("fc", fc_matrix(w))):
+                        ("position_only", control), ("fc", fc_matrix(w))):
         labels = cluster_parcels(feats, k, seed)
         out[name] = {"labels": labels, "features": feats,
                      "ari": None if truth is None else network_agreement(labels, truth)}

@@ -207,6 +207,9 @@ class BrainLMForPretraining(BrainLMPreTrainedModel):
         length = n_parcels * n_patches
         if strategy == "future" or (strategy == "parcel"):
             k = future_patches if strategy == "future" else int(round(ratio * n_patches))
+            if strategy == "parcel" and ratio > 0 and not 0 < k < n_patches:
+                raise ConfigError(f"mask ratio {ratio:g} of {n_patches} patches per parcel "
+                                  f"masks {k}: choose a ratio that masks 1 to {n_patches - 1}")
             if strategy == "future":
                 order = torch.arange(n_patches, device=device).expand(batch, n_parcels, -1)
             else:
@@ -218,6 +221,9 @@ class BrainLMForPretraining(BrainLMPreTrainedModel):
             return (ids[..., : n_patches - k].reshape(batch, -1),
                     ids[..., n_patches - k:].reshape(batch, -1))
         n_mask = int(round(ratio * length))
+        if ratio > 0 and not 0 < n_mask < length:
+            raise ConfigError(f"mask ratio {ratio:g} of {length} tokens masks {n_mask}: the "
+                              "encoder needs a visible token and the loss a masked one")
         if n_mask == 0:
             ids = torch.arange(length, device=device).expand(batch, -1)
             return ids, ids[:, :0]

@@ -67,6 +67,8 @@ class FinetuneConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
 
 
 # ---------------------------------------------------------------------------- targets
@@ -179,8 +181,19 @@ def finetune(cfg: FinetuneConfig) -> dict:
         raise ConfigError(f"{cfg.model} was pretrained on atlas {model_hash}; the store uses "
                           f"{store.meta.get('atlas_hash')}")
     window = window_length(model)
+    if cfg.window is not None and not is_released(model) and cfg.window != window:
+        raise ConfigError(f"--window {cfg.window}: {cfg.model} was pretrained on windows of "
+                          f"{window} timepoints (--window is for released ViTMAE weights)")
     coords = torch.as_tensor(store.coords, device=device)
     splits = {s: store.recordings(s) for s in ("train", "val", "test")}
+    for name, rows in splits.items():
+        if not len(rows):
+            raise ConfigError(f"{cfg.data}: the {name} split is empty; fine-tuning needs train, "
+                              "val (early stopping) and test (evaluation) subjects")
+        short = rows[rows["n_timepoints"] < window]
+        if len(short):
+            raise ConfigError(f"{cfg.data}: {len(short)} {name} recordings are shorter than the "
+                              f"model's window of {window} (e.g. {short.iloc[0]['recording_id']})")
     if cfg.task == "forecast":
         return _finetune_forecast(cfg, model, store, splits, window, coords, device, rng)
     for s in splits:
@@ -268,6 +281,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
              for s in ("val", "test")}
     meta = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
             "classes": classes, "target_mean": mu, "target_std": sd, "window": window,
+            "patch_size": None if is_released(model) else int(model.config.patch_size),
             "best_val_loss": best, "epochs_run": len(history), "history": history,
             "store": str(Path(cfg.data).resolve()), "model": str(Path(cfg.model).resolve())}
     _write_outputs(cfg, model, head, splits, preds, classes, mu, sd, meta)
@@ -440,6 +454,8 @@ def _finetune_forecast(cfg, model, store, splits, window, coords, device, rng) -
     with atomic_path(out / "forecast.npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
     state = {f"head.{k2}": v.contiguous() for k2, v in head.state_dict().items()}
+    if cfg.mode == "full":
+        state.update({f"encoder.{k2}": v.contiguous() for k2, v in model.state_dict().items()})
     with atomic_path(out / "finetuned.safetensors") as tmp:
         save_file(state, str(tmp))
     meta = {"config": {k2: str(v) if isinstance(v, Path) else v for k2, v in asdict(cfg).items()},

@@ -78,6 +78,11 @@ class PretrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.clip_grad <= 0 or self.weight_decay < 0:
             raise ConfigError("clip_grad must be > 0 and weight_decay >= 0")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        if self.mask_strategy != "future" and not self.mask_ratio > 0:
+            raise ConfigError(f"mask ratio {self.mask_ratio} masks nothing: pretraining needs "
+                              "a ratio in (0, 1)")
 
 
 # ---------------------------------------------------------------------------- distributed
@@ -140,8 +145,7 @@ def evaluate(model, store, cfg: PretrainConfig, device, autocast) -> dict:
     """
     from ..data.store import WindowDataset
 
-    split = "val" if len(store.recordings("val")) else "train"
-    ds = WindowDataset(store, split, window=cfg.window, mode="sliding", stride=cfg.window)
+    ds = WindowDataset(store, "val", window=cfg.window, mode="sliding", stride=cfg.window)
     n = min(len(ds), cfg.eval_windows)
     coords = torch.as_tensor(store.coords, device=device)
     p = store.n_parcels
@@ -245,6 +249,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     store = BrainStore(cfg.data)
+    if not len(store.recordings("val")):
+        raise ConfigError(f"{cfg.data}: the val split is empty; validation needs held-out "
+                          "subjects (preprocess with a val fraction, e.g. --split 0.8,0.1,0.1)")
     out = Path(cfg.out)
     ckpt_path = out / "checkpoints" / "last.pt"
     model_cfg = BrainLMConfig.from_preset(
@@ -288,78 +295,86 @@ def pretrain(cfg: PretrainConfig) -> dict:
     coords = torch.as_tensor(store.coords, device=device)
     length = store.n_parcels * (cfg.window // cfg.patch_size)
 
+    model.masking(1, store.n_parcels, cfg.window // cfg.patch_size, cfg.mask_ratio,
+                  cfg.mask_strategy, cfg.future_patches, None, "cpu")  # refuses all/none masked
     tracker = Tracker("pretrain", run_name=f"{cfg.profile}-mask{cfg.mask_ratio:g}",
                       uri=cfg.tracking_uri, enabled=rank == 0)
-    tracker.params({**{k: v for k, v in asdict(cfg).items() if k not in ("extra",)},
-                    "lr": cfg.lr, "n_parameters": sum(p.numel() for p in model.parameters()),
-                    "atlas_hash": model_cfg.atlas_hash, **cfg.extra})
+    try:
+        tracker.params({**{k: v for k, v in asdict(cfg).items() if k not in ("extra",)},
+                        "lr": cfg.lr, "n_parameters": sum(p.numel() for p in model.parameters()),
+                        "atlas_hash": model.config.atlas_hash, **cfg.extra})
 
-    from tqdm.auto import tqdm
+        from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress or rank != 0,
-               desc=f"pretrain {cfg.profile} mask {cfg.mask_ratio:g}", dynamic_ncols=True)
-    last_eval: dict = {}
-    iterator, epoch = None, None
-    stop_at = cfg.max_steps if cfg.stop_after is None else min(cfg.max_steps,
-                                                                 step + cfg.stop_after)
-    model.train()
-    t0, windows_done = time.perf_counter(), 0
-    while step < stop_at:
-        if epoch != step // steps_per_epoch or iterator is None:
-            epoch = step // steps_per_epoch
-            sampler.set_epoch(epoch)
-            train_ds.set_epoch(epoch)
-            skip = (step % steps_per_epoch) * micro * cfg.grad_accum
-            loader = DataLoader(train_ds, batch_size=micro, sampler=_ResumeSampler(sampler, skip),
-                                num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                                drop_last=True, persistent_workers=False)
-            iterator = iter(loader)
-        loss_sum = torch.zeros((), device=device)
-        for m in range(cfg.grad_accum):
-            batch = next(iterator)
-            x = batch["signal"].to(device, non_blocking=True)
-            noise = step_noise(cfg.seed, step, m, micro, length, rank, world).to(device)
-            sync = m == cfg.grad_accum - 1 or world == 1
-            ctx = train_model.no_sync() if (world > 1 and not sync) else nullcontext()
-            with ctx, autocast():
-                loss = train_model(x, coords, noise=noise).loss / cfg.grad_accum
-            with ctx:
-                loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress or rank != 0,
+                   desc=f"pretrain {cfg.profile} mask {cfg.mask_ratio:g}", dynamic_ncols=True)
+        last_eval: dict = {}
+        iterator, epoch = None, None
+        stop_at = cfg.max_steps if cfg.stop_after is None else min(cfg.max_steps,
+                                                                     step + cfg.stop_after)
+        model.train()
+        t0, windows_done = time.perf_counter(), 0
+        while step < stop_at:
+            if epoch != step // steps_per_epoch or iterator is None:
+                epoch = step // steps_per_epoch
+                sampler.set_epoch(epoch)
+                train_ds.set_epoch(epoch)
+                skip = (step % steps_per_epoch) * micro * cfg.grad_accum
+                loader = DataLoader(train_ds, batch_size=micro, sampler=_ResumeSampler(sampler, skip),
+                                    num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                                    drop_last=True, persistent_workers=False)
+                iterator = iter(loader)
+            loss_sum = torch.zeros((), device=device)
+            for m in range(cfg.grad_accum):
+                batch = next(iterator)
+                x = batch["signal"].to(device, non_blocking=True)
+                noise = step_noise(cfg.seed, step, m, micro, length, rank, world).to(device)
+                sync = m == cfg.grad_accum - 1 or world == 1
+                with train_model.no_sync() if (world > 1 and not sync) else nullcontext():
+                    with autocast():
+                        loss = train_model(x, coords, noise=noise).loss / cfg.grad_accum
+                    loss.backward()
+                if not torch.isfinite(loss):
+                    raise ConfigError(f"the loss became {float(loss)} at step {step + 1}: lower the "
+                                      f"learning rate (now {cfg.lr:.2e})")
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if world > 1:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            step += 1
+            windows_done += cfg.batch_size
+            record = {"step": step, "loss": float(loss_sum), "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": float(grad_norm)}
+            if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                ev = evaluate(model, store, cfg, device, autocast)
+                last_eval = ev
+                record.update({k: v for k, v in ev.items() if k.startswith("val_")})
+            history.append(record)
+            tracker.metrics({k: v for k, v in record.items() if k != "step"}, step=step)
+            rate = windows_done / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", win_s=f"{rate:.1f}")
+            bar.update(1)
+            if rank == 0 and (step % cfg.ckpt_every == 0 or step == stop_at):
+                save_checkpoint(ckpt_path, model, optimizer, scheduler, step, history)
+        bar.close()
+
+        result = {"step": step, "finished": step >= cfg.max_steps, "history": history}
+        if rank == 0 and step >= cfg.max_steps:
+            if not last_eval:
+                last_eval = evaluate(model, store, cfg, device, autocast)
+            _write_outputs(model, store, cfg, out, history, last_eval, tracker)
+            result["metrics"] = {k: v for k, v in last_eval.items() if k.startswith("val_")}
+        tracker.end()
         if world > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        step += 1
-        windows_done += cfg.batch_size
-        record = {"step": step, "loss": float(loss_sum), "lr": scheduler.get_last_lr()[0],
-                  "grad_norm": float(grad_norm)}
-        if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            ev = evaluate(model, store, cfg, device, autocast)
-            last_eval = ev
-            record.update({k: v for k, v in ev.items() if k.startswith("val_")})
-        history.append(record)
-        tracker.metrics({k: v for k, v in record.items() if k != "step"}, step=step)
-        rate = windows_done / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", win_s=f"{rate:.1f}")
-        bar.update(1)
-        if rank == 0 and (step % cfg.ckpt_every == 0 or step == stop_at):
-            save_checkpoint(ckpt_path, model, optimizer, scheduler, step, history)
-    bar.close()
-
-    result = {"step": step, "finished": step >= cfg.max_steps, "history": history}
-    if rank == 0 and step >= cfg.max_steps:
-        if not last_eval:
-            last_eval = evaluate(model, store, cfg, device, autocast)
-        _write_outputs(model, store, cfg, out, history, last_eval, tracker)
-        result["metrics"] = {k: v for k, v in last_eval.items() if k.startswith("val_")}
-    tracker.end()
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return result
+            dist.barrier()
+            dist.destroy_process_group()
+        return result
+    except BaseException:
+        tracker.end("FAILED")  # a crashed run must not stay RUNNING in MLflow
+        raise
 
 
 def _write_outputs(model, store, cfg: PretrainConfig, out: Path, history, last_eval, tracker):

@@ -89,6 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the offline generated atlas when A424 cannot be found")
     p.add_argument("--no-progress", action="store_true")
 
+    p = sub.add_parser("validate", help="Great Expectations checks of a processed store",
+                       description="Checks the scaled data (training medians ~0 and IQRs ~1 per "
+                       "parcel, no NaN/Inf, bounded values, parcel count, window length, "
+                       "non-empty splits, no subject in two splits) as a GX checkpoint and "
+                       "builds Data Docs. Exit 2 with the failures when any check fails.")
+    p.add_argument("--data", required=True, help="store folder")
+    p.add_argument("--out", default=None, help="GX project and validation.json "
+                   "(default: validation/ beside the store)")
+    p.add_argument("--window", type=_positive_int, default=200)
+    p.add_argument("--parcels", type=_positive_int, default=None,
+                   help="expected parcel count (default: the store's)")
+    p.add_argument("--median-tol", type=_positive_float, default=0.1)
+    p.add_argument("--iqr-tol", type=_positive_float, default=0.2)
+    p.add_argument("--max-abs", type=_positive_float, default=100.0)
+
     p = sub.add_parser("pretrain", help="masked-autoencoder pretraining on a processed store",
                        description="Pretrain BrainLM on a store from `brainlm preprocess`. "
                        "Run under torchrun for several GPUs or machines.")
@@ -243,6 +258,20 @@ def _cmd_preprocess(args) -> int:
     return 0
 
 
+def _cmd_validate(args) -> int:
+    import logging
+
+    from .data.validate import Thresholds, validate_store
+
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    summary = validate_store(args.data, args.out, Thresholds(
+        median_tol=args.median_tol, iqr_tol=args.iqr_tol, max_abs=args.max_abs,
+        n_parcels=args.parcels, window=args.window))
+    print(f"brainlm validate: all checks passed on {summary['n_recordings']} recordings; "
+          f"Data Docs: {summary['data_docs']}")
+    return 0
+
+
 def _cmd_pretrain(args) -> int:
     from pathlib import Path
 
@@ -346,7 +375,7 @@ def main(argv=None) -> int:
 
     warnings.showwarning = _show_warning
     try:
-        commands = {"synth": _cmd_synth, "preprocess": _cmd_preprocess,
+        commands = {"synth": _cmd_synth, "preprocess": _cmd_preprocess, "validate": _cmd_validate,
                     "pretrain": _cmd_pretrain, "finetune": _cmd_finetune,
                     "evaluate": _cmd_evaluate, "analyze": _cmd_analyze, "perturb": _cmd_perturb,
                     "embed": _cmd_embed}

@@ -75,11 +75,12 @@ def summary_tables(store, th: Thresholds, seed: int = 0) -> dict:
 
 def _suites(gx, th: Thresholds, n_parcels: int) -> dict:
     import great_expectations.expectations as gxe
+    from great_expectations.expectations.row_conditions import Column
 
     def between(column, lo=None, hi=None, **kw):
         return gxe.ExpectColumnValuesToBeBetween(column=column, min_value=lo, max_value=hi, **kw)
 
-    train_only = {"row_condition": 'split == "train"', "condition_parser": "pandas"}
+    train_only = {"row_condition": Column("split") == "train"}
     return {
         "parcels": [
             between("median", -th.median_tol, th.median_tol, **train_only),

@@ -165,7 +165,9 @@ def window_batches(store, rows, window: int, stride: int, batch_size: int):
 # ---------------------------------------------------------------------------- the run
 
 
-def finetune(cfg: FinetuneConfig) -> dict:
+def finetune(cfg: FinetuneConfig, on_epoch=None) -> dict:
+    """Fine-tune and write predictions; `on_epoch(epoch, val_loss)` is called after every
+    epoch (hyper-parameter search prunes through it by raising)."""
     from ..data.store import BrainStore
     from ..model import load_model, window_length
 
@@ -195,7 +197,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
             raise ConfigError(f"{cfg.data}: {len(short)} {name} recordings are shorter than the "
                               f"model's window of {window} (e.g. {short.iloc[0]['recording_id']})")
     if cfg.task == "forecast":
-        return _finetune_forecast(cfg, model, store, splits, window, coords, device, rng)
+        return _finetune_forecast(cfg, model, store, splits, window, coords, device, rng,
+                                  on_epoch)
     for s in splits:
         splits[s], _, _ = prepare_target(splits[s], cfg.target, cfg.task, str(cfg.data))
     if len(splits["train"]) == 0 or len(splits["val"]) == 0:
@@ -264,6 +267,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
                        device, feats.get("val") if cfg.mode == "probe" else None, classes)
         val_loss = _val_loss(val, targets["val"], classes)
         history.append({"epoch": epoch + 1, "val_loss": val_loss})
+        if on_epoch is not None:
+            on_epoch(epoch + 1, val_loss)
         if best is None or val_loss < best - 1e-6:
             best, bad_epochs = val_loss, 0
             best_state = ({k: v.detach().clone() for k, v in head.state_dict().items()},
@@ -374,7 +379,8 @@ def _write_outputs(cfg, model, head, splits, preds, classes, mu, sd, meta):
     write_bytes_atomic(out / "finetune.json", json.dumps(meta, indent=2, default=str).encode())
 
 
-def _finetune_forecast(cfg, model, store, splits, window, coords, device, rng) -> dict:
+def _finetune_forecast(cfg, model, store, splits, window, coords, device, rng,
+                       on_epoch=None) -> dict:
     """Observe window - horizon timepoints, predict the last `horizon` of every parcel."""
     if is_released(model):
         raise ConfigError("the forecasting head needs a BrainLM (Family A) model; released "
@@ -429,6 +435,8 @@ def _finetune_forecast(cfg, model, store, splits, window, coords, device, rng) -
         y, p, _ = evaluate(splits["val"])
         val_loss = float(((p - y) ** 2).mean())
         history.append({"epoch": epoch + 1, "val_loss": val_loss})
+        if on_epoch is not None:
+            on_epoch(epoch + 1, val_loss)
         if best is None or val_loss < best - 1e-6:
             best, bad = val_loss, 0
             best_state = ({k2: v.clone() for k2, v in head.state_dict().items()},

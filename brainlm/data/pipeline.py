@@ -115,15 +115,52 @@ class Summary:
         return "\n".join(lines)
 
 
-# Worker state: set before the pool forks, so the atlas is not pickled per task.
-_WORKER: dict = {}
+@dataclass
+class Plan:
+    """What preprocessing will do, decided before any image is read."""
+
+    atlas: object
+    recordings: list
+    problems: dict  # index -> reason, known from discovery alone
+    warnings: list
+    cache_dir: Path
+    started: float
+
+    @property
+    def todo(self) -> list[int]:
+        return [i for i in range(len(self.recordings)) if i not in self.problems]
 
 
-def _work(index: int):
-    rec = _WORKER["recordings"][index]
+def plan_preprocess(cfg: PreprocessConfig) -> Plan:
+    from ..atlas import load_atlas
+    from .ingest import attach_phenotypes, discover, find_participants
+
+    cfg.validate()
+    started = time.perf_counter()
+    atlas = load_atlas(cfg.atlas, allow_fallback=cfg.allow_fallback_atlas)
+    if cfg.coords is not None:
+        atlas = _with_coords(atlas, cfg.coords)
+    recordings = discover(cfg.inputs, cfg.input_tr)
+    if not recordings:
+        raise ConfigError(f"no recordings found in {', '.join(map(str, cfg.inputs))} (looked for "
+                          "*.nii, *.nii.gz, *_timeseries.tsv/.csv, *.npy)")
+    if cfg.coords is not None:
+        for rec in recordings:
+            if rec.kind == "nifti" and rec.problem is None:
+                rec.problem = ("--coords applies to parcellated tables; parcellate NIfTI "
+                               "recordings with --atlas in a separate run")
+    participants = cfg.participants or find_participants(cfg.inputs)
+    warnings_ = attach_phenotypes(recordings, participants)
+    problems = {i: r.problem for i, r in enumerate(recordings) if r.problem}
+    return Plan(atlas, recordings, problems, warnings_, cfg.cache_dir or _default_cache(),
+                started)
+
+
+def parcellate_one(plan: Plan, index: int, settings: ParcellationSettings):
+    """(index, Parcellated or None, problem or None): one recording, errors as reasons."""
+    rec = plan.recordings[index]
     try:
-        return index, parcellate_recording(rec, _WORKER["atlas"], _WORKER["settings"],
-                                           _WORKER["cache_dir"]), None
+        return index, parcellate_recording(rec, plan.atlas, settings, plan.cache_dir), None
     except InputError as exc:
         return index, None, exc.problem
     except BrainLMError as exc:
@@ -132,6 +169,14 @@ def _work(index: int):
         if os.environ.get("BRAINLM_DEBUG"):
             traceback.print_exc()
         return index, None, f"unexpected {type(exc).__name__}: {exc}"
+
+
+# Worker state: set before the pool forks, so the plan is not pickled per task.
+_WORKER: dict = {}
+
+
+def _work(index: int):
+    return parcellate_one(_WORKER["plan"], index, _WORKER["settings"])
 
 
 def _init_worker():
@@ -150,37 +195,14 @@ def _default_cache() -> Path:
 
 
 def run_preprocess(cfg: PreprocessConfig) -> Summary:
-    from ..atlas import load_atlas
-    from .ingest import attach_phenotypes, discover, find_participants
-    from .scale import RobustScaler
-    from .store import write_store
-
-    cfg.validate()
-    started = time.perf_counter()
-    atlas = load_atlas(cfg.atlas, allow_fallback=cfg.allow_fallback_atlas)
-    if cfg.coords is not None:
-        atlas = _with_coords(atlas, cfg.coords)
-    recordings = discover(cfg.inputs, cfg.input_tr)
-    if not recordings:
-        raise ConfigError(f"no recordings found in {', '.join(map(str, cfg.inputs))} (looked for "
-                          "*.nii, *.nii.gz, *_timeseries.tsv/.csv, *.npy)")
-    if cfg.coords is not None:
-        for rec in recordings:
-            if rec.kind == "nifti" and rec.problem is None:
-                rec.problem = ("--coords applies to parcellated tables; parcellate NIfTI "
-                               "recordings with --atlas in a separate run")
-    participants = cfg.participants or find_participants(cfg.inputs)
-    warnings_ = attach_phenotypes(recordings, participants)
-
+    plan = plan_preprocess(cfg)
     results: dict[int, object] = {}
-    problems: dict[int, str] = {i: r.problem for i, r in enumerate(recordings) if r.problem}
-    todo = [i for i in range(len(recordings)) if i not in problems]
-    _WORKER.update(recordings=recordings, atlas=atlas, settings=cfg.settings,
-                   cache_dir=cfg.cache_dir or _default_cache())
+    problems: dict[int, str] = dict(plan.problems)
+    todo = plan.todo
+    _WORKER.update(plan=plan, settings=cfg.settings)
     bar = _progress(len(todo), cfg.progress)
     if cfg.workers == 1 or len(todo) <= 1:
-        outcomes = map(_work, todo)
-        for index, result, problem in outcomes:
+        for index, result, problem in map(_work, todo):
             _collect(index, result, problem, results, problems, bar)
     else:
         import multiprocessing as mp
@@ -197,7 +219,15 @@ def run_preprocess(cfg: PreprocessConfig) -> Summary:
                                "it (out of memory?); rerun with fewer --workers")
                 _collect(*outcome, results, problems, bar)
     bar.close()
+    return assemble(cfg, plan, results, problems)
 
+
+def assemble(cfg: PreprocessConfig, plan: Plan, results: dict, problems: dict) -> Summary:
+    """Split by subject, fit the scaler on training subjects, scale, write the store."""
+    from .scale import RobustScaler
+    from .store import write_store
+
+    atlas, recordings, warnings_ = plan.atlas, plan.recordings, list(plan.warnings)
     fixed = {}
     for i, rec in enumerate(recordings):
         if i in results and rec.phenotypes.get("split") in SPLITS:
@@ -248,7 +278,7 @@ def run_preprocess(cfg: PreprocessConfig) -> Summary:
     return Summary(out=Path(cfg.out), atlas=atlas.name, n_parcels=atlas.n_parcels,
                    per_split=per_split, quarantined=quarantined, warnings=warnings_,
                    uncovered=uncovered, dead_parcels=dead,
-                   seconds=time.perf_counter() - started)
+                   seconds=time.perf_counter() - plan.started)
 
 
 def _collect(index, result, problem, results, problems, bar):
@@ -256,7 +286,7 @@ def _collect(index, result, problem, results, problems, bar):
         results[index] = result
     else:
         problems[index] = problem
-        bar.write(f"quarantined {_WORKER['recordings'][index].path}: {problem}")
+        bar.write(f"quarantined {_WORKER['plan'].recordings[index].path}: {problem}")
     bar.update(1)
 
 

@@ -89,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the offline generated atlas when A424 cannot be found")
     p.add_argument("--no-progress", action="store_true")
 
+    p = sub.add_parser("stage", help="run one pipeline stage with params.yaml (what dvc calls)",
+                       description="The stages of dvc.yaml, driven by params.yaml's active "
+                       "profile: synth, preprocess, validate, pretrain, finetune, evaluate.")
+    p.add_argument("name", choices=("synth", "preprocess", "validate", "pretrain", "finetune",
+                                    "evaluate"))
+    p.add_argument("--mask-ratio", type=float, default=None, help="pretrain: which ratio")
+    p.add_argument("--params", default="params.yaml")
+
     p = sub.add_parser("validate", help="Great Expectations checks of a processed store",
                        description="Checks the scaled data (training medians ~0 and IQRs ~1 per "
                        "parcel, no NaN/Inf, bounded values, parcel count, window length, "
@@ -258,6 +266,15 @@ def _cmd_preprocess(args) -> int:
     return 0
 
 
+def _cmd_stage(args) -> int:
+    from .stages import load_params, run_stage
+
+    _quiet_transformers()
+    values = run_stage(args.name, load_params(args.params), args.mask_ratio)
+    print(f"brainlm stage {args.name}: {values}")
+    return 0
+
+
 def _cmd_validate(args) -> int:
     import logging
 
@@ -376,6 +393,7 @@ def main(argv=None) -> int:
     warnings.showwarning = _show_warning
     try:
         commands = {"synth": _cmd_synth, "preprocess": _cmd_preprocess, "validate": _cmd_validate,
+                    "stage": _cmd_stage,
                     "pretrain": _cmd_pretrain, "finetune": _cmd_finetune,
                     "evaluate": _cmd_evaluate, "analyze": _cmd_analyze, "perturb": _cmd_perturb,
                     "embed": _cmd_embed}

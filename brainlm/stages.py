@@ -1,0 +1,137 @@
+"""Pipeline stages driven by params.yaml: what `dvc repro`, the Prefect flows and
+`brainlm stage NAME` all call (one code path).
+
+Folders (relative to the repository root): data/ raw recordings (tracked by data.dvc),
+processed/ the store, validation/, models/pretrain-<mask ratio>/, runs/finetune/,
+runs/evaluation/, metrics/ one JSON per stage for `dvc metrics`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import ConfigError
+
+STAGES = ("synth", "preprocess", "validate", "pretrain", "finetune", "evaluate")
+
+
+def load_params(path="params.yaml") -> dict:
+    """The active profile's settings plus the shared keys (mask_ratios, profile)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read pipeline settings ({exc})") from None
+    profile = raw.get("profile", "demo")
+    if profile not in raw or not isinstance(raw[profile], dict):
+        raise ConfigError(f"{path}: profile '{profile}' has no block (have: "
+                          f"{', '.join(k for k, v in raw.items() if isinstance(v, dict))})")
+    return {**raw[profile], "profile": profile, "mask_ratios": raw.get("mask_ratios", [0.75]),
+            "finetune_mask_ratio": raw.get("finetune_mask_ratio", 0.75),
+            "root": str(path.resolve().parent)}
+
+
+def _write_metrics(root: Path, name: str, values: dict) -> None:
+    from .fileio import write_bytes_atomic
+
+    write_bytes_atomic(root / "metrics" / f"{name}.json",
+                       json.dumps(values, indent=2, default=float).encode())
+
+
+def run_stage(name: str, params: dict, mask_ratio: float | None = None) -> dict:
+    root = Path(params["root"])
+    if name not in STAGES:
+        raise ConfigError(f"unknown stage '{name}' (use one of {', '.join(STAGES)})")
+    return globals()[f"_{name}"](params, root, mask_ratio)
+
+
+def _synth(p, root, _):
+    from .atlas import load_atlas
+    from .data.synthetic import simulate_cohort, write_bids
+
+    s = p["synth"]
+    atlas = load_atlas(p["preprocess"].get("atlas", "A424"), allow_fallback=True)
+    cohort = simulate_cohort(atlas.coords, s["subjects"], s["timepoints"],
+                             tr=p["preprocess"]["tr"], seed=s["seed"])
+    paths = write_bids(cohort, atlas, root / "data", tr=p["preprocess"]["tr"],
+                       voxel_size=s.get("voxel_size", 4.0))
+    return {"recordings": len(paths)}
+
+
+def _preprocess(p, root, _):
+    from .data.parcellate import ParcellationSettings
+    from .data.pipeline import PreprocessConfig, run_preprocess
+
+    s = p["preprocess"]
+    cfg = PreprocessConfig(
+        inputs=[root / "data"], out=root / "processed", atlas=s.get("atlas", "A424"),
+        settings=ParcellationSettings(target_tr=s["tr"], min_timepoints=s["window"],
+                                      standardize=s.get("standardize", "psc")),
+        fractions=tuple(s["split"]), seed=s["seed"], workers=s.get("workers", 1),
+        allow_fallback_atlas=True, progress=False)
+    summary = run_preprocess(cfg)
+    values = {"recordings_kept": summary.n_kept, "quarantined": len(summary.quarantined),
+              **{f"subjects_{k}": v[0] for k, v in summary.per_split.items()}}
+    _write_metrics(root, "preprocess", values)
+    print(summary.format())
+    return values
+
+
+def _validate(p, root, _):
+    from .data.validate import Thresholds, validate_store
+
+    s = p["validate"]
+    summary = validate_store(root / "processed", root / "validation", Thresholds(
+        median_tol=s["median_tol"], iqr_tol=s["iqr_tol"], max_abs=s["max_abs"],
+        window=p["preprocess"]["window"]))
+    values = {"success": summary["success"], "n_recordings": summary["n_recordings"],
+              "train_median_max_abs": summary["train_median_max_abs"]}
+    _write_metrics(root, "validate", values)
+    return values
+
+
+def _pretrain(p, root, mask_ratio):
+    from .train.pretrain import PretrainConfig, pretrain
+
+    if mask_ratio is None:
+        raise ConfigError("the pretrain stage needs a mask ratio (--mask-ratio)")
+    s = p["pretrain"]
+    cfg = PretrainConfig(
+        data=root / "processed", out=root / "models" / f"pretrain-{mask_ratio:g}",
+        profile=s["profile"], mask_ratio=float(mask_ratio), window=s["window"],
+        patch_size=s["patch_size"], max_steps=s["max_steps"], batch_size=s["batch_size"],
+        eval_every=s["eval_every"], ckpt_every=s["ckpt_every"],
+        windows_per_recording=s["windows_per_recording"], workers=s["workers"], seed=s["seed"],
+        progress=False, extra={"stage": "pretrain", "profile_name": p["profile"]})
+    result = pretrain(cfg)
+    values = {"mask_ratio": float(mask_ratio), **result.get("metrics", {})}
+    _write_metrics(root, f"pretrain-{mask_ratio:g}", values)
+    return values
+
+
+def _finetune(p, root, _):
+    from .train.finetune import FinetuneConfig, finetune
+
+    s = p["finetune"]
+    meta = finetune(FinetuneConfig(
+        model=root / "models" / f"pretrain-{p['finetune_mask_ratio']:g}",
+        data=root / "processed",
+        out=root / "runs" / "finetune", target=s["target"], task=s["task"], mode=s["mode"],
+        epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], progress=False))
+    values = {"best_val_loss": meta["best_val_loss"], "epochs_run": meta["epochs_run"]}
+    _write_metrics(root, "finetune", values)
+    return values
+
+
+def _evaluate(p, root, _):
+    from .evaluate import evaluate_run
+
+    result = evaluate_run(root / "runs" / "finetune", root / "runs" / "evaluation",
+                          n_boot=p["evaluate"]["n_boot"])
+    values = {f"{r['method']}_{r['metric']}": r["value"] for r in result["rows"]}
+    _write_metrics(root, "evaluate", values)
+    print(result["table"])
+    return values

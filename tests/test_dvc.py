@@ -1,0 +1,74 @@
+"""`dvc repro` end to end in a fresh git repository, on a micro profile."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO = {
+    "synth": {"subjects": 10, "timepoints": 60, "seed": 0, "voxel_size": 8},
+    "preprocess": {"tr": 0.735, "window": 40, "split": [0.6, 0.2, 0.2], "seed": 0, "workers": 1,
+                   "standardize": "psc", "atlas": None},
+    "validate": {"median_tol": 0.1, "iqr_tol": 0.2, "max_abs": 100.0},
+    "pretrain": {"profile": "tiny", "max_steps": 2, "batch_size": 4, "window": 40,
+                 "patch_size": 10, "eval_every": 2, "ckpt_every": 2, "windows_per_recording": 1,
+                 "workers": 0, "seed": 0},
+    "finetune": {"target": "age", "task": "regression", "mode": "probe", "epochs": 2,
+                 "batch_size": 8, "lr": 0.001},
+    "evaluate": {"n_boot": 50},
+}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, atlas_spec):
+    root = tmp_path_factory.mktemp("dvcrepo")
+    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    micro = {k: dict(v) for k, v in MICRO.items()}
+    micro["preprocess"]["atlas"] = atlas_spec
+    params.update(demo=micro, mask_ratios=[0.5, 0.75], finetune_mask_ratio=0.75)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(root / ".site"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+
+    def sh(*cmd):
+        res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+        assert res.returncode == 0, f"{cmd}: {res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        return res.stdout + res.stderr
+
+    sh("git", "init", "-q")
+    sh("dvc", "init", "-q")
+    sh("brainlm", "stage", "synth")
+    sh("dvc", "add", "data")
+    return root, sh
+
+
+def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
+    root, sh = repo
+    out = sh("dvc", "repro")
+    for stage in ("preprocess", "validate", "pretrain@0.5", "pretrain@0.75", "finetune",
+                  "evaluate"):
+        assert f"Running stage '{stage}'" in out, stage
+    assert (root / "data.dvc").is_file() and (root / "dvc.lock").is_file()
+    metrics = sh("dvc", "metrics", "show")
+    assert "metrics/evaluate.json" in metrics and "metrics/pretrain-0.75.json" in metrics
+
+    again = sh("dvc", "repro")
+    assert "Running stage" not in again  # a second repro does nothing
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["demo"]["evaluate"]["n_boot"] = 60
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    changed = sh("dvc", "repro")
+    assert "Running stage 'evaluate'" in changed
+    for stage in ("preprocess", "validate", "pretrain@0.5", "finetune"):
+        assert f"Running stage '{stage}'" not in changed, stage

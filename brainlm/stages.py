@@ -61,23 +61,32 @@ def _synth(p, root, _):
     return {"recordings": len(paths)}
 
 
-def _preprocess(p, root, _):
+def preprocess_config(p, root: Path):
     from .data.parcellate import ParcellationSettings
-    from .data.pipeline import PreprocessConfig, run_preprocess
+    from .data.pipeline import PreprocessConfig
 
     s = p["preprocess"]
-    cfg = PreprocessConfig(
+    return PreprocessConfig(
         inputs=[root / "data"], out=root / "processed", atlas=s.get("atlas", "A424"),
         settings=ParcellationSettings(target_tr=s["tr"], min_timepoints=s["window"],
                                       standardize=s.get("standardize", "psc")),
         fractions=tuple(s["split"]), seed=s["seed"], workers=s.get("workers", 1),
         allow_fallback_atlas=True, progress=False)
-    summary = run_preprocess(cfg)
+
+
+def preprocess_done(root: Path, summary) -> dict:
+    """Metrics of a finished preprocessing (shared by the stage and the Prefect flow)."""
     values = {"recordings_kept": summary.n_kept, "quarantined": len(summary.quarantined),
               **{f"subjects_{k}": v[0] for k, v in summary.per_split.items()}}
     _write_metrics(root, "preprocess", values)
     print(summary.format())
     return values
+
+
+def _preprocess(p, root, _):
+    from .data.pipeline import run_preprocess
+
+    return preprocess_done(root, run_preprocess(preprocess_config(p, root)))
 
 
 def _validate(p, root, _):

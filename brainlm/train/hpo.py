@@ -1,0 +1,335 @@
+"""Hyper-parameter search for fine-tuning with Optuna, on a database several workers can share.
+
+Each trial is one `finetune` run on a copy of the base config; its per-epoch validation loss is
+reported to the pruner, so hopeless trials stop early. The study lives in an RDB storage
+(SQLite on one box, Postgres for many), so any number of processes calling `tune` with the same
+study name and storage add trials to one study. With a tracking URI, the study is one MLflow
+parent run and every trial a child run. The result is `<out>/best.json`, a DVC metrics file.
+
+Choices: TPE seeded explicitly (Optuna 5 changed its defaults to multivariate + constant liar,
+so unseeded runs are not repeatable); `MedianPruner(n_warmup_steps=2)` rather than Hyperband,
+because trials have different epoch budgets and the median rule needs no resource bookkeeping;
+one trial at a time per process (`n_jobs=1`): MLflow's active-run stack is thread-local, so
+parallelism is by processes sharing the storage, never threads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..fileio import write_bytes_atomic
+from .finetune import FinetuneConfig, finetune
+
+# name -> (kind, low, high) or ("categorical", choices). Names are FinetuneConfig fields.
+SEARCH_SPACE: dict[str, tuple] = {
+    # Adam step size: spans two decades, so sampled on a log scale.
+    "lr": ("log-uniform", 1e-4, 1e-2),
+    # AdamW decoupled decay; 0 (none) is a legitimate answer for a linear probe.
+    "weight_decay": ("uniform", 0.0, 0.2),
+    # Layer-wise lr decay; sampled only in `full` mode (a frozen probe has no encoder lr).
+    "layer_decay": ("uniform", 0.5, 1.0),
+    # Recording embedding: CLS token or mean of the patch tokens (not used by `forecast`).
+    "pooling": ("categorical", ("cls", "mean")),
+    # Dropout before the head (the forecast head has none).
+    "head_dropout": ("uniform", 0.0, 0.5),
+    # Epoch budget: the upper end is the base config's `epochs` (the budget the user set),
+    # the lower end min(5, that); early stopping may end a trial sooner.
+    "epochs": ("int", 5, 30),
+}
+
+TRIAL_FOLDER = "trial-{number}"
+
+
+def default_storage(repo_root: Path | str | None = None) -> str:
+    """`sqlite:///<repo>/mlflow/optuna.db` (absolute), beside MLflow's database so DVC stages,
+    workers and the dashboard started from anywhere in the repository find the same study."""
+    if repo_root is None:
+        cwd = Path.cwd().resolve()
+        repo_root = next((d for d in (cwd, *cwd.parents) if (d / "pyproject.toml").is_file()),
+                         cwd)
+    return f"sqlite:///{Path(repo_root).resolve() / 'mlflow' / 'optuna.db'}"
+
+
+def search_space(base: FinetuneConfig) -> dict[str, tuple]:
+    """The part of SEARCH_SPACE that matters for this config (a parameter that cannot change
+    the run would only dilute TPE), with the epoch range bounded by `base.epochs`."""
+    space = dict(SEARCH_SPACE)
+    if base.mode != "full":
+        del space["layer_decay"]
+    if base.task == "forecast":
+        del space["pooling"], space["head_dropout"]
+    kind, low, _ = space["epochs"]
+    space["epochs"] = (kind, min(low, base.epochs), base.epochs)
+    return space
+
+
+def suggest(trial, base: FinetuneConfig) -> dict:
+    """Sample one point of `search_space(base)` through the trial."""
+    params = {}
+    for name, spec in search_space(base).items():
+        kind = spec[0]
+        if kind == "categorical":
+            params[name] = trial.suggest_categorical(name, list(spec[1]))
+        elif kind == "int":
+            params[name] = trial.suggest_int(name, spec[1], spec[2])
+        else:
+            params[name] = trial.suggest_float(name, spec[1], spec[2], log=kind == "log-uniform")
+    return params
+
+
+def tune(base: FinetuneConfig, n_trials: int, study_name: str, storage: str | None = None,
+         seed: int = 0, tracking_uri: str | None = None, out: Path | None = None,
+         timeout: float | None = None, *, pruner=None, worker: int = 0) -> dict:
+    """Run `n_trials` more trials of study `study_name` (created or loaded) and write
+    `<out>/best.json` (`out` defaults to `base.out`; trial `n` writes to `<out>/trial-n`).
+
+    Workers share a study by calling this with the same `study_name` and `storage`; give each
+    concurrent worker its own `worker` number, or workers with the same seed would propose the
+    same random start-up points. For the same reason a study that already has trials gets a
+    sampler seed derived from (seed, worker, trial count): a resumed search explores on
+    instead of repeating its first points. A fresh study with worker 0 uses `seed` itself.
+    `pruner` replaces the default `MedianPruner(n_warmup_steps=2)`.
+    Returns the dict written to best.json.
+    """
+    import numpy as np
+    import optuna
+
+    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
+        raise ConfigError(f"n_trials must be an integer >= 1, got {n_trials!r}")
+    if not study_name or not str(study_name).strip():
+        raise ConfigError("study name must not be empty")
+    if timeout is not None and not timeout > 0:
+        raise ConfigError(f"timeout must be > 0 seconds, got {timeout}")
+    if worker < 0:
+        raise ConfigError(f"worker must be >= 0, got {worker}")
+    base.validate()
+    url = storage or default_storage()
+    shown = _masked(url)
+    out = Path(out if out is not None else base.out)
+
+    with _init_lock(url):  # concurrent first-time table creation would race on SQLite
+        rdb = _open_storage(url, shown)
+        try:
+            study = optuna.create_study(storage=rdb, study_name=study_name, direction="minimize",
+                                        pruner=pruner or optuna.pruners.MedianPruner(
+                                            n_warmup_steps=2),
+                                        load_if_exists=True)
+        except ValueError as e:  # e.g. an existing study of the same name with two objectives
+            raise ConfigError(f"study '{study_name}' in {shown}: {e}") from None
+    existing = len(study.get_trials(deepcopy=False))
+    sampler_seed = seed if existing == 0 and worker == 0 else \
+        int(np.random.SeedSequence([seed, worker, existing]).generate_state(1)[0])
+    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed)
+
+    log = _MlflowLog(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    log.start_parent(study_name, {"study_name": study_name, "n_trials": n_trials, "seed": seed,
+                                  "target": base.target, "task": base.task, "mode": base.mode,
+                                  "worker": worker, "storage": shown})
+
+    def objective(trial):
+        params = suggest(trial, base)
+        trial.set_user_attr("worker", worker)
+        cfg = replace(base, out=out / TRIAL_FOLDER.format(number=trial.number), **params)
+        log.start_child(trial.number, params)
+
+        def on_epoch(epoch, val_loss):
+            trial.report(val_loss, epoch)
+            log.epoch(val_loss, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {epoch}: val_loss {val_loss:.4g}")
+
+        try:
+            value = float(finetune(cfg, on_epoch=on_epoch)["best_val_loss"])
+        except optuna.TrialPruned:
+            log.end_child("PRUNED")
+            raise
+        except BaseException:
+            log.end_child("FAIL")
+            raise
+        log.end_child("COMPLETE" if math.isfinite(value) else "FAIL", value)
+        return value  # NaN: Optuna records a FAIL and carries on
+
+    try:
+        study.optimize(objective, n_trials=n_trials, timeout=timeout, n_jobs=1,
+                       gc_after_trial=True)
+        result = summarize(study, shown)
+        write_bytes_atomic(out / "best.json", json.dumps(result, indent=2).encode())
+    except BaseException:
+        log.end_parent(None, "FAILED")
+        raise
+    log.end_parent(result, "FINISHED")
+    return result
+
+
+def summarize(study, storage: str) -> dict:
+    """The best.json content for the whole study (all workers), as it stands now."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = min(complete, key=lambda t: t.value) if complete else None
+    return {"best_value": best.value if best else None,
+            "best_params": dict(best.params) if best else {},
+            "best_trial": best.number if best else None,
+            "n_trials": len(trials),
+            "n_pruned": sum(t.state == TrialState.PRUNED for t in trials),
+            "n_complete": len(complete),
+            "study_name": study.study_name,
+            "storage": storage}
+
+
+# ---------------------------------------------------------------------------- storage
+
+
+def _masked(url: str) -> str:
+    """The URL without its password: it goes into best.json, which is committed."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - unparsable: reported by _open_storage
+        return url
+
+
+def _sqlite_file(url: str) -> Path | None:
+    from sqlalchemy.engine import make_url
+
+    try:
+        u = make_url(url)
+    except Exception:  # noqa: BLE001
+        return None
+    if u.get_backend_name() != "sqlite" or u.database in (None, "", ":memory:"):
+        return None
+    return Path(u.database)
+
+
+@contextmanager
+def _init_lock(url: str):
+    """Serialize study set-up between processes sharing one SQLite file (an advisory lock
+    beside it); other databases handle concurrent connections themselves."""
+    path = _sqlite_file(url)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock, start the first worker before the others
+        fcntl = None
+    if path is None or fcntl is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _open_storage(url: str, shown: str):
+    """RDBStorage with heartbeats: a trial whose worker died is failed after the grace period
+    and queued again once with the same parameters (by whichever worker looks next)."""
+    import optuna
+    from sqlalchemy.engine import make_url
+
+    try:
+        make_url(url)
+    except Exception as e:  # noqa: BLE001 - sqlalchemy raises ArgumentError or ValueError
+        raise ConfigError(f"--storage {shown!r} is not a database URL (e.g. "
+                          f"sqlite:///abs/path/optuna.db or postgresql://host/db): "
+                          f"{_first_line(e)}") from None
+    path = _sqlite_file(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = {"connect_args": {"timeout": 60}} if _is_sqlite(url) else {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=kwargs, heartbeat_interval=60, grace_period=180,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=1))
+    except Exception as e:  # noqa: BLE001 - missing driver, unreachable server, bad file
+        raise ConfigError(f"--storage {shown!r}: cannot open it: {_first_line(e)}") from None
+
+
+def _is_sqlite(url: str) -> bool:
+    return url.split(":", 1)[0].split("+", 1)[0] == "sqlite"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------- MLflow
+
+
+class _MlflowLog:
+    """Parent run for the study, one child per trial; a no-op without a tracking URI (then
+    mlflow is never imported). Children name their parent explicitly (`parent_run_id`)."""
+
+    def __init__(self, uri: str | None):
+        self.active = bool(uri)
+        self.parent_id = None
+        self.child = None
+        if not self.active:
+            return
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(uri)
+
+    def start_parent(self, study_name: str, params: dict) -> None:
+        if not self.active:
+            return
+        exp = self.mlflow.set_experiment("hpo")
+        # nested: a caller's active run (e.g. a pipeline step) becomes the grandparent
+        run = self.mlflow.start_run(experiment_id=exp.experiment_id, run_name=study_name,
+                                    nested=True, tags={"optuna.study_name": study_name})
+        self.parent_id = run.info.run_id
+        self.mlflow.log_params({k: str(v) for k, v in params.items()})
+
+    def start_child(self, number: int, params: dict) -> None:
+        if not self.active:
+            return
+        self.child = self.mlflow.start_run(
+            run_name=f"trial-{number}", parent_run_id=self.parent_id, nested=True,
+            tags={"optuna.trial_number": str(number)})
+        self.mlflow.log_params(params)
+
+    def epoch(self, val_loss: float, step: int) -> None:
+        if self.child is not None:
+            self.mlflow.log_metric("val_loss", float(val_loss), step=step)
+
+    def end_child(self, state: str, value: float | None = None) -> None:
+        if self.child is None:
+            return
+        if value is not None and math.isfinite(value):
+            self.mlflow.log_metric("value", value)
+        self.mlflow.set_tag("optuna.state", state)
+        self.mlflow.end_run("FAILED" if state == "FAIL" else "FINISHED")
+        self.child = None
+
+    def end_parent(self, result: dict | None, status: str) -> None:
+        if not self.active or self.parent_id is None:
+            return
+        if self.child is not None:  # interrupted inside a trial
+            self.end_child("FAIL")
+        if result is not None:
+            self.mlflow.log_metrics({"n_trials_total": result["n_trials"],
+                                     "n_complete": result["n_complete"],
+                                     "n_pruned": result["n_pruned"]})
+            if result["best_value"] is not None:
+                self.mlflow.log_metric("best_value", result["best_value"])
+                self.mlflow.log_params({f"best_{k}": v for k, v in
+                                        result["best_params"].items()})
+                self.mlflow.set_tag("best_trial", str(result["best_trial"]))
+        self.mlflow.end_run(status)
+        self.parent_id = None

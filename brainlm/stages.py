@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-STAGES = ("synth", "preprocess", "validate", "pretrain", "finetune", "evaluate")
+STAGES = ("synth", "preprocess", "validate", "pretrain", "tune", "finetune", "evaluate")
 
 
 def load_params(path="params.yaml") -> dict:
@@ -119,6 +119,23 @@ def _pretrain(p, root, mask_ratio):
     values = {"mask_ratio": float(mask_ratio), **result.get("metrics", {})}
     _write_metrics(root, f"pretrain-{mask_ratio:g}", values)
     return values
+
+
+def _tune(p, root, _):
+    """Optuna over the fine-tuning settings; best.json is a DVC metrics file."""
+    from .train.finetune import FinetuneConfig
+    from .train.hpo import tune
+
+    s, t = p["finetune"], p["tune"]
+    base = FinetuneConfig(
+        model=root / "models" / f"pretrain-{p['finetune_mask_ratio']:g}",
+        data=root / "processed", out=root / "runs" / "tune", target=s["target"],
+        task=s["task"], mode=s["mode"], epochs=s["epochs"], batch_size=s["batch_size"],
+        lr=s["lr"], progress=False)
+    best = tune(base, t["n_trials"], study_name=t.get("study", "finetune"),
+                storage=t.get("storage"), seed=t.get("seed", 0), out=root / "runs" / "tune")
+    _write_metrics(root, "tune", best)
+    return best
 
 
 def _finetune(p, root, _):

@@ -22,6 +22,7 @@ MICRO = {
                  "workers": 0, "seed": 0},
     "finetune": {"target": "age", "task": "regression", "mode": "probe", "epochs": 2,
                  "batch_size": 8, "lr": 0.001},
+    "tune": {"n_trials": 2, "study": "micro", "seed": 0},
     "evaluate": {"n_boot": 50},
 }
 
@@ -55,12 +56,14 @@ def repo(tmp_path_factory, atlas_spec):
 def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
     root, sh = repo
     out = sh("dvc", "repro")
-    for stage in ("preprocess", "validate", "pretrain@0.5", "pretrain@0.75", "finetune",
+    for stage in ("preprocess", "validate", "pretrain@0.5", "pretrain@0.75", "tune", "finetune",
                   "evaluate"):
         assert f"Running stage '{stage}'" in out, stage
     assert (root / "data.dvc").is_file() and (root / "dvc.lock").is_file()
     metrics = sh("dvc", "metrics", "show")
     assert "metrics/evaluate.json" in metrics and "metrics/pretrain-0.75.json" in metrics
+    assert "best_value" in metrics  # the tuning study's best trial
+    assert (root / "mlflow" / "optuna.db").is_file()  # the default Optuna storage
 
     again = sh("dvc", "repro")
     assert "Running stage" not in again  # a second repro does nothing
@@ -70,5 +73,5 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     changed = sh("dvc", "repro")
     assert "Running stage 'evaluate'" in changed
-    for stage in ("preprocess", "validate", "pretrain@0.5", "finetune"):
+    for stage in ("preprocess", "validate", "pretrain@0.5", "tune", "finetune"):
         assert f"Running stage '{stage}'" not in changed, stage

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The stages of dvc.yaml, driven by params.yaml's active "
                        "profile: synth, preprocess, validate, pretrain, finetune, evaluate.")
     p.add_argument("name", choices=("synth", "preprocess", "validate", "pretrain", "tune",
-                                    "finetune", "evaluate"))
+                                    "finetune", "evaluate", "register"))
     p.add_argument("--mask-ratio", type=float, default=None, help="pretrain: which ratio")
     p.add_argument("--params", default="params.yaml")
 

@@ -4,11 +4,13 @@ MLflow copies this file into the logged model and runs it at load time, so nothi
 the weights stay in the `save_pretrained` folder (safetensors) logged as the artifact "model",
 and `load_context` reads them with `brainlm.model.load_model`. `brainlm.registry` logs it.
 
-Input (`predict(context, model_input, params)`): a pandas DataFrame, or a dict of lists, with a
-column/key "signal" holding one window per row as a nested list or 2-D array [P, T] (parcels x
-timepoints) of float values already scaled with the folder's `scaler.safetensors`. P must equal
-the number of parcel coordinates saved in `config.json` and T the model's window. Over REST:
-`{"dataframe_records": [{"signal": [[...], ...]}, ...]}`.
+Input (`predict(context, model_input, params)`): windows of float values already scaled with the
+folder's `scaler.safetensors`, each [P, T] (parcels x timepoints, as a nested list or 2-D array;
+P = the parcel coordinates saved in config.json, T = the model's window), given as
+- a pandas DataFrame with one window per row in the column "signal", or records
+  `[{"signal": window}, ...]` (REST: `{"dataframe_records": [...]}`);
+- a dict `{"signal": window}` (one window). Through the loaded pyfunc MLflow's schema check
+  reads a dict as one row, so `{"signal": [w1, w2]}` only works on the bare class.
 
 Output: a DataFrame with one row per window and columns `cls_0 .. cls_{H-1}` (the CLS
 embedding; `params={"pooling": "mean"}` gives `mean_0 ..` instead, the mean of the patch tokens).
@@ -17,15 +19,17 @@ embedding; `params={"pooling": "mean"}` gives `mean_0 ..` instead, the mean of t
 from __future__ import annotations
 
 import mlflow
+import pandas as pd  # already loaded by mlflow.pyfunc; needed for the type hint below
 
 BATCH = 64  # windows per forward pass: bounds memory for large requests
 
 
 def _windows(model_input):
-    """Rows of "signal" -> float32 array [N, P, T]; a clear error for anything else."""
+    """"signal" rows -> float32 array [N, P, T]; a clear error for anything else."""
     import numpy as np
-    import pandas as pd
 
+    if isinstance(model_input, list):  # records: [{"signal": window}, ...]
+        model_input = pd.DataFrame(model_input)
     if isinstance(model_input, pd.DataFrame):
         if "signal" not in model_input.columns:
             raise ValueError(f"expected a column 'signal', got {list(model_input.columns)}")
@@ -34,20 +38,20 @@ def _windows(model_input):
         if "signal" not in model_input:
             raise ValueError(f"expected a key 'signal', got {list(model_input)}")
         rows = model_input["signal"]
-        if isinstance(rows, np.ndarray) and rows.ndim == 2:
-            rows = [rows]
-        rows = list(rows)
     else:
         raise ValueError(f"expected a DataFrame or dict with 'signal', got {type(model_input)}")
-    if not rows:
-        raise ValueError("no windows in 'signal'")
     try:
-        windows = [np.asarray([np.asarray(r, dtype=np.float32) for r in w]) for w in rows]
-        x = np.stack(windows).astype(np.float32, copy=False)
+        if isinstance(rows, list):  # rows may hold arrays or nested lists
+            rows = [np.asarray(w, dtype=np.float32) for w in rows] if rows else []
+            x = np.stack(rows) if rows and rows[0].ndim == 2 else np.asarray(rows, np.float32)
+        else:
+            x = np.asarray(rows, dtype=np.float32)
     except ValueError as exc:
-        raise ValueError(f"'signal' rows must all be [P, T] windows of numbers: {exc}") from None
-    if x.ndim != 3:
-        raise ValueError(f"'signal' rows must be 2-D [P, T] windows, got shape {x.shape[1:]}")
+        raise ValueError(f"'signal' must hold [P, T] windows of numbers: {exc}") from None
+    if x.ndim == 2:  # a dict with one window
+        x = x[None]
+    if x.ndim != 3 or not x.size:
+        raise ValueError(f"'signal' must hold [P, T] windows, got an array of shape {x.shape}")
     return x
 
 
@@ -60,12 +64,30 @@ class BrainLMPyfunc(mlflow.pyfunc.PythonModel):
         from brainlm.model import load_model
 
         self.model = load_model(context.artifacts["model"])
+        if "finetune" in context.artifacts:  # registered fine-tuning run: its encoder, if tuned
+            self._load_finetuned_encoder(context.artifacts["finetune"])
         coords = getattr(self.model.config, "parcel_coords", None)
         self.coords = None if coords is None else torch.as_tensor(coords, dtype=torch.float32)
 
-    def predict(self, context, model_input, params=None):
+    def _load_finetuned_encoder(self, run_dir):
+        """`mode: full` runs save the tuned encoder as `encoder.*` in finetuned.safetensors;
+        probe runs save only the head and the pretrained encoder is already the right one."""
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        weights = Path(run_dir) / "finetuned.safetensors"
+        if not weights.is_file():
+            return
+        state = {k[len("encoder."):]: v for k, v in load_file(str(weights)).items()
+                 if k.startswith("encoder.")}
+        if state:
+            self.model.load_state_dict(state)
+
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        """The hint is what the loaded pyfunc passes after its schema check (it also silences
+        MLflow's "add type hints" warning); the bare class takes dicts and records too."""
         import numpy as np
-        import pandas as pd
         import torch
 
         from brainlm.model import embed_windows

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-STAGES = ("synth", "preprocess", "validate", "pretrain", "tune", "finetune", "evaluate")
+STAGES = ("synth", "preprocess", "validate", "pretrain", "tune", "finetune", "evaluate",
+          "register")
 
 
 def load_params(path="params.yaml") -> dict:
@@ -42,9 +43,23 @@ def _write_metrics(root: Path, name: str, values: dict) -> None:
 
 
 def run_stage(name: str, params: dict, mask_ratio: float | None = None) -> dict:
+    """Run one stage. Tracking goes to MLFLOW_TRACKING_URI, by default the repository's
+    sqlite:///<root>/mlflow/mlflow.db shared by every stage, worker and test."""
+    import os
+
     root = Path(params["root"])
     if name not in STAGES:
         raise ConfigError(f"unknown stage '{name}' (use one of {', '.join(STAGES)})")
+    needs = {"synth": ["synth", "preprocess"], "tune": ["finetune", "tune"],
+             "register": ["register", "finetune"]}.get(name, [name])
+    missing = [k for k in needs if not isinstance(params.get(k), dict)]
+    if missing:
+        raise ConfigError(f"params.yaml: profile '{params['profile']}' has no "
+                          f"{', '.join(missing)} settings")
+    (root / "mlflow").mkdir(exist_ok=True)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{(root / 'mlflow').resolve()}"
+                                                 "/mlflow.db")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     return globals()[f"_{name}"](params, root, mask_ratio)
 
 
@@ -160,4 +175,33 @@ def _evaluate(p, root, _):
     values = {f"{r['method']}_{r['metric']}": r["value"] for r in result["rows"]}
     _write_metrics(root, "evaluate", values)
     print(result["table"])
+    return values
+
+
+def _register(p, root, _):
+    """Register the pretrained and fine-tuned models; promote each to `champion` only if it
+    beats the current one (validation R^2 of the pretraining at the fine-tuned mask ratio;
+    the params' test metric for the fine-tuned model, same split)."""
+    from .registry import log_finetuned, log_pretrained, promote
+
+    reg = p["register"]
+    ratio = p["finetune_mask_ratio"]
+    decisions = {}
+    for r in p["mask_ratios"]:
+        version = log_pretrained(root / "models" / f"pretrain-{r:g}", repo_root=root,
+                                 tags={"mask_ratio": str(r)})
+        if r == ratio:
+            val = json.loads((root / "models" / f"pretrain-{r:g}" / "metrics.json").read_text())
+            decisions["brainlm-pretrain"] = promote("brainlm-pretrain", version.version,
+                                                    "val_r2", val["val_r2"], True)
+    rows = json.loads((root / "runs" / "evaluation" / "results.json").read_text())
+    value = next(r["value"] for r in rows if r["method"] == "brainlm"
+                 and r["metric"] == reg["metric"])
+    version = log_finetuned(root / "runs" / "finetune", repo_root=root)
+    name = version.name
+    decisions[name] = promote(name, version.version, reg["metric"], value,
+                              reg["higher_is_better"])
+    values = {k: {"decision": d["decision"], "champion_version": str(d["champion_version"])}
+              for k, d in decisions.items()}
+    _write_metrics(root, "register", values)
     return values

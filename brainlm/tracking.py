@@ -9,6 +9,24 @@ import os
 from pathlib import Path
 
 
+def artifact_root(uri: str) -> str | None:
+    """Artifacts beside a SQLite store (`<db folder>/artifacts`). MLflow's default for SQLite is
+    ./mlruns under whatever the current folder happens to be; a server decides for itself."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
+
+
+def experiment_id(mlflow, name: str) -> str:
+    """Get or create an experiment whose artifacts live beside the tracking store."""
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root(
+        mlflow.get_tracking_uri()))
+
+
 class Tracker:
     def __init__(self, experiment: str, run_name: str | None = None, uri: str | None = None,
                  enabled: bool = True):
@@ -22,8 +40,8 @@ class Tracker:
 
         self._mlflow = mlflow
         mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(experiment)
-        self.run_id = mlflow.start_run(run_name=run_name).info.run_id
+        self.run_id = mlflow.start_run(experiment_id=experiment_id(mlflow, experiment),
+                                       run_name=run_name).info.run_id
 
     def params(self, params: dict) -> None:
         if self.active:

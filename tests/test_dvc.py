@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ MICRO = {
                  "batch_size": 8, "lr": 0.001},
     "tune": {"n_trials": 2, "study": "micro", "seed": 0},
     "evaluate": {"n_boot": 50},
+    "register": {"metric": "r2", "higher_is_better": True},
 }
 
 
@@ -57,13 +59,17 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
     root, sh = repo
     out = sh("dvc", "repro")
     for stage in ("preprocess", "validate", "pretrain@0.5", "pretrain@0.75", "tune", "finetune",
-                  "evaluate"):
+                  "evaluate", "register"):
         assert f"Running stage '{stage}'" in out, stage
     assert (root / "data.dvc").is_file() and (root / "dvc.lock").is_file()
     metrics = sh("dvc", "metrics", "show")
     assert "metrics/evaluate.json" in metrics and "metrics/pretrain-0.75.json" in metrics
     assert "best_value" in metrics  # the tuning study's best trial
     assert (root / "mlflow" / "optuna.db").is_file()  # the default Optuna storage
+
+    register = json.loads((root / "metrics" / "register.json").read_text())
+    assert register["brainlm-pretrain"]["decision"] == "promoted"  # the first champion
+    assert register["brainlm-age"]["decision"] == "promoted"
 
     again = sh("dvc", "repro")
     assert "Running stage" not in again  # a second repro does nothing

@@ -289,9 +289,12 @@ class _MlflowLog:
     def start_parent(self, study_name: str, params: dict) -> None:
         if not self.active:
             return
-        exp = self.mlflow.set_experiment("hpo")
+        from ..tracking import experiment_id
+
         # nested: a caller's active run (e.g. a pipeline step) becomes the grandparent
-        run = self.mlflow.start_run(experiment_id=exp.experiment_id, run_name=study_name,
+        self.experiment_id = experiment_id(self.mlflow, "hpo")
+        run = self.mlflow.start_run(experiment_id=self.experiment_id,
+                                    run_name=study_name,
                                     nested=True, tags={"optuna.study_name": study_name})
         self.parent_id = run.info.run_id
         self.mlflow.log_params({k: str(v) for k, v in params.items()})
@@ -300,7 +303,8 @@ class _MlflowLog:
         if not self.active:
             return
         self.child = self.mlflow.start_run(
-            run_name=f"trial-{number}", parent_run_id=self.parent_id, nested=True,
+            experiment_id=self.experiment_id, run_name=f"trial-{number}",
+            parent_run_id=self.parent_id, nested=True,
             tags={"optuna.trial_number": str(number)})
         self.mlflow.log_params(params)
 

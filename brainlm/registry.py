@@ -1,0 +1,389 @@
+"""The MLflow model registry: register BrainLM models with their lineage, promote by metric.
+
+Registered versions carry what is needed to trust them later: the git commit and the hashes of
+`data.dvc`, `dvc.lock` and `params.yaml` (lineage), the model's own metrics as `metric.<name>`
+tags, and every promotion decision. Deployment reads `models:/<name>@champion`; aliases
+(`champion`, `challenger`) replace the stages of MLflow 2.
+
+Models are pyfuncs in the "models from code" style (`brainlm/mlflow_model.py`): weights travel as
+the `save_pretrained` folder (safetensors), so loading a registered model never unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import ConfigError
+from .tracking import experiment_id
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+EXPERIMENT = "register"
+MISSING, UNKNOWN = "missing", "unknown"
+# what the pyfunc imports at serving time; pinned to this environment's versions
+SERVING_REQUIREMENTS = ("mlflow", "torch", "transformers", "safetensors", "numpy", "pandas")
+
+
+# ---------------------------------------------------------------------------- where
+
+def find_repo_root(start=None) -> Path:
+    """The nearest folder with pyproject.toml from `start` (default cwd) upward, else `start`:
+    DVC stages, Prefect workers and tests started in sub-folders then share one store."""
+    start = Path(start or os.getcwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / "pyproject.toml").is_file():
+            return folder
+    return start
+
+
+def default_tracking_uri(repo_root=None) -> str:
+    """`sqlite:///<repo>/mlflow/mlflow.db`, absolute so every process finds the same file."""
+    root = Path(repo_root).resolve() if repo_root else find_repo_root()
+    return f"sqlite:///{(root / 'mlflow' / 'mlflow.db').as_posix()}"
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set, else the repository's SQLite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def _use_tracking_uri() -> None:
+    """Point MLflow at `tracking_uri()` unless the caller already chose a URI. Without this
+    MLflow 3 would fall back to a stray ./mlruns file store or ./mlflow.db."""
+    import mlflow
+
+    try:  # private helper; set_tracking_uri also exports the env var, the fallback's test
+        from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+    except ImportError:
+        def is_tracking_uri_set():
+            return bool(os.environ.get("MLFLOW_TRACKING_URI"))
+
+    if is_tracking_uri_set():
+        return
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+
+
+def _client(client=None):
+    if client is not None:
+        return client
+    from mlflow import MlflowClient
+
+    _use_tracking_uri()
+    return MlflowClient()
+
+
+# ---------------------------------------------------------------------------- lineage
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                             timeout=20, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def lineage_tags(repo_root=None) -> dict:
+    """What produced a model: git commit (+ whether the tree had uncommitted tracked changes)
+    and sha256 of `data.dvc`, `dvc.lock` and `params.yaml`. Absent things are recorded as
+    "missing"/"unknown" rather than left out, so a search for them finds them."""
+    root = Path(repo_root).resolve() if repo_root else find_repo_root()
+    commit = _git(root, "rev-parse", "HEAD")
+    commit = commit if commit and re.fullmatch(r"[0-9a-f]{40,64}", commit) else UNKNOWN
+    dirty = _git(root, "status", "--porcelain", "--untracked-files=no") if commit != UNKNOWN \
+        else None
+    tags = {"lineage.git_commit": commit,
+            "lineage.git_dirty": UNKNOWN if dirty is None else str(bool(dirty)).lower()}
+    for key, name in (("data_dvc", "data.dvc"), ("dvc_lock", "dvc.lock"),
+                      ("params", "params.yaml")):
+        path = root / name
+        tags[f"lineage.{key}_sha256"] = _sha256(path) if path.is_file() else MISSING
+    return tags
+
+
+# ---------------------------------------------------------------------------- logging
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path.parent}: not {what} ({path.name}: {exc})") from None
+
+
+def _number(v) -> float | None:
+    """A finite float, or None for anything MLflow should not record as a metric."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def _our_model_config(folder: Path) -> dict:
+    """config.json of a Family A folder with its atlas: the pyfunc needs the coordinates."""
+    config = _read_json(folder / "config.json", "a pretrained model folder")
+    if config.get("model_type") != "brainlm":
+        raise ConfigError(f"{folder}: model_type {config.get('model_type')!r}; only our "
+                          "'brainlm' models can be registered (they carry their atlas)")
+    if not config.get("parcel_coords"):
+        raise ConfigError(f"{folder}: config.json has no parcel_coords; the registered model "
+                          "could not tell parcels apart")
+    return config
+
+
+def _signature_and_example(config: dict):
+    """One zero window [P, T] as the input example; the schema types windows as nested double
+    arrays (JSON numbers arrive as float64, which a float32 schema would refuse)."""
+    import numpy as np
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import (Array, ColSpec, DataType, ParamSchema, ParamSpec,
+                                     Schema)
+
+    p, t, h = len(config["parcel_coords"]), int(config["window"]), int(config["hidden_size"])
+    example = pd.DataFrame({"signal": [np.zeros((p, t)).tolist()]})
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(Array(Array(DataType.double)), "signal")]),
+        outputs=Schema([ColSpec(DataType.float, f"cls_{i}") for i in range(h)]),
+        params=ParamSchema([ParamSpec("pooling", DataType.string, "cls")]))
+    return signature, example
+
+
+def _requirements() -> list[str]:
+    """Pinned, instead of MLflow's inference (a subprocess that imports the model: slow)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for dist in SERVING_REQUIREMENTS:
+        try:
+            out.append(f"{dist}=={version(dist).split('+')[0]}")  # no local tag (+cpu)
+        except PackageNotFoundError:
+            out.append(dist)
+    return out
+
+
+@contextmanager
+def _run(run_id: str | None, run_name: str):
+    """The run to log into: `run_id` (resumed; reused if it is already the active run), else a
+    new run in experiment "register" (nested when another run is active)."""
+    import mlflow
+
+    active = mlflow.active_run()
+    if run_id and active and active.info.run_id == run_id:
+        yield active
+        return
+    nested = active is not None
+    if run_id:
+        with mlflow.start_run(run_id=run_id, nested=nested) as run:
+            yield run
+        return
+    exp_id = experiment_id(mlflow, EXPERIMENT)
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, nested=nested) as run:
+        yield run
+
+
+def _log_pyfunc(name: str, config: dict, artifacts: dict, run_id, version_tags: dict,
+                run_metrics: dict, description: str | None):
+    """Log the pyfunc over `artifacts` into a run, register it, tag the new version."""
+    import mlflow
+
+    _use_tracking_uri()
+    signature, example = _signature_and_example(config)
+    package = Path(__file__).resolve().parent
+    with _run(run_id, f"register-{name}") as run:
+        mlflow.set_tags({k: v for k, v in version_tags.items() if k.startswith("lineage.")})
+        if run_metrics and not run_id:  # a training run already has its own metrics
+            mlflow.log_metrics(run_metrics)
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(package / "mlflow_model.py"),
+            artifacts={k: str(v) for k, v in artifacts.items()},
+            code_paths=[str(package)],  # the model code travels with the weights
+            signature=signature, input_example=example, pip_requirements=_requirements(),
+            registered_model_name=name)
+        version = str(info.registered_model_version)
+        run_id = run.info.run_id
+    client = mlflow.MlflowClient()
+    for key, value in {**version_tags, "source_run_id": run_id}.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    if description:
+        client.update_model_version(name, version, description=description[:5000])
+    return client.get_model_version(name, version)
+
+
+def log_pretrained(folder, name: str = "brainlm-pretrain", run_id: str | None = None,
+                   tags: dict | None = None, repo_root=None):
+    """Register a pretraining output folder (config.json, model.safetensors, scaler,
+    README.md, metrics.json) as a new version of `name`; returns the `ModelVersion`.
+
+    Version tags: lineage (see `lineage_tags`), `metric.<k>` for numbers in metrics.json,
+    `config.*` (window, patch size, widths, atlas), the scaler's sha256 and `tags`. The model
+    card (README.md) becomes the version's description.
+    """
+    folder = Path(folder).resolve()
+    config = _our_model_config(folder)
+    metrics = {}
+    if (folder / "metrics.json").is_file():
+        metrics = {k: v for k, v in _read_json(folder / "metrics.json", "metrics").items()
+                   if _number(v) is not None}
+    version_tags = {**lineage_tags(repo_root), **_config_tags(config),
+                    **{f"metric.{k}": v for k, v in metrics.items()}}
+    if (folder / "scaler.safetensors").is_file():
+        version_tags["scaler.sha256"] = _sha256(folder / "scaler.safetensors")
+    version_tags.update(tags or {})
+    readme = folder / "README.md"
+    return _log_pyfunc(name, config, {"model": folder}, run_id, version_tags, metrics,
+                       readme.read_text() if readme.is_file() else None)
+
+
+def _config_tags(config: dict) -> dict:
+    keys = ("window", "patch_size", "hidden_size", "num_hidden_layers", "mask_ratio",
+            "mask_strategy", "atlas", "atlas_hash")
+    out = {f"config.{k}": config[k] for k in keys if config.get(k) is not None}
+    out["config.n_parcels"] = len(config["parcel_coords"])
+    return out
+
+
+def log_finetuned(run_dir, target: str | None = None, name: str | None = None,
+                  run_id: str | None = None, tags: dict | None = None, repo_root=None,
+                  pretrained=None):
+    """Register a fine-tuning run folder (finetune.json, finetuned.safetensors, predictions)
+    as a new version of `brainlm-<target>` (`brainlm-forecast` for forecasting).
+
+    The served pyfunc is the embedding model of `brainlm/mlflow_model.py` over the pretrained
+    folder the run started from (`pretrained`, default finetune.json's "model"); the whole run
+    folder travels as the extra artifact "finetune", and when the run fine-tuned the encoder
+    (`mode: full`) the pyfunc loads those encoder weights, so embeddings match the run. The
+    task head is not served: its outputs come from the run's predictions.
+
+    Version tags: lineage, `config.*`, `finetune.*` (task, mode, pooling, target), and
+    `metric.<m>` (+ `metric.<m>.low/high`) for the brainlm rows of evaluation/results.json
+    when `brainlm evaluate` has been run (its results.md becomes the description), plus
+    `metric.best_val_loss`. Only fine-tuning from our ('brainlm') pretrained folders.
+    """
+    run_dir = Path(run_dir).resolve()
+    meta = _read_json(run_dir / "finetune.json", "a fine-tuning run")
+    cfg = meta.get("config", {})
+    task, run_target = cfg.get("task"), cfg.get("target")
+    if target is None:
+        target = run_target or task
+    elif task != "forecast" and target != run_target:
+        raise ConfigError(f"{run_dir}: the run fine-tuned on {run_target!r}, not {target!r}")
+    name = name or "brainlm-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", str(target)).strip("-")
+    model_folder = Path(pretrained or meta.get("model") or "").resolve()
+    config = _our_model_config(model_folder)
+    metrics = {}
+    if (n := _number(meta.get("best_val_loss"))) is not None:
+        metrics["best_val_loss"] = n
+    results = run_dir / "evaluation" / "results.json"
+    ci = {}
+    if results.is_file():
+        for row in _read_json(results, "evaluation results"):
+            if row.get("method") == "brainlm" and (v := _number(row.get("value"))) is not None:
+                metrics[row["metric"]] = v
+                for end in ("low", "high"):
+                    if (b := _number(row.get(end))) is not None:
+                        ci[f"metric.{row['metric']}.{end}"] = b
+    version_tags = {**lineage_tags(repo_root), **_config_tags(config),
+                    **{f"finetune.{k}": cfg.get(k) for k in ("task", "mode", "pooling", "target")
+                       if cfg.get(k) is not None},
+                    "finetune.pretrained": str(model_folder),
+                    **{f"metric.{k}": v for k, v in metrics.items()}, **ci, **(tags or {})}
+    report = run_dir / "evaluation" / "results.md"
+    return _log_pyfunc(name, config, {"model": model_folder, "finetune": run_dir}, run_id,
+                       version_tags, metrics, report.read_text() if report.is_file() else None)
+
+
+# ---------------------------------------------------------------------------- promotion
+
+def _alias_version(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(exc).lower():
+            return None
+        raise
+
+
+def promote(name: str, version, metric: str, value: float, higher_is_better: bool,
+            client=None, split: str | None = None) -> dict:
+    """Make `version` the champion only if its `value` of `metric` is strictly better than the
+    current champion's (recorded as its tag `metric.<metric>`), or if there is no champion.
+    A refused candidate becomes the `challenger`.
+
+    The values must come from the same test split: the caller computes both; `split` (e.g. a
+    hash of the test subjects), when given for both versions, is checked to be equal. Every
+    decision is written on the candidate version as `promotion.*` tags, and `value` as its
+    `metric.<metric>` tag, so the next comparison reads it. Not safe against two promotions
+    of the same model at once.
+
+    Returns {"decision": "promoted" | "kept_champion", "champion_version" (after the decision),
+    "candidate_version", "candidate_value", "champion_value" (of the version compared with,
+    None without one), "compared_with" (that version, or None)}.
+    """
+    value = _number(value)
+    if value is None:
+        raise ValueError(f"{metric} of candidate {name} v{version} must be a finite number")
+    client = _client(client)
+    version = str(version)
+    client.get_model_version(name, version)  # fails early for an unknown version
+    champion = _alias_version(client, name, CHAMPION)
+    # versions are ints from the SQLite store of MLflow 3.17 and strings elsewhere: use str
+    current = None if champion is None else str(champion.version)
+    compared_with = current if current != version else None
+    champion_value = None
+    if compared_with is not None:
+        try:
+            champion_value = _number(float(champion.tags.get(f"metric.{metric}", "nan")))
+        except ValueError:
+            champion_value = None
+        if champion_value is None:
+            raise ValueError(f"champion {name} v{current} has no finite tag metric.{metric}: "
+                             "evaluate it on the same split and set the tag before promoting "
+                             "against it")
+        theirs = champion.tags.get("promotion.split")
+        if split and theirs and theirs != split:
+            raise ValueError(f"champion {name} v{current} was scored on split {theirs!r}, the "
+                             f"candidate on {split!r}: not comparable")
+        promoted = value > champion_value if higher_is_better else value < champion_value
+    else:
+        promoted = current is None  # no champion yet; or the candidate already is it
+    decision = "promoted" if promoted else "kept_champion"
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        challenger = _alias_version(client, name, CHALLENGER)
+        if challenger is not None and str(challenger.version) == version:
+            client.delete_registered_model_alias(name, CHALLENGER)
+        if compared_with is not None:
+            client.set_model_version_tag(name, compared_with, "promotion.replaced_by", version)
+    elif compared_with is not None:
+        client.set_registered_model_alias(name, CHALLENGER, version)
+    tags = {f"metric.{metric}": value, "promotion.decision": decision,
+            "promotion.metric": metric, "promotion.higher_is_better": str(higher_is_better),
+            "promotion.compared_with": compared_with or "none",
+            "promotion.candidate_value": value,
+            "promotion.champion_value": "none" if champion_value is None else champion_value}
+    if split:
+        tags["promotion.split"] = split
+    for key, v in tags.items():
+        client.set_model_version_tag(name, version, key, str(v))
+    return {"decision": decision,
+            "champion_version": version if promoted else current,
+            "candidate_version": version, "candidate_value": value,
+            "champion_value": champion_value, "compared_with": compared_with}

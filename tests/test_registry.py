@@ -1,0 +1,279 @@
+"""Model registry: pyfunc logging with lineage, embeddings through `models:/`, promotion by metric.
+
+Everything runs against a private SQLite store in a temporary folder (no server, no network).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+mlflow = pytest.importorskip("mlflow")
+torch = pytest.importorskip("torch")
+
+from brainlm import registry  # noqa: E402
+from brainlm.errors import ConfigError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A fresh SQLite tracking store; cwd moves there too so nothing lands in the repo."""
+    tmp = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{tmp.as_posix()}/mlflow.db"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        mp.chdir(tmp)
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield tmp
+        finally:
+            mlflow.set_tracking_uri(previous)  # None unsets it again
+    assert os.environ.get("MLFLOW_TRACKING_URI") == previous
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny untrained Family A folder as pretraining writes it (scaler is a stand-in)."""
+    from brainlm.model.config import BrainLMConfig
+    from brainlm.model.modeling import BrainLMForPretraining
+
+    folder = tmp_path_factory.mktemp("pretrained")
+    config = BrainLMConfig.from_preset("tiny", window=40, patch_size=10)
+    config.parcel_coords = np.random.default_rng(0).uniform(-60, 60, (10, 3)).round(2).tolist()
+    torch.manual_seed(0)
+    model = BrainLMForPretraining(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    (folder / "scaler.safetensors").write_bytes(b"not a real scaler")
+    (folder / "metrics.json").write_text(json.dumps({"val_mse": 0.42, "val_r2": None,
+                                                     "step": 3}))
+    (folder / "README.md").write_text("# tiny test model\n")
+    return folder, model
+
+
+@pytest.fixture(scope="module")
+def registered(store, pretrained, tmp_path_factory):
+    root = tmp_path_factory.mktemp("repo")  # a repository root without git or DVC files
+    (root / "dvc.lock").write_text("schema: '2.0'\n")
+    return registry.log_pretrained(pretrained[0], repo_root=root), root
+
+
+def windows(n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 10, 40)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------- where / lineage
+
+def test_default_tracking_uri_is_absolute(tmp_path, monkeypatch):
+    uri = registry.default_tracking_uri()
+    assert uri.startswith("sqlite:///") and uri.endswith("mlflow/mlflow.db")
+    assert Path(uri[len("sqlite:///"):]).is_absolute()
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a" / "b")  # found upward from a sub-folder
+    assert registry.default_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/x.db")
+    assert registry.tracking_uri() == "sqlite:////elsewhere/x.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert registry.tracking_uri() == registry.default_tracking_uri()
+
+
+def test_lineage_tags(tmp_path):
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    tags = registry.lineage_tags(tmp_path)
+    assert tags["lineage.git_commit"] == "unknown"
+    assert tags["lineage.data_dvc_sha256"] == "missing"
+    assert tags["lineage.dvc_lock_sha256"] == "missing"
+    assert tags["lineage.params_sha256"] == hashlib.sha256(b"seed: 0\n").hexdigest()
+    if not (REPO / ".git").exists():
+        pytest.skip("the checkout has no .git")
+    commit = registry.lineage_tags(REPO)["lineage.git_commit"]
+    assert re.fullmatch(r"[0-9a-f]{40}", commit), commit
+
+
+# ---------------------------------------------------------------------------- logging
+
+def test_log_pretrained_registers_version_with_lineage(registered, store):
+    mv, root = registered
+    assert (mv.name, str(mv.version)) == ("brainlm-pretrain", "1")
+    tags = mv.tags
+    assert tags["lineage.git_commit"] == "unknown"  # the tmp repository root is not in git
+    assert tags["lineage.data_dvc_sha256"] == "missing"
+    assert tags["lineage.dvc_lock_sha256"] == hashlib.sha256(
+        (root / "dvc.lock").read_bytes()).hexdigest()
+    assert float(tags["metric.val_mse"]) == pytest.approx(0.42)
+    assert "metric.val_r2" not in tags  # null in metrics.json: not a number
+    assert tags["config.n_parcels"] == "10" and tags["config.window"] == "40"
+    assert mv.description.startswith("# tiny test model")
+    client = mlflow.MlflowClient()
+    run = client.get_run(tags["source_run_id"])
+    assert client.get_experiment(run.info.experiment_id).name == "register"
+    assert run.data.tags["lineage.data_dvc_sha256"] == "missing"
+    assert run.data.metrics["val_mse"] == pytest.approx(0.42)
+    # artifacts live beside the store, not under whatever folder was current
+    assert client.get_experiment(run.info.experiment_id).artifact_location.startswith(
+        (store / "artifacts").as_uri())
+
+
+def test_registered_pyfunc_returns_the_models_embeddings(registered, pretrained):
+    import pandas as pd
+
+    _, model = pretrained
+    loaded = mlflow.pyfunc.load_model("models:/brainlm-pretrain/1")
+    x = windows(2)
+    out = loaded.predict(pd.DataFrame({"signal": [w.tolist() for w in x]}))
+    assert out.shape == (2, 64)
+    assert list(out.columns[:2]) == ["cls_0", "cls_1"]
+    with torch.no_grad():
+        expected = model.embed(torch.from_numpy(x))
+    np.testing.assert_allclose(out.to_numpy(), expected["cls"].numpy(), rtol=1e-5, atol=1e-6)
+    mean = loaded.predict(pd.DataFrame({"signal": list(x)}), params={"pooling": "mean"})
+    np.testing.assert_allclose(mean.to_numpy(), expected["mean"].numpy(), rtol=1e-5, atol=1e-6)
+    one = loaded.predict({"signal": x[1].tolist()})  # a dict is one window
+    np.testing.assert_allclose(one.to_numpy()[0], expected["cls"][1].numpy(), atol=1e-6)
+    with pytest.raises(Exception, match="expects"):
+        loaded.predict(pd.DataFrame({"signal": [np.zeros((10, 30)).tolist()]}))
+    meta = loaded.metadata
+    assert meta.get_input_schema().input_names() == ["signal"]
+    assert len(meta.get_output_schema().input_names()) == 64
+
+
+def test_log_pretrained_refuses_folders_it_cannot_serve(store, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit_mae"}))
+    with pytest.raises(ConfigError, match="brainlm"):
+        registry.log_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="not a pretrained model folder"):
+        registry.log_pretrained(tmp_path / "nothing")
+
+
+def test_log_finetuned_serves_the_tuned_encoder(registered, pretrained, tmp_path):
+    """A `mode: full` run: the registered pyfunc must embed with the run's encoder."""
+    import pandas as pd
+    from safetensors.torch import save_file
+
+    folder, model = pretrained
+    run = tmp_path / "ft"
+    (run / "evaluation").mkdir(parents=True)
+    (run / "finetune.json").write_text(json.dumps({
+        "config": {"task": "regression", "mode": "full", "pooling": "cls", "target": "age"},
+        "best_val_loss": 0.9, "window": 40, "model": str(folder)}))
+    tuned = {k: v + 0.01 for k, v in model.state_dict().items()}
+    save_file({f"encoder.{k}": v.contiguous() for k, v in tuned.items()}
+              | {"head.linear.weight": torch.zeros(1, 64), "head.linear.bias": torch.zeros(1)},
+              str(run / "finetuned.safetensors"))
+    (run / "evaluation" / "results.json").write_text(json.dumps([
+        {"method": "brainlm", "metric": "r2", "value": 0.31, "low": 0.1, "high": 0.5},
+        {"method": "fc_linear", "metric": "r2", "value": 0.2, "low": 0.0, "high": 0.4}]))
+    (run / "evaluation" / "results.md").write_text("| method | r2 |\n")
+    with pytest.raises(ConfigError, match="age"):
+        registry.log_finetuned(run, "sex")
+    client = mlflow.MlflowClient()
+    training_run = client.create_run(client.create_experiment("finetune")).info.run_id
+    mv = registry.log_finetuned(run, "age", repo_root=tmp_path, run_id=training_run)
+    assert (mv.name, str(mv.version)) == ("brainlm-age", "1")
+    assert mv.tags["source_run_id"] == training_run  # logged into the given run
+    logged = client.get_run(training_run).data
+    assert logged.tags["lineage.git_commit"] == "unknown" and not logged.metrics
+    assert float(mv.tags["metric.r2"]) == pytest.approx(0.31)  # brainlm's row, not fc_linear's
+    assert float(mv.tags["metric.r2.low"]) == pytest.approx(0.1)
+    assert mv.tags["finetune.mode"] == "full"
+    assert mv.description.startswith("| method | r2 |")
+    x = windows(3, seed=2)
+    out = mlflow.pyfunc.load_model("models:/brainlm-age/1").predict(
+        pd.DataFrame({"signal": list(x)}))
+    from brainlm.model.modeling import BrainLMForPretraining
+
+    tuned_model = BrainLMForPretraining(model.config).eval()
+    tuned_model.load_state_dict(tuned)
+    with torch.no_grad():
+        expected = tuned_model.embed(torch.from_numpy(x))["cls"].numpy()
+        untuned = model.embed(torch.from_numpy(x))["cls"].numpy()
+    np.testing.assert_allclose(out.to_numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(out.to_numpy(), untuned, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- promotion
+
+def _versions(client, name: str, n: int, tmp_path) -> list[str]:
+    """Cheap registered versions (promotion only reads tags and aliases)."""
+    client.create_registered_model(name)
+    return [str(client.create_model_version(name, source=(tmp_path / f"v{i}").as_uri()).version)
+            for i in range(n)]
+
+
+def _champion(client, name):
+    return str(client.get_model_version_by_alias(name, "champion").version)
+
+
+@pytest.mark.parametrize("metric,higher,values", [
+    ("r2", True, (0.30, 0.25, 0.35)),   # first, worse, better
+    ("mse", False, (0.50, 0.60, 0.40)),
+])
+def test_promotion_by_metric(store, tmp_path, metric, higher, values):
+    client = mlflow.MlflowClient()
+    name = f"promo-{metric}"
+    v1, v2, v3 = _versions(client, name, 3, tmp_path)
+
+    first = registry.promote(name, v1, metric, values[0], higher, client=client)
+    assert first["decision"] == "promoted" and first["compared_with"] is None
+    assert first["champion_value"] is None and _champion(client, name) == v1
+
+    worse = registry.promote(name, v2, metric, values[1], higher, client=client)
+    assert worse == {"decision": "kept_champion", "champion_version": v1,
+                     "candidate_version": v2, "candidate_value": values[1],
+                     "champion_value": values[0], "compared_with": v1}
+    assert _champion(client, name) == v1
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == v2
+    tags = client.get_model_version(name, v2).tags
+    assert tags["promotion.decision"] == "kept_champion"
+    assert tags["promotion.compared_with"] == v1
+    assert float(tags["promotion.champion_value"]) == values[0]
+    assert float(tags[f"metric.{metric}"]) == values[1]
+
+    better = registry.promote(name, v3, metric, values[2], higher, client=client)
+    assert better["decision"] == "promoted" and better["champion_version"] == v3
+    assert _champion(client, name) == v3
+    assert client.get_model_version(name, v3).tags["promotion.decision"] == "promoted"
+    assert client.get_model_version(name, v1).tags["promotion.replaced_by"] == v3
+    # a tie is not strictly better
+    tie = registry.promote(name, v2, metric, values[2], higher, client=client)
+    assert tie["decision"] == "kept_champion" and _champion(client, name) == v3
+
+
+def test_promotion_refuses_what_it_cannot_compare(store, tmp_path):
+    client = mlflow.MlflowClient()
+    name = "promo-guard"
+    v1, v2 = _versions(client, name, 2, tmp_path)
+    with pytest.raises(ValueError, match="finite"):
+        registry.promote(name, v1, "r2", float("nan"), True, client=client)
+    client.set_registered_model_alias(name, "champion", v1)  # set by hand: no recorded value
+    with pytest.raises(ValueError, match="no finite tag metric.r2"):
+        registry.promote(name, v2, "r2", 0.5, True, client=client)
+    client.set_model_version_tag(name, v1, "metric.r2", "0.1")
+    client.set_model_version_tag(name, v1, "promotion.split", "test-A")
+    with pytest.raises(ValueError, match="not comparable"):
+        registry.promote(name, v2, "r2", 0.5, True, client=client, split="test-B")
+    assert _champion(client, name) == v1
+    assert registry.promote(name, v2, "r2", 0.5, True, client=client,
+                            split="test-A")["decision"] == "promoted"
+
+
+def test_registered_champion_loads_by_alias(registered, pretrained):
+    """The deployment path: promote the pretrained model, then load `models:/name@champion`."""
+    mv, _ = registered
+    result = registry.promote(mv.name, mv.version, "val_mse", 0.42, higher_is_better=False)
+    assert result["decision"] == "promoted"
+    out = mlflow.pyfunc.load_model("models:/brainlm-pretrain@champion").predict(
+        {"signal": windows(1)[0].tolist()})
+    assert out.shape == (1, 64)

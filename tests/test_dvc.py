@@ -81,3 +81,64 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
     assert "Running stage 'evaluate'" in changed
     for stage in ("preprocess", "validate", "pretrain@0.5", "tune", "finetune"):
         assert f"Running stage '{stage}'" not in changed, stage
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_prefect_deployment_retrain_nightly_completes(repo, tmp_path):
+    """A real `prefect server start`, `prefect deploy`, a process worker, and
+    `prefect deployment run 'retrain/nightly'` reaching Completed."""
+    import time
+    import urllib.request
+
+    root, _ = repo
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    logs = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(["prefect", "server", "start", "--port", str(port)], env=env,
+                              stdout=logs, stderr=subprocess.STDOUT)
+    worker = None
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            raise AssertionError((tmp_path / "server.log").read_text()[-2000:])
+
+        def prefect(*args, cwd=ROOT, timeout=600):
+            res = subprocess.run(["prefect", *args], cwd=cwd, env=env, capture_output=True,
+                                 text=True, timeout=timeout)
+            assert res.returncode == 0, f"{args}: {res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+            return res.stdout + res.stderr
+
+        prefect("work-pool", "create", "brainlm-process", "--type", "process")
+        assert "nightly" in prefect("--no-prompt", "deploy", "--all")
+        worker = subprocess.Popen(["prefect", "worker", "start", "--pool", "brainlm-process"],
+                                  cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        out = prefect("deployment", "run", "retrain/nightly", "--param", f"repo={root}",
+                      "--watch", "--watch-timeout", "500")
+        assert "Completed" in out, out[-2000:]
+        assert json.loads((root / "metrics" / "register.json").read_text())
+    finally:
+        for proc in (worker, server):
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        logs.close()

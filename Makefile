@@ -1,4 +1,5 @@
-# make demo: set up .venv on first use, then synthetic data -> preprocessing summary.
+# make demo: set up .venv on first use, write the synthetic cohort into data/, then
+#            `dvc repro` the whole pipeline (demo profile of params.yaml) and say where to look.
 # make test: the test suite (what CI runs).
 PYTHON ?= python3
 VENV := .venv
@@ -22,10 +23,21 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+export DVC_NO_ANALYTICS = 1
+export MLFLOW_DISABLE_TELEMETRY = true
+
 demo: $(STAMP)
-	$(BIN)/brainlm synth --out $(DEMO_DIR)/raw --subjects 20 --timepoints 400 --seed 0
-	$(BIN)/brainlm preprocess --input $(DEMO_DIR)/raw --out $(DEMO_DIR)/processed \
-		--workers 2 --allow-fallback-atlas
+	$(BIN)/brainlm stage synth
+	test -d .dvc || $(BIN)/dvc init -q $$(git rev-parse --git-dir >/dev/null 2>&1 || echo --no-scm)
+	$(BIN)/dvc add -q data
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	@echo
+	@echo "Results:    runs/evaluation/results.md"
+	@cat runs/evaluation/results.md
+	@echo "Metrics:    .venv/bin/dvc metrics show   (plots: .venv/bin/dvc plots show)"
+	@echo "Data Docs:  validation/gx/uncommitted/data_docs/local_site/index.html"
+	@echo "Registry:   $$(cat metrics/register.json | tr -d '\n ')"
+	@echo "MLflow UI:  ./mlflow/server.sh   then http://127.0.0.1:5000"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -35,4 +47,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/parcellate.py
 
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache
+	rm -rf $(DEMO_DIR) .pytest_cache data processed validation models runs

@@ -62,8 +62,11 @@ def regression_metrics(y_true, y_pred) -> dict:
     sse = float(np.sum((t - p) ** 2))
     tc, pc = t - t.mean(), p - p.mean()
     denom = math.sqrt(float(tc @ tc) * float(pc @ pc))
+    # "constant" up to rounding: a bootstrap draw of one subject repeated has SST ~1e-28, and
+    # 1 - SSE/SST would be a meaningless -1e29 instead of undefined
+    constant = sst <= 1e-12 * max(1.0, float(np.sum(t ** 2)))
     return {
-        "r2": 1.0 - sse / sst if sst > 0 else math.nan,
+        "r2": math.nan if constant else 1.0 - sse / sst,
         "mae": float(np.mean(np.abs(t - p))),
         "pearson_r": float(tc @ pc) / denom if denom > 0 else math.nan,
     }

@@ -60,7 +60,21 @@ def run_stage(name: str, params: dict, mask_ratio: float | None = None) -> dict:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{(root / 'mlflow').resolve()}"
                                                  "/mlflow.db")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    return globals()[f"_{name}"](params, root, mask_ratio)
+    values = globals()[f"_{name}"](params, root, mask_ratio)
+    if name in ("preprocess", "validate", "finetune", "evaluate"):  # the others log their own
+        _track(name, params, values)
+    return values
+
+
+def _track(name: str, params: dict, values: dict) -> None:
+    """One MLflow run per stage execution, in the experiment named after the stage."""
+    from .tracking import Tracker
+
+    tracker = Tracker(name, run_name=f"{params['profile']}-{name}")
+    tracker.params({f"{name}.{k}": v for k, v in params[name].items()})
+    tracker.metrics({k: float(v) for k, v in values.items()
+                     if isinstance(v, (int, float)) and v == v}, step=0)
+    tracker.end()
 
 
 def _synth(p, root, _):
@@ -147,7 +161,13 @@ def _tune(p, root, _):
         data=root / "processed", out=root / "runs" / "tune", target=s["target"],
         task=s["task"], mode=s["mode"], epochs=s["epochs"], batch_size=s["batch_size"],
         lr=s["lr"], progress=False)
-    best = tune(base, t["n_trials"], study_name=t.get("study", "finetune"),
+    # a study belongs to one dataset and one pretrained model: trials on other data would
+    # otherwise mix into "best" when the shared storage already holds the study name
+    from .fileio import sha256_file
+
+    key = sha256_file(base.data / "manifest.parquet")[:6] + sha256_file(
+        base.model / "model.safetensors")[:6]
+    best = tune(base, t["n_trials"], study_name=f"{t.get('study', 'finetune')}-{key}",
                 storage=t.get("storage"), seed=t.get("seed", 0), out=root / "runs" / "tune")
     _write_metrics(root, "tune", best)
     return best
@@ -182,25 +202,40 @@ def _register(p, root, _):
     """Register the pretrained and fine-tuned models; promote each to `champion` only if it
     beats the current one (validation R^2 of the pretraining at the fine-tuned mask ratio;
     the params' test metric for the fine-tuned model, same split)."""
+    import hashlib
+
+    import pandas as pd
+
     from .registry import log_finetuned, log_pretrained, promote
 
     reg = p["register"]
     ratio = p["finetune_mask_ratio"]
     decisions = {}
+    manifest = pd.read_parquet(root / "processed" / "manifest.parquet")
+    split = {s: hashlib.sha256(",".join(sorted(set(
+        manifest.loc[manifest["split"] == s, "subject"]))).encode()).hexdigest()[:16]
+        for s in ("val", "test")}
+
+    def decide(name, version, metric, value, higher, on):
+        try:
+            return promote(name, version, metric, value, higher, split=split[on])
+        except ValueError as exc:  # the champion was scored on other subjects
+            return {"decision": "not_comparable", "champion_version": None, "reason": str(exc)}
+
     for r in p["mask_ratios"]:
         version = log_pretrained(root / "models" / f"pretrain-{r:g}", repo_root=root,
                                  tags={"mask_ratio": str(r)})
         if r == ratio:
             val = json.loads((root / "models" / f"pretrain-{r:g}" / "metrics.json").read_text())
-            decisions["brainlm-pretrain"] = promote("brainlm-pretrain", version.version,
-                                                    "val_r2", val["val_r2"], True)
+            decisions["brainlm-pretrain"] = decide("brainlm-pretrain", version.version,
+                                                   "val_r2", val["val_r2"], True, "val")
     rows = json.loads((root / "runs" / "evaluation" / "results.json").read_text())
     value = next(r["value"] for r in rows if r["method"] == "brainlm"
                  and r["metric"] == reg["metric"])
     version = log_finetuned(root / "runs" / "finetune", repo_root=root)
     name = version.name
-    decisions[name] = promote(name, version.version, reg["metric"], value,
-                              reg["higher_is_better"])
+    decisions[name] = decide(name, version.version, reg["metric"], value,
+                             reg["higher_is_better"], "test")
     values = {k: {"decision": d["decision"], "champion_version": str(d["champion_version"])}
               for k, d in decisions.items()}
     _write_metrics(root, "register", values)

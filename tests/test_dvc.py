@@ -142,3 +142,17 @@ def test_prefect_deployment_retrain_nightly_completes(repo, tmp_path):
                 except subprocess.TimeoutExpired:
                     proc.kill()
         logs.close()
+
+
+def test_failed_expectations_stop_the_pipeline_at_validate(repo):
+    root, _ = repo
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["demo"]["validate"]["max_abs"] = 0.01  # scaled values are far larger
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    res = subprocess.run(["dvc", "repro"], cwd=root, env=env, capture_output=True, text=True)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "expectation(s) failed" in out and "max_abs" in out and "Data Docs:" in out
+    assert "Running stage 'pretrain" not in out and "Running stage 'finetune'" not in out

@@ -10,19 +10,12 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import optuna
-import pandas as pd
 import pytest
-import torch
 from optuna.trial import TrialState
 
-from brainlm.data.parcellate import ParcellationSettings
-from brainlm.data.pipeline import PreprocessConfig, run_preprocess
-from brainlm.data.store import BrainStore
+from tests.helpers import age_effect_setup
 from brainlm.errors import ConfigError
-from brainlm.model.config import BrainLMConfig
-from brainlm.model.modeling import BrainLMForPretraining
 from brainlm.train.finetune import FinetuneConfig
 from brainlm.train.hpo import SEARCH_SPACE, default_storage, search_space, tune
 
@@ -33,32 +26,8 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """16 subjects whose parcel-0 amplitude grows with age; an untrained tiny model."""
-    root = tmp_path_factory.mktemp("hpo")
-    raw = root / "raw"
-    raw.mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(N):
-        age = rng.uniform(20, 80)
-        x = rng.standard_normal((T, P))
-        x[:, 0] *= 0.5 + age / 40
-        np.save(raw / f"sub-{i:02d}_task-rest_timeseries.npy", 100 + x)
-        rows.append({"participant_id": f"sub-{i:02d}", "age": round(age, 1)})
-    pd.DataFrame(rows).to_csv(raw / "participants.tsv", sep="\t", index=False)
-    pd.DataFrame(rng.uniform(-60, 60, (P, 3)), columns=["x", "y", "z"]).to_csv(
-        root / "coords.tsv", sep="\t", index=False)
-    run_preprocess(PreprocessConfig(
-        inputs=[raw], out=root / "store", coords=root / "coords.tsv", input_tr=0.735,
-        progress=False, cache_dir=root / "cache",
-        settings=ParcellationSettings(min_timepoints=40, standardize="none", detrend=False)))
-    store = BrainStore(root / "store")
-    torch.manual_seed(0)
-    model = BrainLMForPretraining(BrainLMConfig.from_preset("tiny", window=40, patch_size=10))
-    model.config.parcel_coords = store.coords.tolist()
-    model.config.atlas_hash = store.meta["atlas_hash"]
-    model.save_pretrained(root / "model")
-    return root
+    """Subjects whose parcel-0 amplitude grows with age; an untrained tiny model."""
+    return age_effect_setup(tmp_path_factory.mktemp("hpo"), N, T, P)
 
 
 def _base(root, out, **kw):

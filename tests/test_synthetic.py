@@ -270,3 +270,18 @@ def test_write_bids_float32_and_bad_voxel_size(atlas, tmp_path):
     assert img.header.get_zooms() == pytest.approx((6.0, 6.0, 6.0, 2.0))
     with pytest.raises(ConfigError):
         write_bids(cohort, atlas, tmp_path / "x", tr=2.0, voxel_size=3.0)
+
+
+def test_written_dataset_is_byte_identical_across_runs(atlas, tmp_path):
+    """DVC and the parcellation cache key on file hashes: the same cohort must give the same
+    bytes wherever and whenever it is written (no time stamp or temp name in the gzip)."""
+    cohort = simulate_cohort(atlas.coords, 2, 12, tr=0.735, seed=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = write_bids(cohort, atlas, tmp_path / "a", voxel_size=8.0)
+        b = write_bids(cohort, atlas, tmp_path / "elsewhere" / "b", voxel_size=8.0)
+    for pa, pb in zip(a, b):
+        assert pa.read_bytes() == pb.read_bytes()
+    for name in ("participants.tsv", "ground_truth.json", "dataset_description.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "elsewhere" / "b" /
+                                                        name).read_bytes()

@@ -383,7 +383,7 @@ def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, zooms, tr: fl
     hdr["scl_inter"] = 0.0
 
     with atomic_path(path) as tmp, open(tmp, "wb") as f, \
-            gzip.GzipFile(fileobj=f, mode="wb", compresslevel=1, mtime=0) as gz:
+            gzip.GzipFile(filename="", fileobj=f, mode="wb", compresslevel=1, mtime=0) as gz:
         hdr.write_to(gz)  # 348-byte header + 4-byte extension flag = offset 352
         gz.write(np.asarray(data).tobytes(order="F"))
 

@@ -293,11 +293,21 @@ def _collect(index, result, problem, results, problems, bar):
 def _manifest_row(rec, cfg, status, reason) -> dict:
     row = {"recording_id": rec.recording_id, "subject": rec.subject, "session": rec.session,
            "task": rec.task, "run": rec.run, "status": status, "reason": reason,
-           "source_path": str(Path(rec.path).resolve()), "tr": cfg.settings.target_tr}
+           "source_path": _portable(rec.path), "tr": cfg.settings.target_tr}
     for key, value in rec.phenotypes.items():
         if key != "split":  # a phenotype named like a manifest column keeps a prefix
             row[key if key not in _MANIFEST_COLUMNS else f"pheno_{key}"] = value
     return row
+
+
+def _portable(path) -> str:
+    """Relative to the working directory when inside it (a repository's data/ stays valid in
+    every clone, and DVC hashes of the store match), absolute otherwise."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 _MANIFEST_COLUMNS = {"recording_id", "subject", "session", "task", "run", "status", "reason",

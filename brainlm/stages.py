@@ -73,7 +73,9 @@ def _track(name: str, params: dict, values: dict) -> None:
     tracker = Tracker(name, run_name=f"{params['profile']}-{name}")
     tracker.params({f"{name}.{k}": v for k, v in params[name].items()})
     tracker.metrics({k: float(v) for k, v in values.items()
-                     if isinstance(v, (int, float)) and v == v}, step=0)
+                     if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v},
+                    step=0)
+    tracker.tags({k: str(v) for k, v in values.items() if isinstance(v, str)})
     tracker.end()
 
 
@@ -105,7 +107,8 @@ def preprocess_config(p, root: Path):
 
 def preprocess_done(root: Path, summary) -> dict:
     """Metrics of a finished preprocessing (shared by the stage and the Prefect flow)."""
-    values = {"recordings_kept": summary.n_kept, "quarantined": len(summary.quarantined),
+    values = {"atlas": summary.atlas, "recordings_kept": summary.n_kept,
+              "quarantined": len(summary.quarantined),
               **{f"subjects_{k}": v[0] for k, v in summary.per_split.items()}}
     _write_metrics(root, "preprocess", values)
     print(summary.format())

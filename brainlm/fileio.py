@@ -58,6 +58,16 @@ def write_bytes_atomic(dest, data: bytes) -> None:
         Path(tmp).write_bytes(data)
 
 
+def find_repo_root(start=None) -> Path:
+    """The nearest folder with pyproject.toml from `start` (default cwd) upward, else `start`:
+    DVC stages, Prefect workers and tests started in sub-folders then share one store."""
+    start = Path(start or os.getcwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / "pyproject.toml").is_file():
+            return folder
+    return start
+
+
 def sha256_file(path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

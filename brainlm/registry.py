@@ -11,7 +11,6 @@ the `save_pretrained` folder (safetensors), so loading a registered model never 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -21,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ConfigError
+from .fileio import find_repo_root, sha256_file
 from .tracking import experiment_id
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -31,16 +31,6 @@ SERVING_REQUIREMENTS = ("mlflow", "torch", "transformers", "safetensors", "numpy
 
 
 # ---------------------------------------------------------------------------- where
-
-def find_repo_root(start=None) -> Path:
-    """The nearest folder with pyproject.toml from `start` (default cwd) upward, else `start`:
-    DVC stages, Prefect workers and tests started in sub-folders then share one store."""
-    start = Path(start or os.getcwd()).resolve()
-    for folder in (start, *start.parents):
-        if (folder / "pyproject.toml").is_file():
-            return folder
-    return start
-
 
 def default_tracking_uri(repo_root=None) -> str:
     """`sqlite:///<repo>/mlflow/mlflow.db`, absolute so every process finds the same file."""
@@ -83,14 +73,6 @@ def _client(client=None):
 
 # ---------------------------------------------------------------------------- lineage
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _git(root: Path, *args: str) -> str | None:
     try:
         out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
@@ -114,7 +96,7 @@ def lineage_tags(repo_root=None) -> dict:
     for key, name in (("data_dvc", "data.dvc"), ("dvc_lock", "dvc.lock"),
                       ("params", "params.yaml")):
         path = root / name
-        tags[f"lineage.{key}_sha256"] = _sha256(path) if path.is_file() else MISSING
+        tags[f"lineage.{key}_sha256"] = sha256_file(path) if path.is_file() else MISSING
     return tags
 
 
@@ -243,7 +225,7 @@ def log_pretrained(folder, name: str = "brainlm-pretrain", run_id: str | None = 
     version_tags = {**lineage_tags(repo_root), **_config_tags(config),
                     **{f"metric.{k}": v for k, v in metrics.items()}}
     if (folder / "scaler.safetensors").is_file():
-        version_tags["scaler.sha256"] = _sha256(folder / "scaler.safetensors")
+        version_tags["scaler.sha256"] = sha256_file(folder / "scaler.safetensors")
     version_tags.update(tags or {})
     readme = folder / "README.md"
     return _log_pyfunc(name, config, {"model": folder}, run_id, version_tags, metrics,

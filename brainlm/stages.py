@@ -56,9 +56,10 @@ def run_stage(name: str, params: dict, mask_ratio: float | None = None) -> dict:
     if missing:
         raise ConfigError(f"params.yaml: profile '{params['profile']}' has no "
                           f"{', '.join(missing)} settings")
+    from .registry import default_tracking_uri
+
     (root / "mlflow").mkdir(exist_ok=True)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{(root / 'mlflow').resolve()}"
-                                                 "/mlflow.db")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", default_tracking_uri(root))
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     values = globals()[f"_{name}"](params, root, mask_ratio)
     if name in ("preprocess", "validate", "finetune", "evaluate"):  # the others log their own

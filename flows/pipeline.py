@@ -13,6 +13,7 @@ from pathlib import Path
 
 from prefect import flow, task, unmapped
 
+from brainlm.fileio import sha256_file
 from brainlm.stages import load_params, preprocess_config, preprocess_done, run_stage
 
 
@@ -20,12 +21,8 @@ def _recording_key(context, parameters) -> str:
     """Cache key: sha256 of the recording file + parcellation settings + atlas."""
     plan, index = parameters["plan"], parameters["index"]
     rec = plan.recordings[index]
-    digest = hashlib.sha256()
-    with open(rec.path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
     settings = json.dumps(parameters["settings"].key(), sort_keys=True)
-    return hashlib.sha256(f"{digest.hexdigest()}|{settings}|{plan.atlas.hash}|"
+    return hashlib.sha256(f"{sha256_file(rec.path)}|{settings}|{plan.atlas.hash}|"
                           f"{rec.tr}".encode()).hexdigest()
 
 

@@ -237,8 +237,9 @@ def reconstruct_recording(model, x, coords=None, n_passes: int = 4, seed: int = 
     return Reconstruction(recon, r2_per_parcel(x, recon), coverage)
 
 
-def plot_reconstruction(x, recon, path, parcels=(0, 1, 2, 3), names=None) -> Path:
-    """PNG of input vs reconstruction over the whole recording for a few parcels."""
+def plot_reconstruction(x, recon, path, parcels=(0, 1, 2, 3), names=None, mask=None) -> Path:
+    """PNG of input vs reconstruction for a few parcels. With `mask` [P, T] (True where the
+    value was predicted) only predicted spans are drawn and they are shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -256,11 +257,15 @@ def plot_reconstruction(x, recon, path, parcels=(0, 1, 2, 3), names=None) -> Pat
                              squeeze=False)
     for ax, p in zip(axes[:, 0], parcels):
         ax.plot(t, x[p], color="0.3", lw=1, label="input")
-        ax.plot(t, recon[p], color="C3", lw=1.1, label="reconstruction")
+        shown = recon[p] if mask is None else np.where(mask[p], recon[p], np.nan)
+        ax.plot(t, shown, color="C3", lw=1.1, label="reconstruction")
+        if mask is not None:
+            ax.fill_between(t, x[p].min(), x[p].max(), where=mask[p], color="C3", alpha=0.08)
         label = names[p] if names is not None else f"parcel {p}"
         ax.set_ylabel(f"{label}\nR2 {r2[p]:.2f}", fontsize=8)
     axes[0, 0].legend(loc="upper right", fontsize=8)
-    axes[-1, 0].set_xlabel("timepoint (every value predicted while masked)")
+    axes[-1, 0].set_xlabel("timepoint (every value predicted while masked)" if mask is None
+                           else "timepoint (masked patches shaded)")
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:

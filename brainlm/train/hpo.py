@@ -51,9 +51,9 @@ def default_storage(repo_root: Path | str | None = None) -> str:
     """`sqlite:///<repo>/mlflow/optuna.db` (absolute), beside MLflow's database so DVC stages,
     workers and the dashboard started from anywhere in the repository find the same study."""
     if repo_root is None:
-        cwd = Path.cwd().resolve()
-        repo_root = next((d for d in (cwd, *cwd.parents) if (d / "pyproject.toml").is_file()),
-                         cwd)
+        from ..fileio import find_repo_root
+
+        repo_root = find_repo_root()
     return f"sqlite:///{Path(repo_root).resolve() / 'mlflow' / 'optuna.db'}"
 
 

@@ -182,30 +182,6 @@ def evaluate(model, store, cfg: PretrainConfig, device, autocast) -> dict:
             "val_windows": n, "example": example}
 
 
-def plot_reconstruction(example, path: Path, parcels=(0, 1, 2, 3), names=None) -> None:
-    """Predicted vs true signal of a few parcels in one validation window; masked spans shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x, recon, mask = example
-    fig, axes = plt.subplots(len(parcels), 1, figsize=(9, 1.8 * len(parcels)), sharex=True)
-    for ax, p in zip(np.atleast_1d(axes), parcels):
-        t = np.arange(x.shape[1])
-        ax.plot(t, x[p], color="0.3", lw=1, label="true")
-        ax.plot(t, np.where(mask[p], recon[p], np.nan), color="C3", lw=1.2, label="predicted")
-        ax.fill_between(t, x[p].min(), x[p].max(), where=mask[p], color="C3", alpha=0.08)
-        ax.set_ylabel(names[p] if names is not None else f"parcel {p}", fontsize=8)
-    np.atleast_1d(axes)[0].legend(loc="upper right", fontsize=8)
-    np.atleast_1d(axes)[-1].set_xlabel("timepoint (masked patches shaded)")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history: list) -> None:
     from ..fileio import atomic_path
 
@@ -392,7 +368,10 @@ def _write_outputs(model, store, cfg: PretrainConfig, out: Path, history, last_e
     write_bytes_atomic(out / "history.json", json.dumps(history).encode())
     names = store.parcels["name"].tolist()
     if last_eval.get("example") is not None:
-        plot_reconstruction(last_eval["example"], out / "reconstruction.png", names=names)
+        from ..analysis.reconstruction import plot_reconstruction
+
+        x, recon, mask = last_eval["example"]
+        plot_reconstruction(x, recon, out / "reconstruction.png", names=names, mask=mask)
     card = model_card(model, store, cfg, metrics, sha256_file(out / "scaler.safetensors"))
     write_bytes_atomic(out / "README.md", card.encode())
     tracker.metrics({k: v for k, v in metrics.items() if k.startswith("val_")},

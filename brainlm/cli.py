@@ -38,6 +38,31 @@ def _fractions(text: str) -> tuple:
     return parts
 
 
+def _finetune_options(p) -> None:
+    """Options of `finetune`, shared by `tune` (its base configuration)."""
+    p.add_argument("--model", required=True, help="pretrained folder (ours or released ViTMAE)")
+    p.add_argument("--data", required=True, help="store folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--target", default=None, help="phenotype column (participants.tsv)")
+    p.add_argument("--task", default="regression",
+                   choices=("regression", "classification", "forecast"))
+    p.add_argument("--mode", default="probe", choices=("probe", "full"))
+    p.add_argument("--pooling", default="cls", choices=("cls", "mean"))
+    p.add_argument("--epochs", type=_positive_int, default=30)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--layer-decay", type=_positive_float, default=0.75)
+    p.add_argument("--head-dropout", type=float, default=0.0)
+    p.add_argument("--patience", type=_positive_int, default=5)
+    p.add_argument("--horizon", type=_positive_int, default=20, help="forecast: timepoints")
+    p.add_argument("--windows-per-recording", type=_positive_int, default=4)
+    p.add_argument("--window", type=_positive_int, default=None,
+                   help="window of released ViTMAE weights (default 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="brainlm", description="BrainLM: fMRI foundation models, from recordings to "
@@ -146,27 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune on a phenotype or forecasting",
                        description="Regression/classification of subject variables (linear "
                        "probe or full fine-tuning) or forecasting, on the store's splits.")
-    p.add_argument("--model", required=True, help="pretrained folder (ours or released ViTMAE)")
-    p.add_argument("--data", required=True, help="store folder")
-    p.add_argument("--out", required=True)
-    p.add_argument("--target", default=None, help="phenotype column (participants.tsv)")
-    p.add_argument("--task", default="regression",
-                   choices=("regression", "classification", "forecast"))
-    p.add_argument("--mode", default="probe", choices=("probe", "full"))
-    p.add_argument("--pooling", default="cls", choices=("cls", "mean"))
-    p.add_argument("--epochs", type=_positive_int, default=30)
-    p.add_argument("--batch-size", type=_positive_int, default=16)
-    p.add_argument("--lr", type=_positive_float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--layer-decay", type=_positive_float, default=0.75)
-    p.add_argument("--head-dropout", type=float, default=0.0)
-    p.add_argument("--patience", type=_positive_int, default=5)
-    p.add_argument("--horizon", type=_positive_int, default=20, help="forecast: timepoints")
-    p.add_argument("--windows-per-recording", type=_positive_int, default=4)
-    p.add_argument("--window", type=_positive_int, default=None,
-                   help="window of released ViTMAE weights (default 200)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    _finetune_options(p)
+
+    p = sub.add_parser("tune", help="Optuna search over fine-tuning settings (shareable)",
+                       description="Adds --n-trials trials to an Optuna study. Workers on any "
+                       "number of machines share one study by giving the same --study and "
+                       "--storage (a database URL such as postgresql://user@host/optuna, or "
+                       "journal:///shared/path/optuna.log) and each its own --worker number. "
+                       "The finetune options are the base configuration the search varies.")
+    _finetune_options(p)
+    p.add_argument("--study", required=True, help="study name (shared by all workers)")
+    p.add_argument("--storage", default=None, help="database URL (default: "
+                   "$BRAINLM_OPTUNA_STORAGE, else mlflow/optuna.db in the repository)")
+    p.add_argument("--n-trials", type=_positive_int, default=10, help="trials for this worker")
+    p.add_argument("--worker", type=int, default=0, help="this worker's number (0, 1, ...)")
+    p.add_argument("--timeout", type=_positive_float, default=None, help="seconds")
 
     p = sub.add_parser("evaluate", help="score a fine-tuning run beside baselines",
                        description="Test-split metrics with subject-level bootstrap CIs, beside "
@@ -317,22 +336,44 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
-def _cmd_finetune(args) -> int:
+def _finetune_config(args):
     from pathlib import Path
 
-    from .train.finetune import FinetuneConfig, finetune
+    from .train.finetune import FinetuneConfig
 
-    _quiet_transformers()
-    cfg = FinetuneConfig(
+    return FinetuneConfig(
         model=Path(args.model), data=Path(args.data), out=Path(args.out), target=args.target,
         task=args.task, mode=args.mode, pooling=args.pooling, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         layer_decay=args.layer_decay, head_dropout=args.head_dropout, patience=args.patience,
         horizon=args.horizon, windows_per_recording=args.windows_per_recording,
         window=args.window, seed=args.seed, device=args.device)
-    meta = finetune(cfg)
+
+
+def _cmd_finetune(args) -> int:
+    from .train.finetune import finetune
+
+    _quiet_transformers()
+    meta = finetune(_finetune_config(args))
     print(f"brainlm finetune: {args.task} {args.target or ''} ({args.mode}), "
           f"{meta['epochs_run']} epochs, best val loss {meta['best_val_loss']:.4f} -> {args.out}")
+    return 0
+
+
+def _cmd_tune(args) -> int:
+    from .train.hpo import tune
+
+    _quiet_transformers()
+    from dataclasses import replace
+
+    base = replace(_finetune_config(args), progress=False)
+    result = tune(base, args.n_trials, args.study,
+                  storage=args.storage, seed=args.seed, timeout=args.timeout,
+                  worker=args.worker)
+    print(f"brainlm tune: study {result['study_name']} in {result['storage']}: "
+          f"{result['n_trials']} trials ({result['n_complete']} complete, "
+          f"{result['n_pruned']} pruned), best {result['best_value']} "
+          f"{result['best_params']} -> {base.out / 'best.json'}")
     return 0
 
 
@@ -395,6 +436,7 @@ def main(argv=None) -> int:
         commands = {"synth": _cmd_synth, "preprocess": _cmd_preprocess, "validate": _cmd_validate,
                     "stage": _cmd_stage,
                     "pretrain": _cmd_pretrain, "finetune": _cmd_finetune,
+                    "tune": _cmd_tune,
                     "evaluate": _cmd_evaluate, "analyze": _cmd_analyze, "perturb": _cmd_perturb,
                     "embed": _cmd_embed}
         return commands[args.command](args)

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from tests.helpers import age_effect_setup
 from brainlm.errors import ConfigError
 from brainlm.train.finetune import FinetuneConfig
-from brainlm.train.hpo import SEARCH_SPACE, default_storage, search_space, tune
+from brainlm.train.hpo import SEARCH_SPACE, default_storage, search_space, storage_url, tune
 
 P, T, N = 10, 80, 16
 
@@ -129,6 +129,49 @@ def test_two_worker_processes_share_one_study(setup, tmp_path):
     assert sorted(t.user_attrs["worker"] for t in trials) == [0, 0, 1, 1]
     assert len({t.params["lr"] for t in trials}) == 4  # workers did not replay each other
     assert json.loads((tmp_path / "best.json").read_text())["study_name"] == "shared"
+
+
+def test_two_cli_workers_share_a_journal_study(setup, tmp_path):
+    """`brainlm tune` as two processes on one journal file: what workers on machines that
+    share a filesystem (but no database server) run."""
+    log = tmp_path / "journal" / "optuna.log"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "BRAINLM_OPTUNA_STORAGE")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "brainlm.cli", "tune", "--model", str(setup / "model"),
+         "--data", str(setup / "store"), "--out", str(tmp_path / f"w{w}"), "--target", "age",
+         "--epochs", "2", "--batch-size", "8", "--study", "journal-study",
+         "--storage", f"journal://{log}", "--n-trials", "2", "--worker", str(w)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for w in (0, 1)]
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    trials = optuna.load_study(study_name="journal-study",
+                               storage=JournalStorage(JournalFileBackend(str(log)))).trials
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert sorted(t.user_attrs["worker"] for t in trials) == [0, 0, 1, 1]
+    assert len({t.params["lr"] for t in trials}) == 4
+    # each worker's best.json summarises the whole shared study, not only its own trials
+    last = json.loads((tmp_path / "w1" / "best.json").read_text())
+    assert last["study_name"] == "journal-study" and last["n_trials"] >= 3
+    assert "journal-study" in outputs[1] and "best" in outputs[1]
+
+
+def test_storage_comes_from_the_environment_unless_given(monkeypatch, tmp_path):
+    monkeypatch.setenv("BRAINLM_OPTUNA_STORAGE", "postgresql://optuna@db.example/optuna")
+    assert storage_url() == "postgresql://optuna@db.example/optuna"
+    assert storage_url("sqlite:///x.db") == "sqlite:///x.db"
+    monkeypatch.delenv("BRAINLM_OPTUNA_STORAGE")
+    assert storage_url() == default_storage()
+
+
+def test_journal_storage_needs_an_absolute_path(setup, tmp_path):
+    with pytest.raises(ConfigError, match="absolute file path"):
+        tune(_base(setup, tmp_path), n_trials=1, study_name="x", storage="journal://rel.log")
 
 
 def test_mlflow_parent_run_with_one_child_per_trial(setup, tmp_path, monkeypatch):

@@ -47,6 +47,16 @@ SEARCH_SPACE: dict[str, tuple] = {
 TRIAL_FOLDER = "trial-{number}"
 
 
+STORAGE_ENV = "BRAINLM_OPTUNA_STORAGE"
+JOURNAL_SCHEME = "journal://"
+
+
+def storage_url(storage: str | None = None) -> str:
+    """The study's storage: `storage`, else $BRAINLM_OPTUNA_STORAGE (how a team points every
+    worker at its PostgreSQL without editing params.yaml), else `default_storage()`."""
+    return storage or os.environ.get(STORAGE_ENV) or default_storage()
+
+
 def default_storage(repo_root: Path | str | None = None) -> str:
     """`sqlite:///<repo>/mlflow/optuna.db` (absolute), beside MLflow's database so DVC stages,
     workers and the dashboard started from anywhere in the repository find the same study."""
@@ -110,7 +120,7 @@ def tune(base: FinetuneConfig, n_trials: int, study_name: str, storage: str | No
     if worker < 0:
         raise ConfigError(f"worker must be >= 0, got {worker}")
     base.validate()
-    url = storage or default_storage()
+    url = storage_url(storage)
     shown = _masked(url)
     out = Path(out if out is not None else base.out)
 
@@ -233,10 +243,14 @@ def _init_lock(url: str):
 
 def _open_storage(url: str, shown: str):
     """RDBStorage with heartbeats: a trial whose worker died is failed after the grace period
-    and queued again once with the same parameters (by whichever worker looks next)."""
+    and queued again once with the same parameters (by whichever worker looks next).
+    `journal:///abs/path.log` opens a JournalStorage on that file instead: an append-only log
+    with file locks, for clusters that share a filesystem but no database server."""
     import optuna
     from sqlalchemy.engine import make_url
 
+    if url.startswith(JOURNAL_SCHEME):
+        return _open_journal(url, shown)
     try:
         make_url(url)
     except Exception as e:  # noqa: BLE001 - sqlalchemy raises ArgumentError or ValueError
@@ -255,6 +269,21 @@ def _open_storage(url: str, shown: str):
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                     max_retry=1))
     except Exception as e:  # noqa: BLE001 - missing driver, unreachable server, bad file
+        raise ConfigError(f"--storage {shown!r}: cannot open it: {_first_line(e)}") from None
+
+
+def _open_journal(url: str, shown: str):
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    path = Path(url[len(JOURNAL_SCHEME):])
+    if not path.is_absolute() or path.name == "":
+        raise ConfigError(f"--storage {shown!r}: a journal storage needs an absolute file path "
+                          f"(journal:///shared/path/optuna.log)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    except OSError as e:
         raise ConfigError(f"--storage {shown!r}: cannot open it: {_first_line(e)}") from None
 
 

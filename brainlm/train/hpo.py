@@ -222,14 +222,25 @@ def _sqlite_file(url: str) -> Path | None:
 
 @contextmanager
 def _init_lock(url: str):
-    """Serialize study set-up between processes sharing one SQLite file (an advisory lock
-    beside it); other databases handle concurrent connections themselves."""
+    """Serialize study set-up between workers starting together: otherwise two of them find an
+    empty database and both create Optuna's tables ("relation alembic_version already exists").
+    SQLite: an advisory file lock beside the database; PostgreSQL: a session advisory lock."""
     path = _sqlite_file(url)
+    if path is not None:
+        with _file_lock(path):
+            yield
+    elif url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres"):
+        with _pg_lock(url):
+            yield
+    else:
+        yield
+
+
+@contextmanager
+def _file_lock(path: Path):
     try:
         import fcntl
     except ImportError:  # Windows: no lock, start the first worker before the others
-        fcntl = None
-    if path is None or fcntl is None:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -239,6 +250,30 @@ def _init_lock(url: str):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+_PG_LOCK_KEY = 0x6272_6169_6E6C_6D  # "brainlm": any constant shared by all workers
+
+
+@contextmanager
+def _pg_lock(url: str):
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        conn = engine.connect()
+    except Exception as e:  # noqa: BLE001 - missing driver, unreachable server
+        raise ConfigError(f"--storage {_masked(url)!r}: cannot open it: {_first_line(e)}") \
+            from None
+    try:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
+        yield
+    finally:
+        try:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
+        finally:
+            conn.close()
+            engine.dispose()
 
 
 def _open_storage(url: str, shown: str):

@@ -13,7 +13,7 @@ export BRAINLM_ATLAS_DIR ?= $(SHARED_ATLAS)
 endif
 DEMO_DIR ?= demo
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean infra-up infra-down infra-secrets infra-config
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,31 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/synthetic.py
 	$(BIN)/python benchmarks/parcellate.py
+
+# Team services (infra/compose.yaml): PostgreSQL, MinIO, MLflow, Prefect server and worker.
+# Secrets come from infra/.env (never committed): `make infra-secrets` writes one.
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+INFRA := $(COMPOSE) --project-directory infra -f infra/compose.yaml \
+         $(if $(GPU),-f infra/compose.gpu.yaml,) --env-file infra/.env
+
+infra/.env:
+	@echo "infra/.env is missing: run 'make infra-secrets' (random secrets) or copy" \
+	      "infra/.env.example to infra/.env and fill in every empty value" >&2; exit 1
+
+infra-secrets:
+	infra/make-env.sh
+
+infra-config: infra/.env
+	$(INFRA) config -q
+
+infra-up: infra/.env
+	$(INFRA) up -d --build $(if $(findstring docker compose,$(COMPOSE)),--wait,)
+	@echo "MLflow   http://127.0.0.1:5000   Prefect  http://127.0.0.1:4200   MinIO  http://127.0.0.1:9001"
+	@echo "Clients: infra/client.env.example (environment variables only)"
+
+# keeps the volumes (databases, artefacts); `$(COMPOSE) ... down -v` would delete them
+infra-down: infra/.env
+	$(INFRA) down
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache data processed validation models runs

@@ -129,9 +129,21 @@ def test_pretraining_logs_to_the_team_mlflow(mlflow_server, postgres, s3, setup,
     assert _get(api, "admin", "wrong-password") == 401
     assert _get(api, "admin", ADMIN_PASSWORD) == 200
 
+    # the non-admin user compose's mlflow-init creates, with the same script
+    admin = dict(MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_TRACKING_USERNAME="admin",
+                 MLFLOW_TRACKING_PASSWORD=ADMIN_PASSWORD)
+    user = dict(BRAINLM_MLFLOW_USER="brainlm", BRAINLM_MLFLOW_PASSWORD="worker-password-1")
+    for _ in range(2):  # the second run finds the user and only re-keys it
+        added = subprocess.run([sys.executable, str(REPO / "infra" / "mlflow" / "add_user.py")],
+                               env=_env(**admin, **user), capture_output=True, text=True,
+                               timeout=120)
+        assert added.returncode == 0, added.stderr[-3000:]
+    assert "exists" in added.stdout
+    assert _get(api, "brainlm", "worker-password-1") == 200
+
     out = tmp_path / "pretrained"
-    client_env = dict(MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_TRACKING_USERNAME="admin",
-                      MLFLOW_TRACKING_PASSWORD=ADMIN_PASSWORD)
+    client_env = dict(MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_TRACKING_USERNAME="brainlm",
+                      MLFLOW_TRACKING_PASSWORD="worker-password-1")
     done = subprocess.run(
         [str(BIN / "brainlm"), "pretrain", "--data", str(setup / "store"), "--out", str(out),
          "--profile", "tiny", "--window", "40", "--patch-size", "10", "--max-steps", "2",
@@ -157,8 +169,15 @@ def test_pretraining_logs_to_the_team_mlflow(mlflow_server, postgres, s3, setup,
     rows = postgres.psql(f"select status from runs where run_uuid = '{run.info.run_id}'",
                          "mlflow", "mlflow").stdout.split()
     assert rows == ["FINISHED"]
-    users = postgres.psql("select username from users", "mlflow", "mlflow_auth").stdout.split()
-    assert users == ["admin"]
+    assert run.info.user_id == "brainlm"
+    users = postgres.psql("select username, is_admin from users order by 1", "mlflow",
+                          "mlflow_auth").stdout.split()
+    assert users == ["admin|t", "brainlm|f"]
+    # the worker's user cannot administer users
+    from mlflow.server import get_app_client
+
+    with pytest.raises(Exception, match="403|PERMISSION_DENIED|Permission denied"):
+        get_app_client("basic-auth", tracking_uri=mlflow_server).create_user("x", "y-password1")
 
 
 # ----------------------------------------------------------------------------------- Optuna

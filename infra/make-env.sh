@@ -1,0 +1,32 @@
+#!/bin/sh
+# Write infra/.env (or $1) from .env.example with a fresh random value for every empty secret
+# (names with PASSWORD, SECRET or AUTH_STRING). Never overwrites: the databases keep the
+# passwords of their first start, so rotating means changing them in the services too.
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+out=${1:-$here/.env}
+if [ -e "$out" ]; then
+  echo "$out exists: not overwriting it" >&2
+  exit 1
+fi
+umask 077
+tmp=$(mktemp "$out.XXXXXX")
+trap 'rm -f "$tmp"' EXIT
+python3 - "$here/.env.example" >"$tmp" <<'PY'
+import re
+import secrets
+import sys
+
+for line in open(sys.argv[1]):
+    line = line.rstrip("\n")
+    name = re.fullmatch(r"([A-Z0-9_]+)=", line)
+    if name and re.search(r"PASSWORD|SECRET|AUTH_STRING", name.group(1)):
+        value = secrets.token_hex(24)  # hex: safe inside the URLs built from it
+        if name.group(1) == "PREFECT_AUTH_STRING":
+            value = f"brainlm:{value}"
+        line += value
+    print(line)
+PY
+mv "$tmp" "$out"
+trap - EXIT
+echo "wrote $out (mode 600); keep it out of git and share it like any password"

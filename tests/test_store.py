@@ -58,6 +58,19 @@ def test_scaler_statistics_and_roundtrip(tmp_path):
     back = RobustScaler.load(tmp_path / "s.safetensors")
     np.testing.assert_array_equal(back.median, scaler.median)
     assert back.meta["atlas_hash"] == "abc" and back.meta["tr"] == 0.735
+    # the same scaler gives the same bytes on every save (DVC hashes the store)
+    first = (tmp_path / "s.safetensors").read_bytes()
+    for i in range(5):
+        scaler.save(tmp_path / f"again{i}.safetensors")
+        assert (tmp_path / f"again{i}.safetensors").read_bytes() == first
+    # files from before the single metadata entry still load
+    from safetensors.numpy import save_file
+
+    save_file({"median": scaler.median, "iqr": scaler.iqr,
+               "has_data": np.ones(6, np.uint8)}, str(tmp_path / "old.safetensors"),
+              metadata={"atlas_hash": '"abc"', "tr": "0.735"})
+    assert RobustScaler.load(tmp_path / "old.safetensors").meta == {"atlas_hash": "abc",
+                                                                     "tr": 0.735}
     with pytest.raises(ConfigError, match="atlas"):
         back.check_compatible(atlas_hash="other")
     with pytest.raises(ConfigError, match="TR"):

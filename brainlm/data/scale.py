@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass, field
+
 import numpy as np
 
 from ..errors import ConfigError, check_orientation
 
 SCALER_VERSION = "1"
+_META_KEY = "brainlm_scaler"  # the one safetensors metadata entry: the meta dict as JSON
 
 
 @dataclass
@@ -96,7 +98,9 @@ class RobustScaler:
 
         from ..fileio import atomic_path
 
-        meta = {k: json.dumps(v) for k, v in self.meta.items()}
+        # one metadata entry: safetensors writes several in hash-map order, so the same scaler
+        # would give different bytes (and DVC hashes) on every save
+        meta = {_META_KEY: json.dumps(self.meta, sort_keys=True)}
         with atomic_path(path) as tmp:
             has_data = np.ones(self.n_parcels, bool) if self.has_data is None else self.has_data
             save_file({"median": self.median, "iqr": self.iqr,
@@ -107,6 +111,8 @@ class RobustScaler:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="numpy") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            raw = f.metadata() or {}
+            meta = json.loads(raw[_META_KEY]) if _META_KEY in raw else \
+                {k: json.loads(v) for k, v in raw.items()}  # files written before 0.1.1
             return cls(f.get_tensor("median"), f.get_tensor("iqr"), meta,
                        f.get_tensor("has_data").astype(bool))

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.helpers import age_effect_setup
 from tests.services import REPO, free_port, start_postgres, start_s3, stop, wait_for_http
@@ -210,45 +211,72 @@ def test_two_tune_workers_share_a_study_in_postgres(postgres, setup, tmp_path):
 # ---------------------------------------------------------------------------------- Prefect
 
 
-def test_prefect_server_keeps_its_database_in_postgres(postgres, tmp_path):
+def test_prefect_server_and_worker_on_postgres(postgres, tmp_path):
+    """The compose pair: a server on Postgres with API auth, and a process worker started with
+    compose's command (health endpoint on), running a deployment to completion."""
     port, log = free_port(), tmp_path / "prefect.log"
     auth = "brainlm:test-prefect-secret"
+    api = f"http://127.0.0.1:{port}/api"
     server_env = _env(
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_HOME=str(tmp_path / "server-home"),
         PREFECT_API_DATABASE_CONNECTION_URL=postgres.url("prefect", driver="postgresql+asyncpg"),
         PREFECT_SERVER_API_AUTH_STRING=auth, PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_UI_ENABLED="false")
+    client_env = _env(PREFECT_API_URL=api, PREFECT_API_AUTH_STRING=auth,
+                      PREFECT_HOME=str(tmp_path / "client-home"))
+    compose = yaml.safe_load((REPO / "infra" / "compose.yaml").read_text())
+    worker_cmd = compose["services"]["prefect-worker"]["command"]
+    health = free_port()
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "check.py").write_text(textwrap.dedent("""
+        from prefect import flow, task
+
+        @task
+        def square(x):
+            return x * x
+
+        @flow(name="services-check")
+        def check():
+            assert sum(square.map(range(4)).result()) == 14
+    """))
+    procs = []
     with open(log, "w") as fh:
-        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                 "--port", str(port)], env=server_env, stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
-    api = f"http://127.0.0.1:{port}/api"
+        procs.append(subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=server_env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=tmp_path))
     try:
-        wait_for_http(f"{api}/health", proc, timeout=240, log=log)
-        assert _get(f"{api}/flows/count") in (401, 405)  # no credentials: refused
-        code = textwrap.dedent("""
-            from prefect import flow, task
+        wait_for_http(f"{api}/health", procs[0], timeout=240, log=log)
+        assert _get(f"{api}/work_pools/brainlm-process") == 401  # no credentials: refused
 
-            @task
-            def square(x):
-                return x * x
+        def prefect(*args):
+            done = subprocess.run([str(BIN / "prefect"), *args], cwd=project, env=client_env,
+                                  capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, f"{args}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+            return done.stdout + done.stderr
 
-            @flow(name="services-check")
-            def check():
-                return sum(square.map(range(4)).result())
-
-            assert check() == 14
-        """)
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              timeout=180, cwd=tmp_path, env=_env(
-                                  PREFECT_API_URL=api, PREFECT_API_AUTH_STRING=auth,
-                                  PREFECT_HOME=str(tmp_path / "client-home")))
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        worker_log = tmp_path / "worker.log"
+        with open(worker_log, "w") as fh:
+            procs.append(subprocess.Popen(
+                [str(BIN / worker_cmd[0]), *worker_cmd[1:]], cwd=project,
+                env={**client_env, "PREFECT_WORKER_WEBSERVER_PORT": str(health)}, stdout=fh,
+                stderr=subprocess.STDOUT, start_new_session=True))
+        wait_for_http(f"http://127.0.0.1:{health}/health", procs[1], timeout=120,
+                      log=worker_log)
+        assert _get(f"http://127.0.0.1:{health}/health") == 200
+        prefect("--no-prompt", "deploy", "check.py:check", "--name", "services",
+                "--pool", worker_cmd[worker_cmd.index("--pool") + 1])
+        out = prefect("deployment", "run", "services-check/services", "--watch",
+                      "--watch-timeout", "240")
+        assert "Completed" in out, out[-2000:]
     finally:
-        stop(proc)
-    rows = postgres.psql("select f.name, r.state_type from flow_run r join flow f on "
-                         "f.id = r.flow_id", "prefect", "prefect").stdout.split()
-    assert rows == ["services-check|COMPLETED"]
+        for proc in reversed(procs):
+            stop(proc)
+    rows = postgres.psql("select f.name, r.state_type, r.deployment_id is not null from "
+                         "flow_run r join flow f on f.id = r.flow_id", "prefect",
+                         "prefect").stdout.split()
+    assert rows == ["services-check|COMPLETED|t"]
     tasks = postgres.psql("select count(*) from task_run where state_type = 'COMPLETED'",
                           "prefect", "prefect").stdout.strip()
     assert tasks == "4"

@@ -195,16 +195,22 @@ def _log_pyfunc(name: str, config: dict, artifacts: dict, run_id, version_tags: 
             name="model", python_model=str(package / "mlflow_model.py"),
             artifacts={k: str(v) for k, v in artifacts.items()},
             code_paths=[str(package)],  # the model code travels with the weights
-            signature=signature, input_example=example, pip_requirements=_requirements(),
-            registered_model_name=name)
-        version = str(info.registered_model_version)
+            signature=signature, input_example=example, pip_requirements=_requirements())
         run_id = run.info.run_id
+    # register with tags and description in one request, not one per tag: against a server
+    # with basic auth every request pays a password check
+    from mlflow.exceptions import MlflowException
+
     client = mlflow.MlflowClient()
-    for key, value in {**version_tags, "source_run_id": run_id}.items():
-        client.set_model_version_tag(name, version, key, str(value))
-    if description:
-        client.update_model_version(name, version, description=description[:5000])
-    return client.get_model_version(name, version)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return client.create_model_version(
+        name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
+        tags={k: str(v) for k, v in {**version_tags, "source_run_id": run_id}.items()},
+        description=description[:5000] if description else None)
 
 
 def log_pretrained(folder, name: str = "brainlm-pretrain", run_id: str | None = None,

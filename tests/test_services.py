@@ -174,6 +174,29 @@ def test_pretraining_logs_to_the_team_mlflow(mlflow_server, postgres, s3, setup,
     users = postgres.psql("select username, is_admin from users order by 1", "mlflow",
                           "mlflow_auth").stdout.split()
     assert users == ["admin|t", "brainlm|f"]
+    # the registry through the team server, as the non-admin user: a new version of
+    # brainlm-pretrain, promoted to champion, loaded back by alias
+    code = textwrap.dedent(f"""
+        import json, numpy as np, mlflow
+        from brainlm import registry
+        mv = registry.log_pretrained({str(out)!r}, repo_root={str(tmp_path)!r})
+        result = registry.promote(mv.name, mv.version, "val_mse", 0.5, higher_is_better=False)
+        model = mlflow.pyfunc.load_model(f"models:/{{mv.name}}@champion")
+        x = np.random.default_rng(0).normal(size=(10, 40)).astype("float32")
+        emb = model.predict({{"signal": x.tolist()}})
+        print(json.dumps({{"decision": result["decision"], "version": mv.version,
+                          "shape": list(np.asarray(emb).shape)}}))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], env=_env(**client_env),
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    registered = json.loads(done.stdout.strip().splitlines()[-1])
+    assert registered["decision"] == "promoted" and registered["shape"][0] == 1
+    version = client.get_model_version_by_alias("brainlm-pretrain", "champion")
+    assert version.version == str(registered["version"])
+    assert any("/artifacts/" in k and k.endswith("model.safetensors") and
+               run.info.run_id not in k for k in s3.keys("mlflow-artifacts"))
+
     # the worker's user cannot administer users
     from mlflow.server import get_app_client
 

@@ -279,6 +279,8 @@ def test_prefect_server_and_worker_on_postgres(postgres, tmp_path):
             assert done.returncode == 0, f"{args}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
             return done.stdout + done.stderr
 
+        pool = worker_cmd[worker_cmd.index("--pool") + 1]
+        prefect("work-pool", "create", pool, "--type", "process")
         worker_log = tmp_path / "worker.log"
         with open(worker_log, "w") as fh:
             procs.append(subprocess.Popen(
@@ -288,8 +290,7 @@ def test_prefect_server_and_worker_on_postgres(postgres, tmp_path):
         wait_for_http(f"http://127.0.0.1:{health}/health", procs[1], timeout=120,
                       log=worker_log)
         assert _get(f"http://127.0.0.1:{health}/health") == 200
-        prefect("--no-prompt", "deploy", "check.py:check", "--name", "services",
-                "--pool", worker_cmd[worker_cmd.index("--pool") + 1])
+        prefect("--no-prompt", "deploy", "check.py:check", "--name", "services", "--pool", pool)
         out = prefect("deployment", "run", "services-check/services", "--watch",
                       "--watch-timeout", "240")
         assert "Completed" in out, out[-2000:]

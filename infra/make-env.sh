@@ -1,6 +1,6 @@
 #!/bin/sh
 # Write infra/.env (or $1) from .env.example with a fresh random value for every empty secret
-# (names with PASSWORD, SECRET or AUTH_STRING). Never overwrites: the databases keep the
+# (names with PASSWORD, SECRET or AUTH_STRING) and this checkout as BRAINLM_WORKSPACE. Never overwrites: the databases keep the
 # passwords of their first start, so rotating means changing them in the services too.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
@@ -12,7 +12,7 @@ fi
 umask 077
 tmp=$(mktemp "$out.XXXXXX")
 trap 'rm -f "$tmp"' EXIT
-python3 - "$here/.env.example" >"$tmp" <<'PY'
+python3 - "$here/.env.example" "$(dirname "$here")" >"$tmp" <<'PY'
 import re
 import secrets
 import sys
@@ -20,7 +20,9 @@ import sys
 for line in open(sys.argv[1]):
     line = line.rstrip("\n")
     name = re.fullmatch(r"([A-Z0-9_]+)=", line)
-    if name and re.search(r"PASSWORD|SECRET|AUTH_STRING", name.group(1)):
+    if name and name.group(1) == "BRAINLM_WORKSPACE":
+        line += sys.argv[2]
+    elif name and re.search(r"PASSWORD|SECRET|AUTH_STRING", name.group(1)):
         value = secrets.token_hex(24)  # hex: safe inside the URLs built from it
         if name.group(1) == "PREFECT_AUTH_STRING":
             value = f"brainlm:{value}"

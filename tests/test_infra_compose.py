@@ -78,6 +78,10 @@ def test_compose_files_are_valid_with_generated_secrets(tmp_path):
     assert worker["environment"]["MLFLOW_TRACKING_USERNAME"] == values["BRAINLM_MLFLOW_USER"]
     assert worker["environment"]["AWS_ACCESS_KEY_ID"] == values["DVC_S3_ACCESS_KEY"]
     assert values["MINIO_ROOT_PASSWORD"] not in json.dumps(worker)
+    # the checkout sits at the same path inside the worker: deployments record that path
+    assert values["BRAINLM_WORKSPACE"] == str(REPO)
+    assert worker["working_dir"] == str(REPO)
+    assert f"{REPO}:{REPO}:rw" in worker["volumes"] or f"{REPO}:{REPO}" in worker["volumes"]
     assert values["POSTGRES_PASSWORD"] not in json.dumps(rendered["services"]["mlflow"])
 
 
@@ -90,7 +94,7 @@ def test_make_env_never_overwrites(tmp_path):
     assert target.read_text() == "MLFLOW_AUTH_ADMIN_PASSWORD=kept\n"
 
 
-@pytest.mark.parametrize("name", _secrets())
+@pytest.mark.parametrize("name", [*_secrets(), "BRAINLM_WORKSPACE"])
 def test_stack_refuses_to_start_without_each_secret(tmp_path, name):
     env_file = _generated_env(tmp_path / ".env")
     text = re.sub(rf"^{name}=.*$", f"{name}=", env_file.read_text(), flags=re.M)

@@ -81,6 +81,8 @@ def test_compose_files_are_valid_with_generated_secrets(tmp_path):
     # the checkout sits at the same path inside the worker: deployments record that path
     assert values["BRAINLM_WORKSPACE"] == str(REPO)
     assert worker["working_dir"] == str(REPO)
+    owner = REPO.stat()
+    assert worker["user"] == f"{owner.st_uid}:{owner.st_gid}"
     assert f"{REPO}:{REPO}:rw" in worker["volumes"] or f"{REPO}:{REPO}" in worker["volumes"]
     assert values["POSTGRES_PASSWORD"] not in json.dumps(rendered["services"]["mlflow"])
 

@@ -140,25 +140,60 @@ def test_preprocess_on_a_local_dask_cluster_writes_the_same_store(harness, dask_
     assert _store_contents(dask_repo) == dask_store
 
 
-def test_preprocess_on_a_running_scheduler_and_a_clear_error_without_one(harness, dask_repo,
-                                                                         monkeypatch):
+@pytest.fixture
+def external_dask(tmp_path):
+    """`dask scheduler` and `dask worker` as separate processes started elsewhere, as on real
+    machines: they have brainlm but not this repository's flows/ (a LocalCluster's workers
+    would share our sys.path). Yields (scheduler address, worker address)."""
+    import subprocess
+    import sys
+
+    from distributed import Client
+
+    from tests.services import free_port, stop
+
+    dask = str(Path(sys.executable).with_name("dask"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    opts = dict(cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True)
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--no-dashboard"], **opts)]
+    try:
+        procs.append(subprocess.Popen([dask, "worker", address, "--nthreads", "1",
+                                       "--no-dashboard"], **opts))
+        with Client(address, timeout=60, set_as_default=False) as client:
+            client.wait_for_workers(1, timeout=60)
+            (worker,) = client.scheduler_info()["workers"]
+        yield address, worker
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+
+
+def test_preprocess_on_a_running_scheduler_and_a_clear_error_without_one(
+        harness, dask_repo, external_dask, monkeypatch):
+    """The flow's code travels to the workers by value: a deployment loads flows/pipeline.py
+    as a script named `pipeline`, which no cluster could import."""
+    import importlib.util
+
     import dask
-    from distributed import LocalCluster
+    from distributed import Client
     from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
     from brainlm.errors import ConfigError
     from flows.pipeline import preprocess
 
+    address, worker = external_dask
+    with Client(address, set_as_default=False) as client:
+        assert client.run(importlib.util.find_spec, "flows") == {worker: None}
     params = str(dask_repo / "params.yaml")
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster:
-        workers = set(cluster.scheduler.workers)
-        monkeypatch.setenv("BRAINLM_DASK_ADDRESS", cluster.scheduler_address)  # dask=None
-        with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: True}):
-            state = preprocess(params, return_state=True)
-        assert state.result()["recordings_kept"] == 6
-        assert {o["worker"] for o in _parcellate_outcomes(state)} == workers
-        assert cluster.scheduler.task_prefixes  # the scheduler ran them
+    monkeypatch.setenv("BRAINLM_DASK_ADDRESS", address)  # dask=None: the variable decides
+    with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: True}):
+        state = preprocess(params, return_state=True)
+    assert state.result()["recordings_kept"] == 6
+    assert {o["worker"] for o in _parcellate_outcomes(state)} == {worker}
     monkeypatch.delenv("BRAINLM_DASK_ADDRESS")
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
         with pytest.raises(ConfigError, match="cannot reach the Dask scheduler at "
@@ -184,20 +219,3 @@ def test_dask_runner_choice_and_a_clear_error_without_prefect_dask(monkeypatch):
     with pytest.raises(ConfigError, match=r"pip install 'brainlm\[cluster\]'"):
         task_runner("local")
 
-
-def test_the_parcellate_task_unpickles_where_flows_is_not_importable(tmp_path):
-    """A cluster's scheduler and workers have brainlm but not this repository's flows/ (a
-    deployment even loads flows/pipeline.py as a script named `pipeline`)."""
-    import subprocess
-    import sys
-
-    import cloudpickle
-
-    from flows.pipeline import parcellate
-
-    code = ("import sys, cloudpickle; t = cloudpickle.loads(sys.stdin.buffer.read()); "
-            "assert 'flows' not in sys.modules; print(t.name)")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    res = subprocess.run([sys.executable, "-c", code], input=cloudpickle.dumps(parcellate),
-                         cwd=tmp_path, env=env, capture_output=True)
-    assert res.returncode == 0 and res.stdout.decode().strip() == "parcellate", res.stderr[-2000:]

@@ -83,22 +83,13 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
         assert f"Running stage '{stage}'" not in changed, stage
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_prefect_deployment_retrain_nightly_completes(repo, tmp_path):
     """A real `prefect server start`, `prefect deploy`, a process worker, and
     `prefect deployment run 'retrain/nightly'` reaching Completed."""
-    import time
-    import urllib.request
+    from tests.services import free_port, wait_for_http
 
     root, _ = repo
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"),
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "DVC_NO_ANALYTICS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -108,15 +99,8 @@ def test_prefect_deployment_retrain_nightly_completes(repo, tmp_path):
                               stdout=logs, stderr=subprocess.STDOUT)
     worker = None
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        else:
-            raise AssertionError((tmp_path / "server.log").read_text()[-2000:])
+        wait_for_http(f"http://127.0.0.1:{port}/api/health", server, timeout=180,
+                      log=tmp_path / "server.log")
 
         def prefect(*args, cwd=ROOT, timeout=600):
             res = subprocess.run(["prefect", *args], cwd=cwd, env=env, capture_output=True,

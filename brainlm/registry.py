@@ -197,20 +197,16 @@ def _log_pyfunc(name: str, config: dict, artifacts: dict, run_id, version_tags: 
             code_paths=[str(package)],  # the model code travels with the weights
             signature=signature, input_example=example, pip_requirements=_requirements())
         run_id = run.info.run_id
-    # register with tags and description in one request, not one per tag: against a server
-    # with basic auth every request pays a password check
-    from mlflow.exceptions import MlflowException
-
-    client = mlflow.MlflowClient()
-    try:
-        client.create_registered_model(name)
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    return client.create_model_version(
-        name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
-        tags={k: str(v) for k, v in {**version_tags, "source_run_id": run_id}.items()},
-        description=description[:5000] if description else None)
+    # the version's tags travel with the registration (one request, not one per tag: against
+    # a server with basic auth every request pays a password check); register_model also
+    # links the logged model to its version
+    version = mlflow.register_model(
+        info.model_uri, name,
+        tags={k: str(v) for k, v in {**version_tags, "source_run_id": run_id}.items()})
+    if not description:
+        return version
+    return mlflow.MlflowClient().update_model_version(name, version.version,
+                                                      description=description[:5000])
 
 
 def log_pretrained(folder, name: str = "brainlm-pretrain", run_id: str | None = None,

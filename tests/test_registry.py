@@ -117,6 +117,12 @@ def test_log_pretrained_registers_version_with_lineage(registered, store):
     assert tags["config.n_parcels"] == "10" and tags["config.window"] == "40"
     assert mv.description.startswith("# tiny test model")
     client = mlflow.MlflowClient()
+    # the logged model knows its registered version (the MLflow UI's link)
+    assert mv.source.startswith("models:/m-")  # registered from the logged model
+    model_id = mv.source.split("/")[-1]
+    linked = json.loads(client.get_logged_model(model_id).tags["mlflow.modelVersions"])
+    assert linked == [{"name": "brainlm-pretrain", "version": 1}] or \
+        [(d["name"], str(d["version"])) for d in linked] == [("brainlm-pretrain", "1")]
     run = client.get_run(tags["source_run_id"])
     assert client.get_experiment(run.info.experiment_id).name == "register"
     assert run.data.tags["lineage.data_dvc_sha256"] == "missing"

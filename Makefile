@@ -65,7 +65,7 @@ infra-config: infra/.env
 infra-up: infra/.env
 	$(INFRA) up -d --build $(if $(findstring docker compose,$(COMPOSE)),--wait,)
 	@echo "MLflow   http://127.0.0.1:5000   Prefect  http://127.0.0.1:4200   MinIO  http://127.0.0.1:9001"
-	@echo "Clients: infra/client.env.example (environment variables only)"
+	@echo "Clients: set -a; . infra/client.env; set +a   (written by make infra-secrets)"
 
 # keeps the volumes (databases, artefacts); `$(COMPOSE) ... down -v` would delete them
 infra-down: infra/.env

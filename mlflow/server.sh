@@ -26,8 +26,11 @@ if [ -z "$backend" ]; then
     *) backend=$MLFLOW_TRACKING_URI ;;
   esac
 fi
-args=(--backend-store-uri "$backend" --artifacts-destination "${MLFLOW_ARTIFACTS:-$here/artifacts}"
-      --serve-artifacts --host "${MLFLOW_HOST:-127.0.0.1}" --port "${MLFLOW_PORT:-5000}")
+# the store URL may hold a password: pass it in the environment (mlflow reads it there), not
+# on the command line that `ps` shows to every user of the host
+export MLFLOW_BACKEND_STORE_URI=$backend
+export MLFLOW_ARTIFACTS_DESTINATION=${MLFLOW_ARTIFACTS:-$here/artifacts}
+args=(--serve-artifacts --host "${MLFLOW_HOST:-127.0.0.1}" --port "${MLFLOW_PORT:-5000}")
 if [ -n "${MLFLOW_AUTH:-}" ] && [ "${MLFLOW_AUTH}" != "0" ]; then
   if [ -z "${MLFLOW_AUTH_ADMIN_PASSWORD:-}" ]; then
     echo "MLFLOW_AUTH is set but MLFLOW_AUTH_ADMIN_PASSWORD is empty: refusing to start" >&2

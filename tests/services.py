@@ -59,14 +59,19 @@ def wait_for_http(url: str, proc: subprocess.Popen | None = None, timeout: float
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """End a server started with start_new_session=True, children included."""
-    if proc.poll() is None:
+    """End a server started with start_new_session=True and every process of its group, even
+    when the leader has already exited."""
+    for sig, wait in ((15, 20), (9, None)):
         try:
-            os.killpg(proc.pid, 15)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, 9)
-            proc.wait()
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break  # the whole group is gone
+        try:
+            proc.wait(timeout=wait)
+            if sig == 15:
+                time.sleep(0.2)  # children get a moment after their leader
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _tail(log: Path | None, n: int = 4000) -> str:

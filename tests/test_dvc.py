@@ -86,7 +86,7 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
 def test_prefect_deployment_retrain_nightly_completes(repo, tmp_path):
     """A real `prefect server start`, `prefect deploy`, a process worker, and
     `prefect deployment run 'retrain/nightly'` reaching Completed."""
-    from tests.services import free_port, wait_for_http
+    from tests.services import free_port, stop, wait_for_http
 
     root, _ = repo
     port = free_port()
@@ -96,7 +96,7 @@ def test_prefect_deployment_retrain_nightly_completes(repo, tmp_path):
     env.pop("MLFLOW_TRACKING_URI", None)
     logs = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(["prefect", "server", "start", "--port", str(port)], env=env,
-                              stdout=logs, stderr=subprocess.STDOUT)
+                              stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)
     worker = None
     try:
         wait_for_http(f"http://127.0.0.1:{port}/api/health", server, timeout=180,
@@ -112,7 +112,7 @@ def test_prefect_deployment_retrain_nightly_completes(repo, tmp_path):
         assert "nightly" in prefect("--no-prompt", "deploy", "--all")
         worker = subprocess.Popen(["prefect", "worker", "start", "--pool", "brainlm-process"],
                                   cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
         out = prefect("deployment", "run", "retrain/nightly", "--param", f"repo={root}",
                       "--watch", "--watch-timeout", "500")
         assert "Completed" in out, out[-2000:]
@@ -120,11 +120,7 @@ def test_prefect_deployment_retrain_nightly_completes(repo, tmp_path):
     finally:
         for proc in (worker, server):
             if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop(proc)  # the whole process group: flow runs the worker started too
         logs.close()
 
 

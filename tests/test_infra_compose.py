@@ -10,6 +10,7 @@ import re
 import shutil
 import stat
 import subprocess
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -82,7 +83,20 @@ def test_compose_files_are_valid_with_generated_secrets(tmp_path):
     assert values["BRAINLM_WORKSPACE"] == str(REPO)
     assert worker["working_dir"] == str(REPO)
     owner = REPO.stat()
-    assert worker["user"] == f"{owner.st_uid}:{owner.st_gid}"
+    expected = "10001:10001" if owner.st_uid == 0 else f"{owner.st_uid}:{owner.st_gid}"
+    assert worker["user"] == expected  # the checkout's owner, never root
+
+    # client.env for this machine carries the same credentials the worker (a client) uses
+    client = dict(line.split("=", 1) for line in (tmp_path / "client.env").read_text()
+                  .splitlines() if line and not line.startswith("#"))
+    assert stat.S_IMODE((tmp_path / "client.env").stat().st_mode) == 0o600
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                 "PREFECT_API_AUTH_STRING", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert client[name] == worker["environment"][name], name
+    assert client["BRAINLM_OPTUNA_STORAGE"] == worker["environment"][
+        "BRAINLM_OPTUNA_STORAGE"].replace("@postgres:5432/", "@localhost:5432/")
+    assert client["MLFLOW_TRACKING_URI"] == "http://localhost:5000"
+    assert values["MLFLOW_AUTH_ADMIN_PASSWORD"] not in (tmp_path / "client.env").read_text()
     assert f"{REPO}:{REPO}:rw" in worker["volumes"] or f"{REPO}:{REPO}" in worker["volumes"]
     assert values["POSTGRES_PASSWORD"] not in json.dumps(rendered["services"]["mlflow"])
 
@@ -160,7 +174,7 @@ def test_services_have_health_checks_named_volumes_and_loopback_ports():
                 used.add(source)
         if "build" in svc:
             assert (INFRA / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file()
-    assert used == declared == {"pgdata", "minio-data"}
+    assert used == declared == {"pgdata", "minio-data", "worker-home"}
     assert services["mlflow"]["environment"]["MLFLOW_AUTH"] == "1"
 
 
@@ -182,25 +196,40 @@ def test_object_store_users_reach_only_their_bucket():
 
 
 def test_minio_init_creates_buckets_and_users_without_root_keys_in_argv(tmp_path):
-    """init.sh against a recording `mc`: which calls, in which order, with which arguments."""
+    """init.sh against a stand-in `mc` that logs its calls and, like mc, refuses to attach a
+    policy twice: which calls, with which arguments, and a second run that still succeeds."""
     fake = tmp_path / "bin" / "mc"
     fake.parent.mkdir()
-    fake.write_text('#!/bin/sh\necho "$* | host=${MC_HOST_store:-}" >> "$MC_LOG"\n'
-                    'case "$*" in "admin policy entities"*) echo brainlm-mlflow brainlm-dvc;; '
-                    'esac\n')
+    fake.write_text(textwrap.dedent("""\
+        #!/bin/sh
+        echo "$* | host=${MC_HOST_store:-}" >> "$MC_LOG"
+        state="$MC_LOG.attached"
+        touch "$state"
+        case "$*" in
+          "admin policy attach "*)
+            grep -qx "$5 $7" "$state" && { echo "policy already attached" >&2; exit 1; }
+            echo "$5 $7" >> "$state" ;;
+          "admin policy entities "*)
+            grep " $6\$" "$state" | cut -d" " -f1 ;;
+        esac
+    """))
     fake.chmod(0o755)
     env = {"PATH": f"{fake.parent}:{os.environ['PATH']}", "MC_LOG": str(tmp_path / "log"),
            "MINIO_ROOT_USER": "root", "MINIO_ROOT_PASSWORD": "rootpw123",
            "MLFLOW_S3_ACCESS_KEY": "mlflow", "MLFLOW_S3_SECRET_KEY": "m-secret",
            "DVC_S3_ACCESS_KEY": "dvc", "DVC_S3_SECRET_KEY": "d-secret"}
-    done = subprocess.run(["sh", str(INFRA / "minio" / "init.sh")], env=env,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    for run in (1, 2):  # compose reruns it on every `up`
+        done = subprocess.run(["sh", str(INFRA / "minio" / "init.sh")], env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, f"run {run}: {done.stderr}"
     calls = (tmp_path / "log").read_text().splitlines()
     argv = [c.split(" | ")[0] for c in calls]
     assert argv[0] == "mb --ignore-existing store/mlflow-artifacts store/brainlm-dvc"
     assert "admin user add store mlflow m-secret" in argv
-    assert "admin policy attach store brainlm-dvc --user dvc" in argv
+    assert argv.count("admin policy attach store brainlm-dvc --user dvc") == 2
+    assert "admin policy entities store --user dvc" in argv  # the second run checked
+    assert (tmp_path / "log.attached").read_text().split("\n")[:2] == [
+        "brainlm-mlflow mlflow", "brainlm-dvc dvc"]
     assert not any("rootpw123" in a for a in argv)
     assert all(c.endswith("host=http://root:rootpw123@minio:9000") for c in calls)
     env["DVC_S3_SECRET_KEY"] = ""
@@ -219,13 +248,14 @@ def test_nothing_secret_is_tracked_by_git():
     ignored = subprocess.run(["git", "check-ignore", "infra/.env", "infra/client.env"],
                              cwd=REPO, capture_output=True, text=True)
     assert ignored.stdout.split() == ["infra/.env", "infra/client.env"]
-    # a secret-named variable given a literal value (not ${...}, not empty) in a tracked file
+    # a secret-named variable given a literal value (not ${...}, not empty) in a tracked
+    # configuration file (scripts compute theirs)
     literal = re.compile(r"\b([A-Z0-9_]*(?:PASSWORD|SECRET_KEY|SECRET|AUTH_STRING))\b['\"]?"
                          r"\s*(?:=|:\s)\s*['\"]?([^\s'\"]+)")
     for name in tracked:
         path = REPO / name
-        if not name.startswith(("infra/", "mlflow/", ".dvc/", ".ci/")) or path.suffix == ".md" \
-                or not path.is_file():
+        if not name.startswith(("infra/", "mlflow/", ".dvc/")) or not path.is_file() \
+                or path.suffix in (".md", ".sh", ".py"):
             continue
         for line in path.read_text(errors="replace").splitlines():
             for var, value in literal.findall(line):

@@ -344,7 +344,8 @@ def test_dockerfile_runtime_is_non_root_and_secret_free():
             assert not re.search(r"(PASSWORD|SECRET|TOKEN|ACCESS_KEY)", a, re.I), a
     ignore = {ln.strip() for ln in (ROOT / "infra" / "Dockerfile.dockerignore").read_text()
               .splitlines() if ln.strip() and not ln.startswith("#")}
-    assert {".git", ".venv", "infra/.env", "data", "processed", "models", "runs",
+    assert {".git", ".venv", "infra/.env", "infra/client.env", "data", "processed", "models",
+            "runs",
             "mlflow/*.db", "mlflow/artifacts"} <= ignore
 
 

@@ -70,7 +70,7 @@ def test_each_service_role_reaches_only_its_own_database(postgres):
                       ("prefect", "prefect")):
         assert postgres.psql("select current_user", role, own).stdout.strip() == role
     for role, other in (("mlflow", "optuna"), ("optuna", "prefect"), ("prefect", "mlflow"),
-                        ("optuna", "postgres")):
+                        ("optuna", "postgres"), ("mlflow", "template1")):
         denied = postgres.psql("select 1", role, other, check=False)
         assert denied.returncode != 0 and "permission denied" in denied.stderr, denied.stderr
     flags = postgres.psql("select rolname, rolsuper or rolcreatedb or rolcreaterole or "
@@ -229,6 +229,42 @@ def test_two_tune_workers_share_a_study_in_postgres(postgres, setup, tmp_path):
     best = json.loads((tmp_path / "w1" / "best.json").read_text())
     assert postgres.passwords["optuna"] not in json.dumps(best)  # committed file: no secret
     assert best["storage"].startswith("postgresql://optuna:***@")
+
+
+def test_tune_waits_for_the_study_set_up_lock(postgres, setup, tmp_path):
+    """Workers starting together take turns creating Optuna's tables and the study (without
+    the lock two of them raced: `relation "alembic_version" already exists`)."""
+    import time
+
+    import optuna
+    import sqlalchemy
+
+    from brainlm.train.hpo import _PG_LOCK_KEY
+
+    url = postgres.url("optuna")
+    waiting = "select count(*) from pg_locks where locktype = 'advisory' and not granted"
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
+        proc = subprocess.Popen(
+            [str(BIN / "brainlm"), "tune", "--model", str(setup / "model"), "--data",
+             str(setup / "store"), "--out", str(tmp_path / "w"), "--target", "age",
+             "--epochs", "2", "--batch-size", "8", "--study", "lock-study", "--n-trials", "1",
+             "--storage", url], env=_env(), cwd=tmp_path, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while postgres.psql(waiting).stdout.strip() != "1":
+                assert proc.poll() is None, proc.communicate()[0][-3000:]
+                assert time.monotonic() < deadline, "the worker never asked for the lock"
+                time.sleep(0.3)
+            assert "lock-study" not in optuna.get_all_study_names(url)  # it waits, not works
+        finally:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
+    engine.dispose()
+    output = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert len(optuna.load_study(study_name="lock-study", storage=url).trials) == 1
 
 
 # ---------------------------------------------------------------------------------- Prefect

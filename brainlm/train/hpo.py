@@ -229,7 +229,7 @@ def _init_lock(url: str):
     if path is not None:
         with _file_lock(path):
             yield
-    elif url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres"):
+    elif _backend(url) in ("postgresql", "postgres"):
         with _pg_lock(url):
             yield
     else:
@@ -322,8 +322,13 @@ def _open_journal(url: str, shown: str):
         raise ConfigError(f"--storage {shown!r}: cannot open it: {_first_line(e)}") from None
 
 
+def _backend(url: str) -> str:
+    """'sqlite', 'postgresql', ... (the scheme without its driver)."""
+    return url.split(":", 1)[0].split("+", 1)[0]
+
+
 def _is_sqlite(url: str) -> bool:
-    return url.split(":", 1)[0].split("+", 1)[0] == "sqlite"
+    return _backend(url) == "sqlite"
 
 
 def _first_line(e: BaseException) -> str:

@@ -9,7 +9,9 @@ for name in MINIO_ROOT_USER MINIO_ROOT_PASSWORD MLFLOW_S3_ACCESS_KEY MLFLOW_S3_S
   eval "value=\${$name:-}"
   [ -n "$value" ] || { echo "minio-init: $name is empty: set it in infra/.env" >&2; exit 1; }
 done
-# credentials through the environment, not argv (visible in `ps`)
+# root credentials through the environment, not argv (visible in `ps`). The clients' secret
+# keys do go on `mc admin user add`'s command line (it has no other non-interactive form), for
+# the seconds this one-shot container lives, in its own process namespace.
 export MC_HOST_store="http://${MINIO_ROOT_USER}:${MINIO_ROOT_PASSWORD}@${MINIO_HOST:-minio:9000}"
 mc mb --ignore-existing store/mlflow-artifacts store/brainlm-dvc
 mc admin policy create store brainlm-mlflow /init/policy-mlflow.json

@@ -36,8 +36,8 @@ CREATE DATABASE mlflow_auth OWNER mlflow;
 CREATE DATABASE optuna OWNER optuna;
 CREATE DATABASE prefect OWNER prefect;
 REVOKE ALL ON DATABASE mlflow, mlflow_auth, optuna, prefect FROM PUBLIC;
--- the bootstrap database is the superuser's alone
-REVOKE CONNECT ON DATABASE postgres FROM PUBLIC;
+-- the bootstrap and template databases are the superuser's alone
+REVOKE CONNECT ON DATABASE postgres, template1 FROM PUBLIC;
 
 -- Prefect's migrations ask for pg_trgm (trusted, but created here so its role needs no more)
 \connect prefect

@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=_positive_int, default=None,
                    help="leave after this many steps (resume later with --resume)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--attention-kernel", default="auto",
+                   choices=("auto", "flash", "cudnn", "efficient", "math"),
+                   help="pin PyTorch's attention kernel (default: PyTorch picks)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--device", default="auto")
@@ -323,8 +326,8 @@ def _cmd_pretrain(args) -> int:
         windows_per_recording=args.windows_per_recording, seed=args.seed,
         workers=args.workers, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
         resume=args.resume, stop_after=args.stop_after, compile=args.compile,
-        grad_checkpointing=args.grad_checkpointing, precision=args.precision,
-        device=args.device, progress=not args.no_progress)
+        attention_kernel=args.attention_kernel, grad_checkpointing=args.grad_checkpointing,
+        precision=args.precision, device=args.device, progress=not args.no_progress)
     result = pretrain(cfg)
     if result.get("metrics"):
         m = result["metrics"]

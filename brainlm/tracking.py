@@ -53,6 +53,21 @@ class Tracker:
         if self.active:
             self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
+    def metrics_steps(self, rows: list) -> None:
+        """Metrics of several steps [(step, {name: value})] in as few requests as MLflow allows."""
+        if not self.active or not rows:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for step, values in rows
+                   for k, v in values.items()]
+        client = self._mlflow.MlflowClient()
+        for i in range(0, len(metrics), 1000):  # MLflow's limit per batch
+            client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+
     def artifacts(self, folder, path: str | None = None) -> None:
         if self.active:
             self._mlflow.log_artifacts(str(folder), artifact_path=path)

@@ -179,3 +179,56 @@ def test_unknown_profile_and_wrong_coords():
         model(x, coords[:5])
     with pytest.raises(ConfigError, match="coords are needed"):
         model(x)
+
+
+def test_per_window_coordinates_take_the_same_rows_as_a_shared_atlas():
+    """[B, P, 3] coordinates go through a gather, [P, 3] through F.embedding: same result."""
+    model = tiny(window=40, patch_size=10)
+    x, coords = data(2, 9, 40)
+    noise = torch.rand(2, 36)
+    shared = model(x, coords, noise=noise)
+    per_window = model(x, coords.expand(2, -1, -1), noise=noise)
+    torch.testing.assert_close(per_window.pred, shared.pred)
+    torch.testing.assert_close(per_window.loss, shared.loss)
+    # and the second window really uses its own coordinates
+    moved = coords.expand(2, -1, -1).clone()
+    moved[1] += 30.0
+    out = model(x, moved, noise=noise)
+    torch.testing.assert_close(out.pred[0], shared.pred[0])
+    assert not torch.allclose(out.pred[1], shared.pred[1])
+
+
+def test_saved_coordinates_are_cached_but_follow_the_config():
+    model = tiny(window=40, patch_size=10)
+    x, coords = data(2, 9, 40)
+    noise = torch.rand(2, 36)
+    model.config.parcel_coords = coords.tolist()
+    first = model(x, noise=noise).pred
+    torch.testing.assert_close(model(x, noise=noise).pred, first)
+    torch.testing.assert_close(model(x, coords, noise=noise).pred, first)
+    model.config.parcel_coords = (coords + 25.0).tolist()  # a new atlas: no stale cache
+    torch.testing.assert_close(model(x, noise=noise).pred, model(x, coords + 25.0, noise=noise).pred)
+    assert not torch.allclose(model(x, noise=noise).pred, first)
+
+
+def test_cached_tables_made_in_inference_mode_still_train():
+    model = tiny(window=40, patch_size=10).train()
+    x, coords = data(2, 9, 40)
+    model.config.parcel_coords = coords.tolist()
+    with torch.inference_mode():
+        model.embed(x)  # fills the caches
+    model(x).loss.backward()
+    assert model.pos_embed.coord.weight.grad is not None
+    assert model.decoder_pos_embed.coord.weight.grad.abs().sum() > 0
+
+
+def test_pinned_attention_kernel_gives_the_same_result_and_bad_names_are_clear():
+    model = tiny(window=40, patch_size=10)
+    x, coords = data(2, 9, 40)
+    noise = torch.rand(2, 36)
+    auto = model(x, coords, noise=noise).pred
+    model.set_sdpa_kernel("math")
+    assert all(m.sdpa_kernel is not None for m in model.modules() if hasattr(m, "sdpa_kernel"))
+    torch.testing.assert_close(model(x, coords, noise=noise).pred, auto, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="attention kernel 'fast' must be one of"):
+        model.set_sdpa_kernel("fast")

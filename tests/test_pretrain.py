@@ -154,7 +154,11 @@ def test_mlflow_logs_params_metrics_and_artifacts(store, tmp_path):
     assert len(runs) == 1
     run = runs[0]
     assert run.data.params["mask_ratio"] == "0.2"
-    assert len(client.get_metric_history(run.info.run_id, "loss")) == 4
+    logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+    history = json.loads((tmp_path / "m" / "history.json").read_text())
+    assert logged == [(r["step"], r["loss"]) for r in history]  # every step, batched requests
+    assert [s for s, _ in logged] == [1, 2, 3, 4]
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "val_r2")} == {2, 4}
     assert "val_r2" in run.data.metrics
     names = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert "model/model.safetensors" in names and "model/reconstruction.png" in names
@@ -225,3 +229,16 @@ def test_embed_cli_with_our_model_and_with_released_weights(store, tmp_path):
                           str(tmp_path / "x.parquet")], capture_output=True, text=True)
     assert res.returncode == 2  # the default 200-timepoint window does not fit this canvas
     assert "nor large enough for a 12 x 200 window" in res.stderr
+
+
+def test_settle_reads_the_device_once_and_stops_on_a_non_finite_loss():
+    from brainlm.errors import ConfigError
+    from brainlm.train.pretrain import settle
+
+    pending = [(1, torch.tensor(0.5), torch.tensor(2.0), 1e-3),
+               (2, torch.tensor(0.25, dtype=torch.bfloat16), torch.tensor(1.0), 2e-3)]
+    assert settle(pending, 1e-3) == [{"step": 1, "loss": 0.5, "lr": 1e-3, "grad_norm": 2.0},
+                                     {"step": 2, "loss": 0.25, "lr": 2e-3, "grad_norm": 1.0}]
+    pending.append((3, torch.tensor(float("nan")), torch.tensor(1.0), 3e-3))
+    with pytest.raises(ConfigError, match="the loss became nan at step 3"):
+        settle(pending, 1e-3)

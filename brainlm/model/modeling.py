@@ -10,7 +10,12 @@ Speed comes from what is not done:
   position embedding, so the decoder runs on [CLS, visible..., masked...] as they come and the
   masked tokens are a contiguous tail (no scatter/gather of the 4,241-token sequence);
 - the last decoder block computes queries, MLP and the prediction head for that tail only;
-- visible counts are the same for every window of a batch: no padding, static shapes.
+- visible counts are the same for every window of a batch: no padding, static shapes;
+- positions are rows of one [L, D] table looked up by token index (`F.embedding`), so neither
+  the forward nor the backward materialises a [B, L, D] copy of the table, and the decoder
+  input is built in one [B, 1 + L, D] buffer (no gather + add + concatenate copies);
+- the coordinates saved in the config and the time encoding are cached on the device (no
+  host-to-device copy per step, nothing to stop a CUDA graph).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -53,10 +59,16 @@ def sinusoidal(n: int, dim: int, device=None, base: float = 10000.0) -> torch.Te
     return enc
 
 
+SDPA_KERNELS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "math": SDPBackend.MATH}
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, eager: bool = False):
         super().__init__()
         self.heads, self.eager = heads, eager
+        self.sdpa_kernel = None  # None: PyTorch picks; else one SDPBackend (set_sdpa_kernel)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
@@ -74,8 +86,11 @@ class Attention(nn.Module):
         if self.eager:  # reference path for the benchmark: materialises [S, S] scores
             att = (q @ k.transpose(-2, -1)) * hd ** -0.5
             out = att.softmax(dim=-1) @ v
-        else:
+        elif self.sdpa_kernel is None:
             out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            with sdpa_kernel(self.sdpa_kernel):
+                out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, s - q_start, d))
 
 
@@ -119,14 +134,32 @@ class TokenEmbedding(nn.Module):
         self.coord = nn.Linear(3, dim)
         self.coord_scale = coord_scale
         self.dim = dim
+        self._time: dict = {}  # (n, device, dtype) -> [n, dim], fixed, not a parameter
+
+    def time_encoding(self, n: int, device, dtype) -> torch.Tensor:
+        key = (n, str(device), dtype)
+        if key not in self._time:
+            with torch.inference_mode(False), torch.no_grad():  # usable by any later call
+                self._time[key] = sinusoidal(n, self.dim, device).to(dtype)
+        return self._time[key]
 
     def forward(self, coords: torch.Tensor, n_patches: int) -> torch.Tensor:
         """coords [P, 3] or [B, P, 3] (mm) -> [1 or B, P * N, dim]."""
         c = self.coord(coords / self.coord_scale)
         if c.dim() == 2:
             c = c[None]
-        t = sinusoidal(n_patches, self.dim, c.device).to(c.dtype)
+        t = self.time_encoding(n_patches, c.device, c.dtype)
         return (c[:, :, None, :] + t[None, None]).flatten(1, 2)
+
+
+def take_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` [B, n] of a position table [1 or B, L, D] -> [B, n, D].
+
+    A shared table goes through `F.embedding`: its backward sums into [L, D], where a gather
+    on the batch-expanded table would allocate a [B, L, D] gradient first."""
+    if table.shape[0] == 1:
+        return F.embedding(ids, table[0])
+    return table.gather(1, ids[..., None].expand(-1, -1, table.shape[-1]))
 
 
 class BrainLMPreTrainedModel(PreTrainedModel):
@@ -185,10 +218,17 @@ class BrainLMForPretraining(BrainLMPreTrainedModel):
 
     def _coords(self, coords, signals):
         if coords is None:
-            if getattr(self.config, "parcel_coords", None) is None:
+            saved = getattr(self.config, "parcel_coords", None)
+            if saved is None:
                 raise ConfigError("coords are needed: this model was saved without the "
                                   "coordinates of its atlas")
-            coords = self.config.parcel_coords
+            key = (str(signals.device), signals.dtype)
+            cache = self.__dict__.setdefault("_coords_cache", {})
+            if key not in cache or cache[key][0] is not saved:  # same list object: still valid
+                with torch.inference_mode(False):
+                    cache[key] = (saved, torch.as_tensor(saved, dtype=signals.dtype,
+                                                         device=signals.device))
+            coords = cache[key][1]
         coords = torch.as_tensor(coords, dtype=signals.dtype, device=signals.device)
         if coords.shape[-2:] != (signals.shape[1], 3):
             raise ConfigError(f"coords {tuple(coords.shape)} do not match {signals.shape[1]} "
@@ -241,10 +281,34 @@ class BrainLMForPretraining(BrainLMPreTrainedModel):
         b, length, ps = patches.shape
         if ids_keep is not None and ids_keep.shape[1] < length:
             patches = patches.gather(1, ids_keep[..., None].expand(-1, -1, ps))
-            pos = pos.expand(b, -1, -1).gather(1, ids_keep[..., None].expand(-1, -1, pos.shape[-1]))
+            pos = take_rows(pos, ids_keep)
         x = self.patch_embed(patches) + pos
         x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
         return self.encoder(x)
+
+    def decoder_input(self, latent, coords, n_patches, ids_keep, ids_mask) -> torch.Tensor:
+        """[CLS, visible..., masked...] for the decoder: [B, 1 + L, D].
+
+        One buffer holds every token's position (a zero row for CLS); the projected encoder
+        output and the mask token are added into their slices in place."""
+        dpos = self.decoder_pos_embed(coords, n_patches)  # [1 or B, L, D]
+        b, n_keep = ids_keep.shape
+        table = torch.cat([dpos.new_zeros(dpos.shape[0], 1, dpos.shape[-1]), dpos], dim=1)
+        ids = torch.cat([ids_keep.new_zeros(b, 1), ids_keep + 1, ids_mask + 1], dim=1)
+        x = take_rows(table, ids)
+        x[:, : 1 + n_keep] += self.decoder_embed(latent).to(x.dtype)
+        x[:, 1 + n_keep:] += self.mask_token.to(x.dtype)
+        return x
+
+    def set_sdpa_kernel(self, name: str) -> None:
+        """Pin the attention kernel: auto (PyTorch picks), flash, cudnn, efficient or math.
+
+        A property of the machine, not of the weights: not saved with the model."""
+        if name not in SDPA_KERNELS:
+            raise ConfigError(f"attention kernel '{name}' must be one of {', '.join(SDPA_KERNELS)}")
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.sdpa_kernel = SDPA_KERNELS[name]
 
     def forward(self, signals: torch.Tensor, coords=None, mask_ratio: float | None = None,
                 mask_strategy: str | None = None, noise: torch.Tensor | None = None,
@@ -263,14 +327,9 @@ class BrainLMForPretraining(BrainLMPreTrainedModel):
         if ids_mask.shape[1] == 0:
             return BrainLMPretrainingOutput(ids_keep=ids_keep, ids_mask=ids_mask,
                                             encoder_hidden=latent)
-        coords_t = self._coords(coords, signals)
-        dpos = self.decoder_pos_embed(coords_t, n_patches).expand(b, -1, -1)
-        d = dpos.shape[-1]
-        x = self.decoder_embed(latent)
+        x = self.decoder_input(latent, self._coords(coords, signals), n_patches, ids_keep,
+                               ids_mask)
         n_keep = ids_keep.shape[1]
-        x_vis = x[:, 1:] + dpos.gather(1, ids_keep[..., None].expand(-1, -1, d))
-        x_mask = self.mask_token.to(x.dtype) + dpos.gather(1, ids_mask[..., None].expand(-1, -1, d))
-        x = torch.cat([x[:, :1], x_vis, x_mask], dim=1)
         x = self.decoder(x, last_q_start=1 + n_keep)  # masked tail only in the last block
         pred = self.decoder_pred(x)
         target = self.patchify(signals).gather(1, ids_mask[..., None].expand(-1, -1, c.patch_size))

@@ -24,6 +24,7 @@ from ..errors import ConfigError
 
 # base learning rate per profile, scaled by batch / 256 (MAE's rule)
 BASE_LR = {"tiny": 8e-3, "13m": 4e-3, "111m": 1.2e-3, "650m": 6e-4}
+LOG_EVERY = 20  # steps between waits for the device (history, MLflow, progress bar)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class PretrainConfig:
     resume: bool = False
     stop_after: int | None = None  # leave after this many steps in this invocation
     compile: bool = False
+    attention_kernel: str = "auto"  # auto, flash, cudnn, efficient or math (a machine setting)
     grad_checkpointing: bool = False
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"
@@ -116,6 +118,22 @@ def step_noise(seed: int, step: int, micro: int, batch: int, length: int, rank: 
                                           .generate_state(1)[0]))
     noise = torch.rand(batch * world, length, generator=g)
     return noise[rank::world]
+
+
+def settle(pending: list, lr: float) -> list[dict]:
+    """History records for steps whose loss and gradient norm are still device tensors.
+
+    One host-device sync for the lot (the loop does not wait for the GPU every step); a
+    non-finite loss stops the run before anything is checkpointed."""
+    values = torch.stack([torch.stack([loss.float(), norm.float()])
+                          for _, loss, norm, _ in pending]).cpu().tolist()
+    records = []
+    for (step, _, _, step_lr), (loss, norm) in zip(pending, values):
+        if not math.isfinite(loss):
+            raise ConfigError(f"the loss became {loss} at step {step}: lower the learning rate "
+                              f"(now {lr:.2e})")
+        records.append({"step": step, "loss": loss, "lr": step_lr, "grad_norm": norm})
+    return records
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -237,6 +255,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     model_cfg.atlas = store.meta.get("atlas")
     model_cfg.atlas_hash = store.meta.get("atlas_hash")
     model = BrainLMForPretraining(model_cfg).to(device)
+    model.set_sdpa_kernel(cfg.attention_kernel)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
     micro = cfg.batch_size // world // cfg.grad_accum
@@ -290,6 +309,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                                                                      step + cfg.stop_after)
         model.train()
         t0, windows_done = time.perf_counter(), 0
+        pending: list = []  # (step, loss, grad norm, lr) still on the device
         while step < stop_at:
             if epoch != step // steps_per_epoch or iterator is None:
                 epoch = step // steps_per_epoch
@@ -304,15 +324,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
             for m in range(cfg.grad_accum):
                 batch = next(iterator)
                 x = batch["signal"].to(device, non_blocking=True)
-                noise = step_noise(cfg.seed, step, m, micro, length, rank, world).to(device)
+                noise = step_noise(cfg.seed, step, m, micro, length, rank, world)
+                if device.type == "cuda":
+                    noise = noise.pin_memory()
+                noise = noise.to(device, non_blocking=True)
                 sync = m == cfg.grad_accum - 1 or world == 1
                 with train_model.no_sync() if (world > 1 and not sync) else nullcontext():
                     with autocast():
                         loss = train_model(x, coords, noise=noise).loss / cfg.grad_accum
                     loss.backward()
-                if not torch.isfinite(loss):
-                    raise ConfigError(f"the loss became {float(loss)} at step {step + 1}: lower the "
-                                      f"learning rate (now {cfg.lr:.2e})")
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             optimizer.step()
@@ -322,18 +342,25 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
             step += 1
             windows_done += cfg.batch_size
-            record = {"step": step, "loss": float(loss_sum), "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": float(grad_norm)}
-            if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            pending.append((step, loss_sum, grad_norm, scheduler.get_last_lr()[0]))
+            bar.update(1)
+            evaluating = rank == 0 and (step % cfg.eval_every == 0 or step == cfg.max_steps)
+            saving = rank == 0 and (step % cfg.ckpt_every == 0 or step == stop_at)
+            if len(pending) >= LOG_EVERY or evaluating or saving or step == stop_at:
+                records = settle(pending, cfg.lr)  # the only wait for the device
+                pending.clear()
+                history.extend(records)
+                tracker.metrics_steps([(r["step"], {k: v for k, v in r.items() if k != "step"})
+                                       for r in records])
+                rate = windows_done / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", win_s=f"{rate:.1f}")
+            if evaluating:
                 ev = evaluate(model, store, cfg, device, autocast)
                 last_eval = ev
-                record.update({k: v for k, v in ev.items() if k.startswith("val_")})
-            history.append(record)
-            tracker.metrics({k: v for k, v in record.items() if k != "step"}, step=step)
-            rate = windows_done / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", win_s=f"{rate:.1f}")
-            bar.update(1)
-            if rank == 0 and (step % cfg.ckpt_every == 0 or step == stop_at):
+                val = {k: v for k, v in ev.items() if k.startswith("val_")}
+                history[-1].update(val)
+                tracker.metrics(val, step=step)
+            if saving:
                 save_checkpoint(ckpt_path, model, optimizer, scheduler, step, history)
         bar.close()
 

@@ -6,13 +6,16 @@
 Models, all trained with AdamW on random [424, 200] windows (median of --steps timed steps
 after --warmup):
   ours          BrainLMForPretraining at --profile (13m by default): SDPA, masked-tail decoder
-  ours-compile  the same under torch.compile (CUDA only unless --compile-cpu)
   eager         the same shape with plain eager attention (materialised [S, S] scores)
   hf-vitmae     transformers ViTMAEForPreTraining with SDPA on the 432x432 canvas of the
                 released 111M model (what a user would run otherwise)
+Variants of ours, joined with '+': compile (torch.compile), graphs (torch.compile with CUDA
+graphs, mode reduce-overhead), flash / cudnn / efficient / math (pin the attention kernel, as
+`brainlm pretrain --attention-kernel`), ckpt (activation checkpointing), b64 / b128 (batch).
+On CUDA the default list adds bf16 rows for the kernels and compile modes (--extras).
 FLOPs per window are counted from the shapes (matrix products and attention, forward x 3 for
 training; the full decoder is counted even where ours skips work), so MFU compares like with
-like. Each configuration runs in its own process (clean peak memory).
+like. Each configuration runs in its own process (clean peak memory, --timeout each).
 """
 
 from __future__ import annotations
@@ -58,14 +61,24 @@ def flops_vitmae(cfg) -> float:
     return 3 * (enc + dec + embed)
 
 
+KERNELS = ("flash", "cudnn", "efficient", "math")
+TARGET = {"windows_s": 1000.0, "peak_gb": 8.0, "mfu": 50.0}  # 13m, bf16, batch 32, one H100
+
+
 def run_one(model_name: str, dtype: str, args) -> dict:
     import torch
 
+    base, *mods = model_name.split("+")
+    for mod in mods:
+        if mod.startswith("b") and mod[1:].isdigit():
+            args.batch = int(mod[1:])
+        elif mod not in ("compile", "graphs", "ckpt") + KERNELS:
+            raise SystemExit(f"unknown variant '{mod}' in {model_name}")
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
-    if model_name.startswith("hf"):
+    if base == "hf-vitmae":
         from transformers import ViTMAEForPreTraining
 
         from brainlm.model.legacy import released_config
@@ -84,13 +97,20 @@ def run_one(model_name: str, dtype: str, args) -> dict:
 
         cfg = BrainLMConfig.from_preset(args.profile, window=T, patch_size=PATCH,
                                         mask_ratio=RATIO,
-                                        attention_backend="eager" if model_name == "eager"
-                                        else "sdpa")
+                                        attention_backend="eager" if base == "eager" else "sdpa")
         model = BrainLMForPretraining(cfg).to(device)
+        for kernel in set(mods) & set(KERNELS):
+            model.set_sdpa_kernel(kernel)
+        if "ckpt" in mods:
+            model.gradient_checkpointing_enable()
         flops = flops_ours(cfg)
         x = torch.randn(args.batch, P, T, device=device)
         coords = torch.rand(P, 3, device=device) * 140 - 70
-        fwd = torch.compile(model) if model_name == "ours-compile" else model
+        fwd = model
+        if "compile" in mods:
+            fwd = torch.compile(model)
+        elif "graphs" in mods:
+            fwd = torch.compile(model, mode="reduce-overhead")
 
         def step_loss():
             return fwd(x, coords).loss
@@ -124,6 +144,21 @@ def run_one(model_name: str, dtype: str, args) -> dict:
             "tflops": flops * args.batch / sec / 1e12, "peak_gb": peak_gb, "device": name}
 
 
+def verdict(results: list[dict], profile: str) -> str:
+    """The issue's target: met when a bf16 batch-32 row of ours on a GPU meets all three."""
+    ours = [r for r in results if "error" not in r and r["model"].split("+")[0] == "ours"
+            and r["dtype"] == "bf16" and r["batch"] == 32 and r.get("mfu") is not None]
+    if profile != "13m" or not ours:
+        return "target (13m, bf16, batch 32, GPU): not measured in this run"
+    meets = [r for r in ours if r["windows_s"] >= TARGET["windows_s"]
+             and r["peak_gb"] <= TARGET["peak_gb"] and r["mfu"] >= TARGET["mfu"]]
+    ok = bool(meets)
+    best = max(meets or ours, key=lambda r: r["windows_s"])
+    return (f"target (>= {TARGET['windows_s']:.0f} windows/s, <= {TARGET['peak_gb']:g} GiB, "
+            f"MFU >= {TARGET['mfu']:g} %): {'met' if ok else 'NOT met'} by {best['model']}: "
+            f"{best['windows_s']:.0f} windows/s, {best['peak_gb']:.2f} GiB, MFU {best['mfu']:.1f} %")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
@@ -132,8 +167,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--models", default=None,
-                        help="comma list of ours,ours-compile,eager,hf-vitmae")
+                        help="comma list of ours,eager,hf-vitmae and ours+VARIANT (default: "
+                        "ours,ours+compile,eager,hf-vitmae on CUDA, no compile on CPU)")
     parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--extras", default=None,
+                        help="bf16-only rows after the main ones (default on CUDA: each "
+                        "attention kernel, CUDA graphs, best-guess combinations, batch 64)")
+    parser.add_argument("--timeout", type=float, default=300,
+                        help="seconds per configuration (compilation included)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="for MFU (default: known cards; none on CPU)")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -147,36 +188,53 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1], args)))
         return
-    models = (args.models or ("ours,ours-compile,eager,hf-vitmae" if cuda
+    models = (args.models or ("ours,ours+compile,eager,hf-vitmae" if cuda
                               else "ours,eager,hf-vitmae")).split(",")
+    extras = args.extras
+    if extras is None:
+        extras = ("ours+flash,ours+cudnn,ours+efficient,ours+graphs,ours+cudnn+compile,"
+                  "ours+cudnn+graphs,ours+compile+b64") if cuda and args.models is None else ""
+    plan = [(m, d) for m in models for d in args.dtypes.split(",")]
+    plan += [(m, "bf16") for m in extras.split(",") if m]
     results = []
-    for model in models:
-        for dtype in args.dtypes.split(","):
-            cmd = [sys.executable, __file__, "--one", model, dtype, "--device", args.device,
-                   "--profile", args.profile, "--batch", str(args.batch), "--steps",
-                   str(args.steps), "--warmup", str(args.warmup)]
-            res = subprocess.run(cmd, capture_output=True, text=True,
+    for model, dtype in plan:
+        cmd = [sys.executable, __file__, "--one", model, dtype, "--device", args.device,
+               "--profile", args.profile, "--batch", str(args.batch), "--steps",
+               str(args.steps), "--warmup", str(args.warmup)]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
                                  env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-            if res.returncode != 0:
-                tail = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "?"
-                results.append({"model": model, "dtype": dtype, "error": tail})
-                continue
+        except subprocess.TimeoutExpired:
+            results.append({"model": model, "dtype": dtype,
+                            "error": f"over {args.timeout:g} s"})
+            print(f"{model} {dtype}: over {args.timeout:g} s", file=sys.stderr, flush=True)
+            continue
+        if res.returncode != 0:
+            tail = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "?"
+            results.append({"model": model, "dtype": dtype, "error": tail})
+        else:
             results.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        print(f"{model} {dtype}: {results[-1].get('windows_s', results[-1].get('error'))}",
+              file=sys.stderr, flush=True)
     device = next((r["device"] for r in results if "device" in r), args.device)
     peak = args.peak_tflops
     print(f"device: {device}; {P} parcels x {T} timepoints, patch {PATCH}, mask {RATIO}, "
           f"batch {args.batch}, median of {args.steps} steps after {args.warmup}")
-    print("\n| model | dtype | params (M) | windows/s | GFLOP/window | TFLOP/s | MFU | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| model | dtype | batch | params (M) | windows/s | GFLOP/window | TFLOP/s | MFU "
+          "| peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['model']} | {r['dtype']} | failed: {r['error'][:80]} | | | | | |")
+            print(f"| {r['model']} | {r['dtype']} | | failed: {r['error'][:80]} | | | | | |")
             continue
         card = next((v for k, v in PEAK_TFLOPS.items() if k in r["device"]), None)
         p = peak or (card or {}).get(r["dtype"])
-        mfu = f"{100 * r['tflops'] / p:.1f} %" if p else "n/a"
-        print(f"| {r['model']} | {r['dtype']} | {r['params_m']:.1f} | {r['windows_s']:.1f} | "
-              f"{r['gflop_per_window']:.0f} | {r['tflops']:.2f} | {mfu} | {r['peak_gb']:.2f} |")
+        r["mfu"] = 100 * r["tflops"] / p if p else None
+        mfu = f"{r['mfu']:.1f} %" if p else "n/a"
+        print(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['params_m']:.1f} | "
+              f"{r['windows_s']:.1f} | {r['gflop_per_window']:.0f} | {r['tflops']:.2f} | {mfu} "
+              f"| {r['peak_gb']:.2f} |")
+    print(verdict(results, args.profile))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -25,12 +25,32 @@ def test_flop_count_matches_the_published_figure():
 def test_pretrain_throughput_smoke_on_cpu(tmp_path):
     out = subprocess.run([sys.executable, str(BENCH / "pretrain_throughput.py"), "--device", "cpu",
                           "--profile", "tiny", "--batch", "1", "--steps", "1", "--warmup", "0",
-                          "--models", "ours,eager", "--dtypes", "fp32", "--json",
-                          str(tmp_path / "r.json")], capture_output=True, text=True)
+                          "--models", "ours,eager,ours+math+ckpt", "--dtypes", "fp32",
+                          "--json", str(tmp_path / "r.json")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ours") or
             line.startswith("| eager")]
-    assert len(rows) == 2 and "failed" not in out.stdout
+    assert len(rows) == 3 and "failed" not in out.stdout
+    assert "not measured in this run" in out.stdout  # no verdict from a CPU smoke
+
+
+def test_verdict_takes_the_best_bf16_row_of_ours_at_batch_32():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import pretrain_throughput as pt
+    finally:
+        sys.path.pop(0)
+
+    def row(model, windows, gb, mfu, batch=32, dtype="bf16"):
+        return {"model": model, "dtype": dtype, "batch": batch, "windows_s": windows,
+                "peak_gb": gb, "mfu": mfu}
+
+    rows = [row("ours", 700, 6.0, 35.0), row("ours+cudnn+compile", 1100, 6.5, 55.0),
+            row("ours+compile+b64", 1500, 12.0, 75.0, batch=64), row("eager", 2000, 1, 90)]
+    assert "met by ours+cudnn+compile: 1100 windows/s" in pt.verdict(rows, "13m")
+    rows[1]["peak_gb"] = 9.0  # too much memory
+    assert "NOT met" in pt.verdict(rows, "13m")
+    assert "not measured" in pt.verdict(rows, "tiny")
 
 
 def test_parcellate_benchmark_smoke(tmp_path, atlas_spec):

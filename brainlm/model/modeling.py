@@ -12,8 +12,8 @@ Speed comes from what is not done:
 - the last decoder block computes queries, MLP and the prediction head for that tail only;
 - visible counts are the same for every window of a batch: no padding, static shapes;
 - positions are rows of one [L, D] table looked up by token index (`F.embedding`), so neither
-  the forward nor the backward materialises a [B, L, D] copy of the table, and the decoder
-  input is built in one [B, 1 + L, D] buffer (no gather + add + concatenate copies);
+  the forward nor the backward materialises a [B, L, D] copy of the table; a masked token's
+  decoder input (position + mask token) is one row of that table;
 - the coordinates saved in the config and the time encoding are cached on the device (no
   host-to-device copy per step, nothing to stop a CUDA graph).
 """
@@ -76,13 +76,16 @@ class Attention(nn.Module):
         """x: [B, S, D] -> [B, S - q_start, D]; queries only for tokens q_start.."""
         b, s, d = x.shape
         h, hd = self.heads, d // self.heads
+        # split along the features (not a [3, ...] permute): the backward then writes the
+        # [B, S, 3D] gradient with one concatenation instead of a stack and a copy
         if q_start:
             w_q, w_kv = self.qkv.weight.split([d, 2 * d])
             b_q, b_kv = self.qkv.bias.split([d, 2 * d])
-            q = F.linear(x[:, q_start:], w_q, b_q).view(b, s - q_start, h, hd).transpose(1, 2)
-            k, v = F.linear(x, w_kv, b_kv).view(b, s, 2, h, hd).permute(2, 0, 3, 1, 4)
+            q = F.linear(x[:, q_start:], w_q, b_q)
+            k, v = F.linear(x, w_kv, b_kv).split(d, dim=-1)
         else:
-            q, k, v = self.qkv(x).view(b, s, 3, h, hd).permute(2, 0, 3, 1, 4)
+            q, k, v = self.qkv(x).split(d, dim=-1)
+        q, k, v = (t.unflatten(-1, (h, hd)).transpose(1, 2) for t in (q, k, v))  # [B, h, S, hd]
         if self.eager:  # reference path for the benchmark: materialises [S, S] scores
             att = (q @ k.transpose(-2, -1)) * hd ** -0.5
             out = att.softmax(dim=-1) @ v
@@ -158,7 +161,7 @@ def take_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     A shared table goes through `F.embedding`: its backward sums into [L, D], where a gather
     on the batch-expanded table would allocate a [B, L, D] gradient first."""
     if table.shape[0] == 1:
-        return F.embedding(ids, table[0])
+        return F.embedding(ids, table.squeeze(0))  # squeeze: a view both ways
     return table.gather(1, ids[..., None].expand(-1, -1, table.shape[-1]))
 
 
@@ -289,16 +292,16 @@ class BrainLMForPretraining(BrainLMPreTrainedModel):
     def decoder_input(self, latent, coords, n_patches, ids_keep, ids_mask) -> torch.Tensor:
         """[CLS, visible..., masked...] for the decoder: [B, 1 + L, D].
 
-        One buffer holds every token's position (a zero row for CLS); the projected encoder
-        output and the mask token are added into their slices in place."""
+        Positions come from one small table by token index: a zero row for CLS, then every
+        token's position, then the same plus the mask token, so a masked token's whole input is
+        one row lookup and nothing of size [B, L, D] is sliced or scattered (forward or back)."""
         dpos = self.decoder_pos_embed(coords, n_patches)  # [1 or B, L, D]
-        b, n_keep = ids_keep.shape
-        table = torch.cat([dpos.new_zeros(dpos.shape[0], 1, dpos.shape[-1]), dpos], dim=1)
-        ids = torch.cat([ids_keep.new_zeros(b, 1), ids_keep + 1, ids_mask + 1], dim=1)
-        x = take_rows(table, ids)
-        x[:, : 1 + n_keep] += self.decoder_embed(latent).to(x.dtype)
-        x[:, 1 + n_keep:] += self.mask_token.to(x.dtype)
-        return x
+        length = dpos.shape[1]
+        table = torch.cat([dpos.new_zeros(dpos.shape[0], 1, dpos.shape[-1]), dpos,
+                           dpos + self.mask_token.to(dpos.dtype)], dim=1)  # [1 or B, 1 + 2L, D]
+        head_ids = torch.cat([ids_keep.new_zeros(ids_keep.shape[0], 1), ids_keep + 1], dim=1)
+        head = self.decoder_embed(latent) + take_rows(table, head_ids)  # [B, 1 + n_keep, D]
+        return torch.cat([head, take_rows(table, ids_mask + 1 + length).to(head.dtype)], dim=1)
 
     def set_sdpa_kernel(self, name: str) -> None:
         """Pin the attention kernel: auto (PyTorch picks), flash, cudnn, efficient or math.

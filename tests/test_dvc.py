@@ -33,6 +33,9 @@ MICRO = {
 def repo(tmp_path_factory, atlas_spec):
     root = tmp_path_factory.mktemp("dvcrepo")
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+    # the stages' code dependencies (what runs is the installed package: the same source)
+    shutil.copytree(ROOT / "brainlm", root / "brainlm",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     micro = {k: dict(v) for k, v in MICRO.items()}
     micro["preprocess"]["atlas"] = atlas_spec
@@ -50,6 +53,7 @@ def repo(tmp_path_factory, atlas_spec):
 
     sh("git", "init", "-q")
     sh("dvc", "init", "-q")
+    shutil.copy(ROOT / ".dvcignore", root / ".dvcignore")
     sh("brainlm", "stage", "synth")
     sh("dvc", "add", "data")
     return root, sh
@@ -81,6 +85,27 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
     assert "Running stage 'evaluate'" in changed
     for stage in ("preprocess", "validate", "pretrain@0.5", "tune", "finetune"):
         assert f"Running stage '{stage}'" not in changed, stage
+
+    # code is a dependency: a change to the evaluation module reruns evaluate only ...
+    evaluate_py = root / "brainlm" / "evaluate.py"
+    evaluate_py.write_text(evaluate_py.read_text() + "\n# changed\n")
+    changed = sh("dvc", "repro")
+    assert "Running stage 'evaluate'" in changed
+    for stage in ("preprocess", "validate", "pretrain@0.5", "pretrain@0.75", "finetune"):
+        assert f"Running stage '{stage}'" not in changed, stage
+    # ... one to the model marks every stage that trains one, and nothing upstream
+    modeling = root / "brainlm" / "model" / "modeling.py"
+    original = modeling.read_text()
+    modeling.write_text(original + "\n# changed\n")
+    (root / "brainlm" / "model" / "__pycache__").mkdir(exist_ok=True)
+    status = sh("dvc", "status")
+    for stage in ("pretrain@0.5", "pretrain@0.75", "tune", "finetune"):
+        assert f"{stage}:" in status, stage
+    for stage in ("preprocess", "validate", "evaluate", "register"):
+        assert f"{stage}:" not in status, stage
+    modeling.write_text(original)
+    (root / "brainlm" / "model" / "__pycache__" / "x.pyc").write_bytes(b"compiled")
+    assert "Data and pipelines are up to date" in sh("dvc", "status")  # .pyc files ignored
 
 
 def test_prefect_deployment_retrain_nightly_completes(repo, tmp_path):

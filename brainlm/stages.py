@@ -147,6 +147,7 @@ def _pretrain(p, root, mask_ratio):
         patch_size=s["patch_size"], max_steps=s["max_steps"], batch_size=s["batch_size"],
         eval_every=s["eval_every"], ckpt_every=s["ckpt_every"],
         windows_per_recording=s["windows_per_recording"], workers=s["workers"], seed=s["seed"],
+        compile=bool(s.get("compile", False)), attention_kernel=s.get("attention_kernel", "auto"),
         progress=False, extra={"stage": "pretrain", "profile_name": p["profile"]})
     result = pretrain(cfg)
     values = {"mask_ratio": float(mask_ratio), **result.get("metrics", {})}

@@ -20,7 +20,7 @@ MICRO = {
     "validate": {"median_tol": 0.1, "iqr_tol": 0.2, "max_abs": 100.0},
     "pretrain": {"profile": "tiny", "max_steps": 2, "batch_size": 4, "window": 40,
                  "patch_size": 10, "eval_every": 2, "ckpt_every": 2, "windows_per_recording": 1,
-                 "workers": 0, "seed": 0},
+                 "workers": 0, "seed": 0, "attention_kernel": "math"},
     "finetune": {"target": "age", "task": "regression", "mode": "probe", "epochs": 2,
                  "batch_size": 8, "lr": 0.001},
     "tune": {"n_trials": 2, "study": "micro", "seed": 0},
@@ -70,6 +70,12 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
     assert "metrics/evaluate.json" in metrics and "metrics/pretrain-0.75.json" in metrics
     assert "best_value" in metrics  # the tuning study's best trial
     assert (root / "mlflow" / "optuna.db").is_file()  # the default Optuna storage
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("pretrain").experiment_id])
+    assert len(runs) == 2  # one per mask ratio, each with params.yaml's kernel
+    assert {r.data.params["attention_kernel"] for r in runs} == {"math"}
 
     register = json.loads((root / "metrics" / "register.json").read_text())
     assert register["brainlm-pretrain"]["decision"] == "promoted"  # the first champion

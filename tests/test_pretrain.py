@@ -180,6 +180,15 @@ def test_r2_is_per_parcel_and_not_clipped(store, tmp_path):
     assert ev["val_mse"] > 100
 
 
+def test_bad_attention_kernel_is_refused_before_anything_runs(store, tmp_path):
+    from brainlm.errors import ConfigError
+
+    cfg = PretrainConfig(data=store, out=tmp_path / "x", attention_kernel="fastest")
+    with pytest.raises(ConfigError, match="attention kernel 'fastest' must be one of auto"):
+        pretrain(cfg)
+    assert not (tmp_path / "x").exists()
+
+
 def test_bad_pretrain_settings(store, tmp_path):
     res = _run(["--data", str(store), "--out", str(tmp_path / "x"), "--batch-size", "3",
                 "--grad-accum", "2", "--window", "40", "--patch-size", "10"])

@@ -73,6 +73,10 @@ class PretrainConfig:
         if self.batch_size % (world * self.grad_accum):
             raise ConfigError(f"batch size {self.batch_size} is not divisible by processes "
                               f"({world}) x accumulation steps ({self.grad_accum})")
+        kernels = ("auto", "flash", "cudnn", "efficient", "math")
+        if self.attention_kernel not in kernels:
+            raise ConfigError(f"attention kernel '{self.attention_kernel}' must be one of "
+                              f"{', '.join(kernels)}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision '{self.precision}' must be auto, fp32 or bf16")
         for name in ("eval_every", "ckpt_every", "windows_per_recording", "eval_windows"):

@@ -166,14 +166,29 @@ def _tune(p, root, _):
         data=root / "processed", out=root / "runs" / "tune", target=s["target"],
         task=s["task"], mode=s["mode"], epochs=s["epochs"], batch_size=s["batch_size"],
         lr=s["lr"], progress=False)
-    # a study belongs to one dataset and one pretrained model: trials on other data would
-    # otherwise mix into "best" when the shared storage already holds the study name
-    from .fileio import sha256_file
+    # a study belongs to one dataset, one pretrained model, one set of fine-tuning settings and
+    # one version of the fine-tuning code: trials made under anything else would otherwise mix
+    # into "best" when the shared storage already holds the study name
+    import hashlib
 
-    key = sha256_file(base.data / "manifest.parquet")[:6] + sha256_file(
-        base.model / "model.safetensors")[:6]
+    from .fileio import sha256_file
+    from .train import finetune as finetune_module
+    from .train import hpo as hpo_module
+
+    settings = {"finetune": s, "tune": {k: v for k, v in t.items() if k not in ("n_trials",
+                                                                              "storage")}}
+    code = hashlib.sha256()
+    for module in (finetune_module, hpo_module):
+        code.update(Path(module.__file__).read_bytes())
+    key = (sha256_file(base.data / "manifest.parquet")[:6]
+           + sha256_file(base.model / "model.safetensors")[:6]
+           + hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()
+                            + code.digest()).hexdigest()[:6])
+    # n_trials is the study's size: a rerun on the same inputs runs nothing new and writes the
+    # same best.json; raising n_trials runs only the extra trials
     best = tune(base, t["n_trials"], study_name=f"{t.get('study', 'finetune')}-{key}",
-                storage=t.get("storage"), seed=t.get("seed", 0), out=root / "runs" / "tune")
+                storage=t.get("storage"), seed=t.get("seed", 0), out=root / "runs" / "tune",
+                total=True)
     _write_metrics(root, "tune", best)
     return best
 

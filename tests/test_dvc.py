@@ -83,6 +83,11 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
 
     again = sh("dvc", "repro")
     assert "Running stage" not in again  # a second repro does nothing
+    tuned = (root / "metrics" / "tune.json").read_text()
+    assert json.loads(tuned)["n_trials"] == 2
+    forced = sh("dvc", "repro", "-f", "-s", "tune")  # forced: the study is complete already
+    assert "Running stage 'tune'" in forced
+    assert (root / "metrics" / "tune.json").read_text() == tuned  # no trials added
 
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["demo"]["evaluate"]["n_boot"] = 60

@@ -84,6 +84,19 @@ def test_same_seed_same_first_trial_and_resume_does_not_repeat(three_trials, set
     assert trials[1].params["lr"] != trials[0].params["lr"]
 
 
+def test_total_counts_the_study_so_a_rerun_runs_nothing_new(setup, tmp_path):
+    """What the DVC stage uses: n_trials is the study's size, not a number to add."""
+    storage = _db(tmp_path / "total.db")
+    base = _base(setup, tmp_path, epochs=1)
+    first = tune(base, n_trials=2, study_name="t", storage=storage, seed=0, total=True)
+    assert first["n_trials"] == 2
+    again = tune(base, n_trials=2, study_name="t", storage=storage, seed=0, total=True)
+    assert again == first  # same settings: nothing new runs, same best.json
+    assert len(optuna.load_study(study_name="t", storage=storage).trials) == 2
+    more = tune(base, n_trials=3, study_name="t", storage=storage, seed=0, total=True)
+    assert more["n_trials"] == 3  # only the missing trial ran
+
+
 class _PruneAfterFirstEpoch(optuna.pruners.BasePruner):
     def prune(self, study, trial) -> bool:
         return trial.last_step is not None and trial.last_step >= 1

@@ -96,9 +96,13 @@ def suggest(trial, base: FinetuneConfig) -> dict:
 
 def tune(base: FinetuneConfig, n_trials: int, study_name: str, storage: str | None = None,
          seed: int = 0, tracking_uri: str | None = None, out: Path | None = None,
-         timeout: float | None = None, *, pruner=None, worker: int = 0) -> dict:
+         timeout: float | None = None, *, pruner=None, worker: int = 0,
+         total: bool = False) -> dict:
     """Run `n_trials` more trials of study `study_name` (created or loaded) and write
     `<out>/best.json` (`out` defaults to `base.out`; trial `n` writes to `<out>/trial-n`).
+    With `total`, `n_trials` is the study's size: only the trials still missing run (finished
+    or pruned ones count), so running again with the same settings runs none and gives the
+    same best.json (what a pipeline stage needs).
 
     Workers share a study by calling this with the same `study_name` and `storage`; give each
     concurrent worker its own `worker` number, or workers with the same seed would propose the
@@ -134,6 +138,10 @@ def tune(base: FinetuneConfig, n_trials: int, study_name: str, storage: str | No
         except ValueError as e:  # e.g. an existing study of the same name with two objectives
             raise ConfigError(f"study '{study_name}' in {shown}: {e}") from None
     existing = len(study.get_trials(deepcopy=False))
+    counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    to_run = n_trials
+    if total:
+        to_run = max(0, n_trials - len(study.get_trials(deepcopy=False, states=counted)))
     sampler_seed = seed if existing == 0 and worker == 0 else \
         int(np.random.SeedSequence([seed, worker, existing]).generate_state(1)[0])
     study.sampler = optuna.samplers.TPESampler(seed=sampler_seed)
@@ -167,8 +175,11 @@ def tune(base: FinetuneConfig, n_trials: int, study_name: str, storage: str | No
         return value  # NaN: Optuna records a FAIL and carries on
 
     try:
-        study.optimize(objective, n_trials=n_trials, timeout=timeout, n_jobs=1,
-                       gc_after_trial=True)
+        if to_run:
+            callbacks = [optuna.study.MaxTrialsCallback(n_trials, states=counted)] if total \
+                else None  # with total, workers sharing the study stop at n_trials together
+            study.optimize(objective, n_trials=to_run, timeout=timeout, n_jobs=1,
+                           gc_after_trial=True, callbacks=callbacks)
         result = summarize(study, shown)
         write_bytes_atomic(out / "best.json", json.dumps(result, indent=2).encode())
     except BaseException:

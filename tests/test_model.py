@@ -232,3 +232,32 @@ def test_pinned_attention_kernel_gives_the_same_result_and_bad_names_are_clear()
     torch.testing.assert_close(model(x, coords, noise=noise).pred, auto, rtol=1e-5, atol=1e-5)
     with pytest.raises(ConfigError, match="attention kernel 'fast' must be one of"):
         model.set_sdpa_kernel("fast")
+
+
+def test_block_norms_keep_bf16_under_autocast(monkeypatch):
+    """CUDA autocast would run layer_norm in fp32 and write an fp32 copy of the activations;
+    the block norms run outside autocast on the bf16 stream (CPU autocast cannot show the
+    dtype difference, so the test checks where the norm runs)."""
+    import torch.nn.functional as F
+
+    from brainlm.model import modeling
+
+    seen = []
+    real = F.layer_norm
+
+    def spy(x, *args, **kwargs):
+        seen.append((x.dtype, torch.is_autocast_enabled("cpu")))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(modeling.F, "layer_norm", spy)
+    model = tiny(window=40, patch_size=10)
+    x, coords = data(2, 9, 40)
+    noise = torch.rand(2, 36)
+    reference = model(x, coords, noise=noise).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, coords, noise=noise).loss
+    under_autocast = [enabled for dtype, enabled in seen if dtype == torch.bfloat16]
+    # two per block (encoder 2 + decoder 1 blocks) outside autocast; the two final norms,
+    # whose output is also what embed() returns, keep autocast's fp32 policy
+    assert under_autocast.count(False) == 2 * (2 + 1) and under_autocast.count(True) == 2
+    torch.testing.assert_close(loss, reference, rtol=0.05, atol=0.05)

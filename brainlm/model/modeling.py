@@ -97,14 +97,29 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, s - q_start, d))
 
 
+class InputDtypeLayerNorm(nn.LayerNorm):
+    """LayerNorm whose output keeps the input's dtype under autocast.
+
+    CUDA autocast runs layer_norm in fp32: a bf16 residual stream would be normalised into an
+    fp32 [B, S, D] tensor, only for the next linear layer to cast it back to bf16 (two extra
+    passes over the activations, forward and backward). The kernel accumulates in fp32 either
+    way, and its fp32 weights are used as they are, so only the rounding point moves."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
 class Block(nn.Module):
     """Pre-LayerNorm transformer block."""
 
     def __init__(self, dim: int, heads: int, mlp: int, eps: float, eager: bool = False):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.norm1 = InputDtypeLayerNorm(dim, eps=eps)  # feeds a linear layer only
         self.attn = Attention(dim, heads, eager)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.norm2 = InputDtypeLayerNorm(dim, eps=eps)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
 
     def forward(self, x: torch.Tensor, q_start: int = 0) -> torch.Tensor:

@@ -6,6 +6,7 @@
 Models, all trained with AdamW on random [424, 200] windows (median of --steps timed steps
 after --warmup):
   ours          BrainLMForPretraining at --profile (13m by default): SDPA, masked-tail decoder
+                (bf16 variants follow on CUDA: --extras)
   eager         the same shape with plain eager attention (materialised [S, S] scores)
   hf-vitmae     transformers ViTMAEForPreTraining with SDPA on the 432x432 canvas of the
                 released 111M model (what a user would run otherwise)
@@ -168,13 +169,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--models", default=None,
                         help="comma list of ours,eager,hf-vitmae and ours+VARIANT (default: "
-                        "ours,ours+compile,eager,hf-vitmae on CUDA, no compile on CPU)")
+                        "ours,eager,hf-vitmae; on CUDA the --extras follow)")
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--extras", default=None,
                         help="bf16-only rows after the main ones (default on CUDA: each "
                         "attention kernel, CUDA graphs, best-guess combinations, batch 64)")
     parser.add_argument("--timeout", type=float, default=300,
                         help="seconds per configuration (compilation included)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="start no configuration after this many seconds (rows skipped)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="for MFU (default: known cards; none on CPU)")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -188,16 +191,20 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1], args)))
         return
-    models = (args.models or ("ours,ours+compile,eager,hf-vitmae" if cuda
-                              else "ours,eager,hf-vitmae")).split(",")
+    models = (args.models or "ours,eager,hf-vitmae").split(",")
     extras = args.extras
-    if extras is None:
-        extras = ("ours+flash,ours+cudnn,ours+efficient,ours+graphs,ours+cudnn+compile,"
-                  "ours+cudnn+graphs,ours+compile+b64") if cuda and args.models is None else ""
+    if extras is None:  # most telling first: --budget may cut the tail
+        extras = ("ours+compile,ours+cudnn,ours+flash,ours+cudnn+compile,ours+graphs,"
+                  "ours+efficient,ours+compile+b64") if cuda and args.models is None else ""
     plan = [(m, d) for m in models for d in args.dtypes.split(",")]
     plan += [(m, "bf16") for m in extras.split(",") if m]
     results = []
+    start = time.perf_counter()
     for model, dtype in plan:
+        if args.budget and time.perf_counter() - start > args.budget:
+            results.append({"model": model, "dtype": dtype,
+                            "error": f"skipped: --budget {args.budget:g} s spent"})
+            continue
         cmd = [sys.executable, __file__, "--one", model, dtype, "--device", args.device,
                "--profile", args.profile, "--batch", str(args.batch), "--steps",
                str(args.steps), "--warmup", str(args.warmup)]

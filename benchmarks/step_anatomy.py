@@ -4,8 +4,8 @@
     python benchmarks/step_anatomy.py --modeling OLD.py   # the same for another modeling.py
 
 One forward + backward of BrainLMForPretraining at mask ratio 0.75 runs on the CPU under a
-dispatch mode that records every ATen operator: its count (in eager mode on a GPU, about one
-kernel launch each), the FLOPs of matrix products and attention (PyTorch's flop counter) and
+dispatch mode that records every ATen operator that is not a view: its count (in eager mode
+on a GPU, about one kernel launch each), the FLOPs of matrix products and attention (PyTorch's flop counter) and
 the bytes of every tensor it writes. Bytes written are a floor for a GPU's memory traffic,
 which is what the non-matrix operators cost there; every figure scales with the batch, so
 they are given per window. Ranked by bytes, the table shows which copies are worth removing.
@@ -65,7 +65,7 @@ def anatomy(modeling, profile: str, batch: int, bf16: bool, p: int = 424, t: int
             if name in ("view", "_unsafe_view", "expand", "transpose", "permute", "t",
                         "slice", "select", "unsqueeze", "squeeze", "split", "split_with_sizes",
                         "detach", "alias", "as_strided", "unbind", "_reshape_alias"):
-                written = 0  # views share storage: nothing is written
+                return out  # views share storage: no kernel, nothing written
             entry = self.ops[name]
             entry[0] += 1
             entry[1] += written

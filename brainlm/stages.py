@@ -172,14 +172,14 @@ def _tune(p, root, _):
     import hashlib
 
     from .fileio import sha256_file
-    from .train import finetune as finetune_module
-    from .train import hpo as hpo_module
 
     settings = {"finetune": s, "tune": {k: v for k, v in t.items() if k not in ("n_trials",
                                                                               "storage")}}
-    code = hashlib.sha256()
-    for module in (finetune_module, hpo_module):
-        code.update(Path(module.__file__).read_bytes())
+    package = Path(__file__).resolve().parent
+    code = hashlib.sha256()  # the code dvc.yaml lists for this stage
+    for path in [*sorted((package / "model").glob("*.py")), package / "train" / "finetune.py",
+                 package / "train" / "hpo.py"]:
+        code.update(path.read_bytes())
     key = (sha256_file(base.data / "manifest.parquet")[:6]
            + sha256_file(base.model / "model.safetensors")[:6]
            + hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()

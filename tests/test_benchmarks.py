@@ -60,3 +60,16 @@ def test_parcellate_benchmark_smoke(tmp_path, atlas_spec):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "| recording |" in out.stdout and "fast vs nilearn-labels: median r" in out.stdout
+
+
+def test_window_loader_smoke(tmp_path):
+    from tests.helpers import age_effect_setup
+
+    root = age_effect_setup(tmp_path, 8, 80, 10)
+    out = subprocess.run([sys.executable, str(BENCH / "window_loader.py"), "--store",
+                          str(root / "store"), "--window", "40", "--batch", "4", "--workers",
+                          "0", "--windows", "16"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "windows/s"
+            not in line]
+    assert len(rows) == 2 and all(float(r.split("|")[-2]) > 0 for r in rows)

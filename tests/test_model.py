@@ -245,9 +245,11 @@ def test_block_norms_keep_bf16_under_autocast(monkeypatch):
     seen = []
     real = F.layer_norm
 
-    def spy(x, *args, **kwargs):
+    def spy(x, shape, weight=None, bias=None, eps=1e-5):
         seen.append((x.dtype, torch.is_autocast_enabled("cpu")))
-        return real(x, *args, **kwargs)
+        if not torch.is_autocast_enabled("cpu"):  # CUDA's kernel needs one dtype for all
+            assert weight.dtype == bias.dtype == x.dtype
+        return real(x, shape, weight, bias, eps)
 
     monkeypatch.setattr(modeling.F, "layer_norm", spy)
     model = tiny(window=40, patch_size=10)

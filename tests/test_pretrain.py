@@ -240,14 +240,31 @@ def test_embed_cli_with_our_model_and_with_released_weights(store, tmp_path):
     assert "nor large enough for a 12 x 200 window" in res.stderr
 
 
-def test_settle_reads_the_device_once_and_stops_on_a_non_finite_loss():
-    from brainlm.errors import ConfigError
+def test_settle_reads_the_device_once_and_stops_at_a_non_finite_value():
     from brainlm.train.pretrain import settle
 
     pending = [(1, torch.tensor(0.5), torch.tensor(2.0), 1e-3),
                (2, torch.tensor(0.25, dtype=torch.bfloat16), torch.tensor(1.0), 2e-3)]
-    assert settle(pending, 1e-3) == [{"step": 1, "loss": 0.5, "lr": 1e-3, "grad_norm": 2.0},
-                                     {"step": 2, "loss": 0.25, "lr": 2e-3, "grad_norm": 1.0}]
-    pending.append((3, torch.tensor(float("nan")), torch.tensor(1.0), 3e-3))
-    with pytest.raises(ConfigError, match="the loss became nan at step 3"):
-        settle(pending, 1e-3)
+    good = [{"step": 1, "loss": 0.5, "lr": 1e-3, "grad_norm": 2.0},
+            {"step": 2, "loss": 0.25, "lr": 2e-3, "grad_norm": 1.0}]
+    assert settle(pending, 1e-3) == (good, None)
+    bad = pending + [(3, torch.tensor(float("nan")), torch.tensor(1.0), 3e-3),
+                     (4, torch.tensor(0.1), torch.tensor(1.0), 3e-3)]
+    records, problem = settle(bad, 1e-3)
+    assert records == good  # the steps before the bad one are kept
+    assert problem.startswith("the loss became nan at step 3")
+    inf_grad = pending + [(3, torch.tensor(0.2), torch.tensor(float("inf")), 3e-3)]
+    assert settle(inf_grad, 1e-3) == (good, "the gradient norm became inf at step 3: lower "
+                                      "the learning rate (now 1.00e-03)")
+
+
+def test_a_diverging_run_stops_with_its_history_and_no_checkpoint(store, tmp_path):
+    from brainlm.errors import ConfigError
+
+    cfg = PretrainConfig(data=store, out=tmp_path / "m", window=40, patch_size=10,
+                         batch_size=4, windows_per_recording=2, workers=0, max_steps=30,
+                         eval_every=100, ckpt_every=100, progress=False, base_lr=1e30,
+                         warmup_steps=1)
+    with pytest.raises(ConfigError, match=r"became (nan|inf|-inf) at step \d+: lower the"):
+        pretrain(cfg)
+    assert not (tmp_path / "m" / "checkpoints" / "last.pt").exists()

@@ -103,12 +103,14 @@ class InputDtypeLayerNorm(nn.LayerNorm):
     CUDA autocast runs layer_norm in fp32: a bf16 residual stream would be normalised into an
     fp32 [B, S, D] tensor, only for the next linear layer to cast it back to bf16 (two extra
     passes over the activations, forward and backward). The kernel accumulates in fp32 either
-    way, and its fp32 weights are used as they are, so only the rounding point moves."""
+    way (CUDA's kernel wants its weights in the input's dtype: they are cast, as autocast
+    casts a linear layer's)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
-                return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+                return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype),
+                                    self.bias.to(x.dtype), self.eps)
         return super().forward(x)
 
 
@@ -155,9 +157,11 @@ class TokenEmbedding(nn.Module):
         self._time: dict = {}  # (n, device, dtype) -> [n, dim], fixed, not a parameter
 
     def time_encoding(self, n: int, device, dtype) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # a compiled graph folds it; no side effects there
+            return sinusoidal(n, self.dim, device).to(dtype)
         key = (n, str(device), dtype)
         if key not in self._time:
-            with torch.inference_mode(False), torch.no_grad():  # usable by any later call
+            with torch.no_grad():
                 self._time[key] = sinusoidal(n, self.dim, device).to(dtype)
         return self._time[key]
 
@@ -240,12 +244,13 @@ class BrainLMForPretraining(BrainLMPreTrainedModel):
             if saved is None:
                 raise ConfigError("coords are needed: this model was saved without the "
                                   "coordinates of its atlas")
+            if torch.compiler.is_compiling():  # a graph constant; no side effects there
+                return torch.as_tensor(saved, dtype=signals.dtype, device=signals.device)
             key = (str(signals.device), signals.dtype)
             cache = self.__dict__.setdefault("_coords_cache", {})
             if key not in cache or cache[key][0] is not saved:  # same list object: still valid
-                with torch.inference_mode(False):
-                    cache[key] = (saved, torch.as_tensor(saved, dtype=signals.dtype,
-                                                         device=signals.device))
+                cache[key] = (saved, torch.as_tensor(saved, dtype=signals.dtype,
+                                                     device=signals.device))
             coords = cache[key][1]
         coords = torch.as_tensor(coords, dtype=signals.dtype, device=signals.device)
         if coords.shape[-2:] != (signals.shape[1], 3):

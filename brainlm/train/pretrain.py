@@ -73,10 +73,11 @@ class PretrainConfig:
         if self.batch_size % (world * self.grad_accum):
             raise ConfigError(f"batch size {self.batch_size} is not divisible by processes "
                               f"({world}) x accumulation steps ({self.grad_accum})")
-        kernels = ("auto", "flash", "cudnn", "efficient", "math")
-        if self.attention_kernel not in kernels:
+        from ..model.modeling import SDPA_KERNELS
+
+        if self.attention_kernel not in SDPA_KERNELS:
             raise ConfigError(f"attention kernel '{self.attention_kernel}' must be one of "
-                              f"{', '.join(kernels)}")
+                              f"{', '.join(SDPA_KERNELS)}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision '{self.precision}' must be auto, fp32 or bf16")
         for name in ("eval_every", "ckpt_every", "windows_per_recording", "eval_windows"):
@@ -124,20 +125,23 @@ def step_noise(seed: int, step: int, micro: int, batch: int, length: int, rank: 
     return noise[rank::world]
 
 
-def settle(pending: list, lr: float) -> list[dict]:
+def settle(pending: list, lr: float) -> tuple[list[dict], str | None]:
     """History records for steps whose loss and gradient norm are still device tensors.
 
-    One host-device sync for the lot (the loop does not wait for the GPU every step); a
-    non-finite loss stops the run before anything is checkpointed."""
+    One host-device sync for the lot (the loop does not wait for the GPU every step). Returns
+    the records up to the first step with a non-finite loss or gradient norm, and what went
+    wrong there (None if nothing did): the run keeps those records, then stops before
+    anything is checkpointed."""
     values = torch.stack([torch.stack([loss.float(), norm.float()])
                           for _, loss, norm, _ in pending]).cpu().tolist()
     records = []
     for (step, _, _, step_lr), (loss, norm) in zip(pending, values):
-        if not math.isfinite(loss):
-            raise ConfigError(f"the loss became {loss} at step {step}: lower the learning rate "
-                              f"(now {lr:.2e})")
+        for name, value in (("loss", loss), ("gradient norm", norm)):
+            if not math.isfinite(value):
+                return records, (f"the {name} became {value} at step {step}: lower the "
+                                 f"learning rate (now {lr:.2e})")
         records.append({"step": step, "loss": loss, "lr": step_lr, "grad_norm": norm})
-    return records
+    return records, None
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -348,14 +352,18 @@ def pretrain(cfg: PretrainConfig) -> dict:
             windows_done += cfg.batch_size
             pending.append((step, loss_sum, grad_norm, scheduler.get_last_lr()[0]))
             bar.update(1)
-            evaluating = rank == 0 and (step % cfg.eval_every == 0 or step == cfg.max_steps)
-            saving = rank == 0 and (step % cfg.ckpt_every == 0 or step == stop_at)
-            if len(pending) >= LOG_EVERY or evaluating or saving or step == stop_at:
-                records = settle(pending, cfg.lr)  # the only wait for the device
+            eval_due = step % cfg.eval_every == 0 or step == cfg.max_steps
+            ckpt_due = step % cfg.ckpt_every == 0 or step == stop_at
+            evaluating, saving = rank == 0 and eval_due, rank == 0 and ckpt_due
+            # every rank settles at the same steps, so all stop together on a bad loss
+            if len(pending) >= LOG_EVERY or eval_due or ckpt_due:
+                records, problem = settle(pending, cfg.lr)  # the only wait for the device
                 pending.clear()
                 history.extend(records)
                 tracker.metrics_steps([(r["step"], {k: v for k, v in r.items() if k != "step"})
                                        for r in records])
+                if problem:
+                    raise ConfigError(problem)
                 rate = windows_done / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", win_s=f"{rate:.1f}")
             if evaluating:

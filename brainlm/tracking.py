@@ -50,8 +50,7 @@ class Tracker:
             self._mlflow.log_params(flat)
 
     def metrics(self, metrics: dict, step: int) -> None:
-        if self.active:
-            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        self.metrics_steps([(step, metrics)])
 
     def metrics_steps(self, rows: list) -> None:
         """Metrics of several steps [(step, {name: value})] in as few requests as MLflow allows."""

@@ -14,8 +14,8 @@ Speed comes from what is not done:
 - positions are rows of one [L, D] table looked up by token index (`F.embedding`), so neither
   the forward nor the backward materialises a [B, L, D] copy of the table; a masked token's
   decoder input (position + mask token) is one row of that table;
-- the coordinates saved in the config and the time encoding are cached on the device (no
-  host-to-device copy per step, nothing to stop a CUDA graph).
+- in eager mode the coordinates saved in the config and the time encoding are cached on the
+  device (no host-to-device copy per step); compiled graphs compute them as constants.
 """
 
 from __future__ import annotations
@@ -244,14 +244,14 @@ class BrainLMForPretraining(BrainLMPreTrainedModel):
             if saved is None:
                 raise ConfigError("coords are needed: this model was saved without the "
                                   "coordinates of its atlas")
-            if torch.compiler.is_compiling():  # a graph constant; no side effects there
-                return torch.as_tensor(saved, dtype=signals.dtype, device=signals.device)
-            key = (str(signals.device), signals.dtype)
-            cache = self.__dict__.setdefault("_coords_cache", {})
-            if key not in cache or cache[key][0] is not saved:  # same list object: still valid
-                cache[key] = (saved, torch.as_tensor(saved, dtype=signals.dtype,
-                                                     device=signals.device))
-            coords = cache[key][1]
+            coords = saved
+            if not torch.compiler.is_compiling():  # compiled: a graph constant, no side effects
+                key = (str(signals.device), signals.dtype)
+                cache = self.__dict__.setdefault("_coords_cache", {})
+                if key not in cache or cache[key][0] is not saved:  # same list: still valid
+                    cache[key] = (saved, torch.as_tensor(saved, dtype=signals.dtype,
+                                                         device=signals.device))
+                coords = cache[key][1]
         coords = torch.as_tensor(coords, dtype=signals.dtype, device=signals.device)
         if coords.shape[-2:] != (signals.shape[1], 3):
             raise ConfigError(f"coords {tuple(coords.shape)} do not match {signals.shape[1]} "
@@ -321,7 +321,7 @@ class BrainLMForPretraining(BrainLMPreTrainedModel):
                            dpos + self.mask_token.to(dpos.dtype)], dim=1)  # [1 or B, 1 + 2L, D]
         head_ids = torch.cat([ids_keep.new_zeros(ids_keep.shape[0], 1), ids_keep + 1], dim=1)
         head = self.decoder_embed(latent) + take_rows(table, head_ids)  # [B, 1 + n_keep, D]
-        return torch.cat([head, take_rows(table, ids_mask + 1 + length).to(head.dtype)], dim=1)
+        return torch.cat([head, take_rows(table, ids_mask + 1 + length)], dim=1)
 
     def set_sdpa_kernel(self, name: str) -> None:
         """Pin the attention kernel: auto (PyTorch picks), flash, cudnn, efficient or math.

@@ -116,9 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stage", help="run one pipeline stage with params.yaml (what dvc calls)",
                        description="The stages of dvc.yaml, driven by params.yaml's active "
-                       "profile: synth, preprocess, validate, pretrain, finetune, evaluate.")
-    p.add_argument("name", choices=("synth", "preprocess", "validate", "pretrain", "tune",
-                                    "finetune", "evaluate", "register"))
+                       "profile: synth, preprocess, validate, pretrain, compare, tune, finetune, "
+                       "evaluate, register.")
+    p.add_argument("name", choices=("synth", "preprocess", "validate", "pretrain", "compare",
+                                    "tune", "finetune", "evaluate", "register"))
     p.add_argument("--mask-ratio", type=float, default=None, help="pretrain: which ratio")
     p.add_argument("--params", default="params.yaml")
 

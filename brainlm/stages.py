@@ -13,8 +13,8 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-STAGES = ("synth", "preprocess", "validate", "pretrain", "tune", "finetune", "evaluate",
-          "register")
+STAGES = ("synth", "preprocess", "validate", "pretrain", "compare", "tune", "finetune",
+          "evaluate", "register")
 
 
 def load_params(path="params.yaml") -> dict:
@@ -50,7 +50,7 @@ def run_stage(name: str, params: dict, mask_ratio: float | None = None) -> dict:
     root = Path(params["root"])
     if name not in STAGES:
         raise ConfigError(f"unknown stage '{name}' (use one of {', '.join(STAGES)})")
-    needs = {"synth": ["synth", "preprocess"], "tune": ["finetune", "tune"],
+    needs = {"synth": ["synth", "preprocess"], "tune": ["finetune", "tune"], "compare": [],
              "register": ["register", "finetune"]}.get(name, [name])
     missing = [k for k in needs if not isinstance(params.get(k), dict)]
     if missing:
@@ -152,6 +152,27 @@ def _pretrain(p, root, mask_ratio):
     result = pretrain(cfg)
     values = {"mask_ratio": float(mask_ratio), **result.get("metrics", {})}
     _write_metrics(root, f"pretrain-{mask_ratio:g}", values)
+    return values
+
+
+def _compare(p, root, _):
+    """The pretrained models of every mask ratio on one yardstick (table, plot, MLflow)."""
+    from .analysis.mask_ratios import compare
+    from .tracking import Tracker
+
+    out = root / "runs" / "compare"
+    rows = compare({float(r): root / "models" / f"pretrain-{r:g}" for r in p["mask_ratios"]}, out)
+    tracker = Tracker("compare", run_name=f"{p['profile']}-mask-ratios")
+    tracker.params({"mask_ratios": p["mask_ratios"], "stage": "compare"})
+    for row in rows:
+        tracker.metrics({k: v for k, v in row.items() if isinstance(v, float)
+                         and k != "mask_ratio"}, step=int(round(row["mask_ratio"] * 100)))
+    tracker.artifacts(out, "compare")
+    tracker.end()
+    values = {f"{k}@{r['mask_ratio']:g}": r[k] for r in rows
+              for k in ("val_common_r2", "val_common_r2_gain") if r.get(k) is not None}
+    _write_metrics(root, "compare", values)
+    print((out / "mask_ratios.md").read_text())
     return values
 
 

@@ -161,10 +161,12 @@ def validate(params_path: str = "params.yaml") -> dict:
 
 @flow(name="pretrain")
 def pretrain(params_path: str = "params.yaml") -> dict:
-    """One run per mask ratio of params.yaml."""
+    """One run per mask ratio of params.yaml, then all of them on one yardstick."""
     ratios = load_params(params_path)["mask_ratios"]
-    return {str(r): stage.with_options(task_run_name=f"pretrain-{r:g}")(
+    results = {str(r): stage.with_options(task_run_name=f"pretrain-{r:g}")(
         "pretrain", params_path, r) for r in ratios}
+    stage.with_options(task_run_name="compare-mask-ratios")("compare", params_path)
+    return results
 
 
 @flow(name="finetune")

@@ -62,9 +62,12 @@ def repo(tmp_path_factory, atlas_spec):
 def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
     root, sh = repo
     out = sh("dvc", "repro")
-    for stage in ("preprocess", "validate", "pretrain@0.5", "pretrain@0.75", "tune", "finetune",
-                  "evaluate", "register"):
+    for stage in ("preprocess", "validate", "pretrain@0.5", "pretrain@0.75", "compare", "tune",
+                  "finetune", "evaluate", "register"):
         assert f"Running stage '{stage}'" in out, stage
+    rows = json.loads((root / "runs" / "compare" / "mask_ratios.json").read_text())
+    assert [r["mask_ratio"] for r in rows] == [0.5, 0.75]
+    assert all(r["val_common_r2"] is not None for r in rows)
     assert (root / "data.dvc").is_file() and (root / "dvc.lock").is_file()
     metrics = sh("dvc", "metrics", "show")
     assert "metrics/evaluate.json" in metrics and "metrics/pretrain-0.75.json" in metrics

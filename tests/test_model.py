@@ -73,7 +73,7 @@ def test_loss_is_mse_on_masked_patches_only():
 
 
 def test_last_decoder_block_shortcut_equals_full_decoder():
-    model = tiny(window=40, patch_size=10)
+    model = tiny(window=40, patch_size=10, decoder_cross_attention=False)
     x, coords = data(2, 9, 40)
     noise = torch.rand(2, 36)
     out = model(x, coords, noise=noise)
@@ -85,10 +85,48 @@ def test_last_decoder_block_shortcut_equals_full_decoder():
     vis = h[:, 1:] + dpos.gather(1, out.ids_keep[..., None].expand(-1, -1, d))
     msk = model.mask_token + dpos.gather(1, out.ids_mask[..., None].expand(-1, -1, d))
     seq = torch.cat([h[:, :1], vis, msk], 1)
+    geo = model.geometry(torch.as_tensor(coords), 4, out.ids_keep, out.ids_mask)
     for block in model.decoder.blocks:
-        seq = block(seq)
+        seq = block(seq, geo=geo)
     full = model.decoder_pred(model.decoder.norm(seq))[:, 1 + out.ids_keep.shape[1]:]
     torch.testing.assert_close(full, out.pred, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_attention_decoder_predicts_each_masked_token_from_the_visible_ones_only():
+    """With decoder_cross_attention, a masked patch's prediction does not depend on which other
+    tokens are masked beside it: run alone, each gives the same prediction."""
+    model = tiny(window=40, patch_size=10)
+    assert model.config.decoder_cross_attention
+    x, coords = data(1, 9, 40)
+    out = model(x, coords, noise=torch.rand(1, 36, generator=torch.Generator().manual_seed(3)))
+    latent = model.encode(x, coords, out.ids_keep)
+    c = torch.as_tensor(coords)
+    for j in (0, 5, out.ids_mask.shape[1] - 1):
+        one = out.ids_mask[:, j:j + 1]
+        seq = model.decoder_input(latent, c, 4, out.ids_keep, one)
+        geo = model.geometry(c, 4, out.ids_keep, one)
+        n_keep = out.ids_keep.shape[1]
+        alone = model.decoder_pred(model.decoder(seq, last_q_start=1 + n_keep,
+                                                 last_kv_stop=1 + n_keep, geo=geo))
+        torch.testing.assert_close(alone[:, 0], out.pred[:, j], rtol=1e-5, atol=1e-6)
+
+
+def test_attention_biases_start_where_they_should_and_are_saved(tmp_path):
+    """Time bias: ALiBi distance penalty from the start (a head that looks at its moment);
+    both biases round-trip through save_pretrained."""
+    model = tiny(window=40, patch_size=10)
+    tb = model.decoder.blocks[0].attn.time_bias.bias
+    assert tb.shape == (2, 7)
+    assert torch.all(tb[:, 3] == 0) and torch.all(tb[:, :3] < 0) and tb[0, 2] == -4.0
+    sb = model.decoder.blocks[0].attn.space_bias
+    assert sb.query.weight.shape == (2 * 16, 39)  # heads x rank, xyz + 6 frequencies x 6
+    with torch.no_grad():
+        sb.query.weight.normal_()
+    model.save_pretrained(tmp_path)
+    again = BrainLMForPretraining.from_pretrained(tmp_path)
+    torch.testing.assert_close(again.decoder.blocks[0].attn.space_bias.query.weight,
+                               sb.query.weight)
+    assert again.config.space_attention_rank == model.config.space_attention_rank
 
 
 def test_eager_attention_matches_sdpa_and_checkpointing_matches_plain():

@@ -175,9 +175,15 @@ def test_r2_is_per_parcel_and_not_clipped(store, tmp_path):
         model.decoder_pred.bias.fill_(25.0)  # far from any scaled value
     cfg = PretrainConfig(data=store, out=tmp_path, window=40, patch_size=10)
     ev = evaluate(model, BrainStore(store), cfg, torch.device("cpu"),
-                  lambda: torch.autocast("cpu", enabled=False))
+                  lambda: torch.autocast("cpu", enabled=False), {})
     assert ev["val_r2"] < -10
     assert ev["val_mse"] > 100
+    # the baselines are scored on the same windows and masks, and the gain says it has not learned
+    assert ev["val_r2_zero"] == pytest.approx(ev["val_r2_zero"]) and ev["val_r2_zero"] > -1
+    best = max(ev[f"val_r2_{b}"] for b in ("zero", "parcel_mean", "parcel_interp", "same_time",
+                                           "ridge"))
+    assert ev["val_r2_best_baseline"] == best
+    assert ev["val_r2_gain"] == pytest.approx(ev["val_r2"] - best)
 
 
 def test_bad_attention_kernel_is_refused_before_anything_runs(store, tmp_path):

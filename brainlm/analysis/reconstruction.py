@@ -237,9 +237,11 @@ def reconstruct_recording(model, x, coords=None, n_passes: int = 4, seed: int = 
     return Reconstruction(recon, r2_per_parcel(x, recon), coverage)
 
 
-def plot_reconstruction(x, recon, path, parcels=(0, 1, 2, 3), names=None, mask=None) -> Path:
+def plot_reconstruction(x, recon, path, parcels=(0, 1, 2, 3), names=None, mask=None,
+                        baseline=None, baseline_name: str = "baseline") -> Path:
     """PNG of input vs reconstruction for a few parcels. With `mask` [P, T] (True where the
-    value was predicted) only predicted spans are drawn and they are shaded."""
+    value was predicted) only predicted spans are drawn and they are shaded; `baseline` [P, T]
+    draws a baseline's prediction of the same patches beside the model's."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -252,6 +254,7 @@ def plot_reconstruction(x, recon, path, parcels=(0, 1, 2, 3), names=None, mask=N
     if not parcels or not all(0 <= p < x.shape[0] for p in parcels):
         raise ConfigError(f"parcels {parcels} must be between 0 and {x.shape[0] - 1}")
     r2 = r2_per_parcel(x, recon)
+    r2_base = None if baseline is None else r2_per_parcel(x, np.asarray(baseline))
     t = np.arange(x.shape[1])
     fig, axes = plt.subplots(len(parcels), 1, figsize=(10, 1.8 * len(parcels)), sharex=True,
                              squeeze=False)
@@ -259,10 +262,14 @@ def plot_reconstruction(x, recon, path, parcels=(0, 1, 2, 3), names=None, mask=N
         ax.plot(t, x[p], color="0.3", lw=1, label="input")
         shown = recon[p] if mask is None else np.where(mask[p], recon[p], np.nan)
         ax.plot(t, shown, color="C3", lw=1.1, label="reconstruction")
+        if baseline is not None:
+            base = baseline[p] if mask is None else np.where(mask[p], baseline[p], np.nan)
+            ax.plot(t, base, color="C0", lw=0.9, ls="--", label=baseline_name)
         if mask is not None:
             ax.fill_between(t, x[p].min(), x[p].max(), where=mask[p], color="C3", alpha=0.08)
         label = names[p] if names is not None else f"parcel {p}"
-        ax.set_ylabel(f"{label}\nR2 {r2[p]:.2f}", fontsize=8)
+        score = f"R2 {r2[p]:.2f}" if r2_base is None else f"R2 {r2[p]:.2f} / {r2_base[p]:.2f}"
+        ax.set_ylabel(f"{label}\n{score}", fontsize=8)
     axes[0, 0].legend(loc="upper right", fontsize=8)
     axes[-1, 0].set_xlabel("timepoint (every value predicted while masked)" if mask is None
                            else "timepoint (masked patches shaded)")

@@ -8,6 +8,13 @@ from ..errors import ConfigError
 
 MASK_STRATEGIES = ("random", "parcel", "future")
 
+# What makes our models learn (benchmarks/learning_curve.py, README "A recipe that learns"):
+# attention biases towards the same moment and between parcels, coordinates with Fourier
+# features, and a last decoder block whose masked queries attend to the visible tokens only.
+# The config defaults stay upstream's Family A (all off), so its weights still load.
+RECIPE = dict(coord_frequencies=6, time_attention_bias=True, space_attention_rank=16,
+              decoder_cross_attention=True)
+
 # encoder (hidden, layers, heads, mlp) / decoder (hidden, layers, heads, mlp)
 PRESETS = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -32,6 +39,15 @@ class BrainLMConfig(PretrainedConfig):
 
     The parcel count is not part of the shape: parcels enter through their MNI coordinates
     (divided by `coord_scale` mm), so one model runs on any atlas.
+
+    What makes it learn (all off by default, as upstream's Family A; the presets turn them on):
+    coord_frequencies: sin/cos features of the coordinates at 2^0..2^(k-1) pi, so parcels get
+        non-linear identities (0: Linear(xyz) only).
+    time_attention_bias: a learned bias per head and time-patch distance (ALiBi-initialised).
+    space_attention_rank: rank of a learned bias between parcels from their coordinate
+        features (0: none).
+    decoder_cross_attention: the last decoder block's masked queries attend to CLS and the
+        visible tokens only (CrossMAE); there, a masked token's key holds no signal.
     """
 
     model_type = "brainlm"
@@ -42,7 +58,10 @@ class BrainLMConfig(PretrainedConfig):
                  decoder_num_hidden_layers: int = 2, decoder_num_attention_heads: int = 4,
                  decoder_intermediate_size: int = 1024, mask_ratio: float = 0.75,
                  mask_strategy: str = "random", future_patches: int = 1,
-                 coord_scale: float = 100.0, layer_norm_eps: float = 1e-6,
+                 coord_scale: float = 100.0, coord_frequencies: int = 0,
+                 decoder_cross_attention: bool = False, time_attention_bias: bool = False,
+                 space_attention_rank: int = 0,
+                 layer_norm_eps: float = 1e-6,
                  initializer_range: float = 0.02, attention_backend: str = "sdpa",
                  **kwargs):
         self.window = window
@@ -59,6 +78,10 @@ class BrainLMConfig(PretrainedConfig):
         self.mask_strategy = mask_strategy
         self.future_patches = future_patches
         self.coord_scale = coord_scale
+        self.coord_frequencies = coord_frequencies
+        self.decoder_cross_attention = decoder_cross_attention
+        self.time_attention_bias = time_attention_bias
+        self.space_attention_rank = space_attention_rank
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
         self.attention_backend = attention_backend
@@ -91,6 +114,12 @@ class BrainLMConfig(PretrainedConfig):
         check_mask(self.mask_ratio, self.mask_strategy, self.future_patches, self.num_patches)
         if self.attention_backend not in ("sdpa", "eager"):
             raise ConfigError(f"attention backend {self.attention_backend!r} must be sdpa or eager")
+        if not (isinstance(self.coord_frequencies, int) and 0 <= self.coord_frequencies <= 16):
+            raise ConfigError(f"coord_frequencies must be an integer in [0, 16], got "
+                              f"{self.coord_frequencies!r}")
+        if not (isinstance(self.space_attention_rank, int) and self.space_attention_rank >= 0):
+            raise ConfigError(f"space_attention_rank must be an integer >= 0, got "
+                              f"{self.space_attention_rank!r}")
         if not self.coord_scale > 0:
             raise ConfigError(f"coord_scale must be > 0, got {self.coord_scale}")
 
@@ -98,7 +127,7 @@ class BrainLMConfig(PretrainedConfig):
     def from_preset(cls, name: str, **overrides) -> "BrainLMConfig":
         if name not in PRESETS:
             raise ConfigError(f"unknown profile '{name}' (use one of {', '.join(PRESETS)})")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(**{**PRESETS[name], **RECIPE, **overrides})
 
 
 def check_mask(ratio: float, strategy: str, future_patches: int, num_patches: int) -> None:

@@ -21,6 +21,7 @@ Speed comes from what is not done:
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -64,29 +65,136 @@ SDPA_KERNELS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION,
                "math": SDPBackend.MATH}
 
 
+@dataclass
+class TokenGeometry:
+    """Where each token of a sequence sits, for the attention biases.
+
+    time: [B, S] time patch of each token (-1 for CLS); n_patches: time patches per parcel;
+    space: [B, S, F] coordinate features of each token's parcel (zeros for CLS), or None."""
+
+    time: torch.Tensor
+    n_patches: int
+    space: torch.Tensor | None = None
+
+    def slice(self, start: int = 0, stop: int | None = None) -> "TokenGeometry":
+        return TokenGeometry(self.time[:, start:stop], self.n_patches,
+                             None if self.space is None else self.space[:, start:stop])
+
+
+class TimeBias(nn.Module):
+    """A learned attention bias per head and time-patch distance, b_h(n_q - n_k).
+
+    Why: a masked patch is best told by the tokens of the same moment (the global signal and
+    the networks act together in time), but with time entering only as an encoding added to
+    the token, attention has to discover that through its projections first, which a small
+    model on little data barely does (it sits at the mean). A bias table makes "look at the
+    same time" one parameter per head and distance (T5 / Swin relative position bias).
+
+    It enters SDPA as extra query/key channels: keys carry one-hot time, queries carry the bias
+    row of their time, so q.k gains b_h(n_q - n_k) and the fused kernels still run (values are
+    zero-padded to the same width; their extra outputs are dropped). CLS (time -1) gets none.
+    Distances beyond the configured window's are clamped.
+
+    Initialised as ALiBi's distance penalty, -slope_h |n_q - n_k|, slopes from 4 (a head that
+    looks at its own moment) to 0.5 (a broad one): Adam moves a parameter by about the learning
+    rate per step, so a bias starting at 0 would need thousands of steps to focus."""
+
+    def __init__(self, heads: int, max_patches: int):
+        super().__init__()
+        self.max_patches = max_patches
+        self.bias = nn.Parameter(torch.zeros(heads, 2 * max_patches - 1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        heads = self.bias.shape[0]
+        slopes = 4.0 * 2.0 ** (-3.0 * torch.arange(heads) / max(1, heads - 1))
+        dist = (torch.arange(2 * self.max_patches - 1) - self.max_patches + 1).abs()
+        with torch.no_grad():
+            self.bias.copy_(-slopes[:, None] * dist[None].float())
+
+    def channels(self, time_q: torch.Tensor, time_k: torch.Tensor, n: int, scale: float):
+        """time ids [B, Sq], [B, Sk] (-1 for CLS) -> q extra [B, h, Sq, n], k extra [B, 1, Sk, n]."""
+        grid = torch.arange(n, device=time_q.device)
+        rel = (grid[:, None] - grid[None, :]).clamp(-self.max_patches + 1, self.max_patches - 1)
+        table = self.bias[:, rel + self.max_patches - 1] / scale  # [h, n, n]; SDPA rescales
+        q_extra = table[:, time_q.clamp(min=0)] * (time_q >= 0)[None, ..., None]  # [h, B, Sq, n]
+        k_extra = F.one_hot(time_k.clamp(min=0), n) * (time_k >= 0)[..., None]
+        return q_extra.transpose(0, 1), k_extra[:, None]
+
+
+class SpaceBias(nn.Module):
+    """A learned low-rank attention bias between parcels, phi(c_q)^T U_h^T V_h phi(c_k), from
+    their coordinate features phi (`TokenEmbedding.coord_features`).
+
+    Why: parcels of one network co-fluctuate although they lie far apart (posterior cingulate
+    and medial prefrontal cortex); with positions only added to the tokens, attention finds
+    them as slowly as it finds the same time. Rank r per head, as extra query/key channels
+    like `TimeBias`; U and V start as any linear layer (Xavier), so the bias is a random
+    bilinear form at first and its gradient flows from the first step."""
+
+    def __init__(self, heads: int, features: int, rank: int):
+        super().__init__()
+        self.heads, self.rank = heads, rank
+        self.query = nn.Linear(features, heads * rank, bias=False)
+        self.key = nn.Linear(features, heads * rank, bias=False)
+
+    def channels(self, space_q: torch.Tensor, space_k: torch.Tensor, scale: float):
+        """[B, Sq, F], [B, Sk, F] -> q extra [B, h, Sq, r], k extra [B, h, Sk, r]."""
+        q = self.query(space_q).unflatten(-1, (self.heads, self.rank)).transpose(1, 2) / scale
+        k = self.key(space_k).unflatten(-1, (self.heads, self.rank)).transpose(1, 2)
+        return q, k
+
+
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, eager: bool = False):
+    def __init__(self, dim: int, heads: int, eager: bool = False, max_patches: int = 0,
+                 space_features: int = 0, space_rank: int = 0):
         super().__init__()
         self.heads, self.eager = heads, eager
         self.sdpa_kernel = None  # None: PyTorch picks; else one SDPBackend (set_sdpa_kernel)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.time_bias = TimeBias(heads, max_patches) if max_patches else None
+        self.space_bias = SpaceBias(heads, space_features, space_rank) if space_rank else None
 
-    def forward(self, x: torch.Tensor, q_start: int = 0) -> torch.Tensor:
-        """x: [B, S, D] -> [B, S - q_start, D]; queries only for tokens q_start.."""
+    def _biased(self, q, k, v, geo: TokenGeometry, q_start: int, kv_stop: int | None):
+        """SDPA with the time and space biases as extra query/key channels."""
+        hd = v.shape[-1]
+        scale = hd ** -0.5
+        gq, gk = geo.slice(q_start), geo.slice(0, kv_stop)
+        qs, ks = [q], [k]
+        if self.time_bias is not None:
+            q_extra, k_extra = self.time_bias.channels(gq.time, gk.time, geo.n_patches, scale)
+            qs.append(q_extra.to(q.dtype))
+            ks.append(k_extra.to(k.dtype).expand(-1, self.heads, -1, -1))
+        if self.space_bias is not None and geo.space is not None:
+            q_extra, k_extra = self.space_bias.channels(gq.space, gk.space, scale)
+            qs.append(q_extra.to(q.dtype))
+            ks.append(k_extra.to(k.dtype))
+        q, k = torch.cat(qs, dim=-1), torch.cat(ks, dim=-1)
+        v = F.pad(v, (0, q.shape[-1] - hd))  # fused kernels want one width
+        with sdpa_kernel(self.sdpa_kernel) if self.sdpa_kernel is not None else nullcontext():
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)[..., :hd]
+
+    def forward(self, x: torch.Tensor, q_start: int = 0, kv_stop: int | None = None,
+                geo: TokenGeometry | None = None) -> torch.Tensor:
+        """x: [B, S, D] -> [B, S - q_start, D]; queries only for tokens q_start.., keys and
+        values only from tokens ..kv_stop (all when None). geo: where the tokens sit, for the
+        time and space biases."""
         b, s, d = x.shape
         h, hd = self.heads, d // self.heads
         # split along the features (not a [3, ...] permute): the backward then writes the
         # [B, S, 3D] gradient with one concatenation instead of a stack and a copy
-        if q_start:
+        if q_start or kv_stop is not None:
             w_q, w_kv = self.qkv.weight.split([d, 2 * d])
             b_q, b_kv = self.qkv.bias.split([d, 2 * d])
             q = F.linear(x[:, q_start:], w_q, b_q)
-            k, v = F.linear(x, w_kv, b_kv).split(d, dim=-1)
+            k, v = F.linear(x[:, :kv_stop], w_kv, b_kv).split(d, dim=-1)
         else:
             q, k, v = self.qkv(x).split(d, dim=-1)
         q, k, v = (t.unflatten(-1, (h, hd)).transpose(1, 2) for t in (q, k, v))  # [B, h, S, hd]
-        if self.eager:  # reference path for the benchmark: materialises [S, S] scores
+        if geo is not None and (self.time_bias is not None or self.space_bias is not None):
+            out = self._biased(q, k, v, geo, q_start, kv_stop)
+        elif self.eager:  # reference path for the benchmark: materialises [S, S] scores
             att = (q @ k.transpose(-2, -1)) * hd ** -0.5
             out = att.softmax(dim=-1) @ v
         elif self.sdpa_kernel is None:
@@ -117,44 +225,68 @@ class InputDtypeLayerNorm(nn.LayerNorm):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block."""
 
-    def __init__(self, dim: int, heads: int, mlp: int, eps: float, eager: bool = False):
+    def __init__(self, dim: int, heads: int, mlp: int, eps: float, eager: bool = False,
+                 **bias):
         super().__init__()
         self.norm1 = InputDtypeLayerNorm(dim, eps=eps)  # feeds a linear layer only
-        self.attn = Attention(dim, heads, eager)
+        self.attn = Attention(dim, heads, eager, **bias)
         self.norm2 = InputDtypeLayerNorm(dim, eps=eps)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
 
-    def forward(self, x: torch.Tensor, q_start: int = 0) -> torch.Tensor:
-        x = x[:, q_start:] + self.attn(self.norm1(x), q_start)
+    def forward(self, x: torch.Tensor, q_start: int = 0, kv_stop: int | None = None,
+                geo: TokenGeometry | None = None) -> torch.Tensor:
+        x = x[:, q_start:] + self.attn(self.norm1(x), q_start, kv_stop, geo)
         return x + self.mlp(self.norm2(x))
 
 
 class Stack(nn.Module):
-    def __init__(self, dim, layers, heads, mlp, eps, eager):
+    def __init__(self, dim, layers, heads, mlp, eps, eager, **bias):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp, eps, eager) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp, eps, eager, **bias)
+                                    for _ in range(layers))
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor, last_q_start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, last_q_start: int = 0, last_kv_stop: int | None = None,
+                geo: TokenGeometry | None = None) -> torch.Tensor:
+        """The last block computes queries for tokens last_q_start.. only, attending to
+        tokens ..last_kv_stop (all when None). geo feeds the attention biases."""
         for i, block in enumerate(self.blocks):
-            q_start = last_q_start if i == len(self.blocks) - 1 else 0
+            last = i == len(self.blocks) - 1
+            q_start, kv_stop = (last_q_start, last_kv_stop) if last else (0, None)
             if self.gradient_checkpointing and self.training:
-                x = self._gradient_checkpointing_func(block.__call__, x, q_start)
+                x = self._gradient_checkpointing_func(block.__call__, x, q_start, kv_stop, geo)
             else:
-                x = block(x, q_start)
+                x = block(x, q_start, kv_stop, geo)
         return self.norm(x)
 
 
 class TokenEmbedding(nn.Module):
-    """Position of a token = projected parcel coordinates + sinusoidal time-patch encoding."""
+    """Position of a token = encoded parcel coordinates + sinusoidal time-patch encoding.
 
-    def __init__(self, dim: int, coord_scale: float):
+    With `coord_frequencies` k > 0 the coordinates (divided by coord_scale) also enter as
+    sin/cos at frequencies 2^0..2^(k-1) pi per axis before the projection, so parcels get
+    distinct, non-linear identities (a linear map of xyz spans only 3 directions: two
+    parcels of one network far apart cannot be told to behave alike); k = 0 is upstream's
+    Linear(3 -> dim)."""
+
+    def __init__(self, dim: int, coord_scale: float, coord_frequencies: int = 0):
         super().__init__()
-        self.coord = nn.Linear(3, dim)
+        self.coord = nn.Linear(3 + 6 * coord_frequencies, dim)
         self.coord_scale = coord_scale
+        self.coord_frequencies = coord_frequencies
         self.dim = dim
         self._time: dict = {}  # (n, device, dtype) -> [n, dim], fixed, not a parameter
+
+    def coord_features(self, coords: torch.Tensor) -> torch.Tensor:
+        """[..., 3] mm -> [..., 3 + 6k]."""
+        c = coords / self.coord_scale
+        if not self.coord_frequencies:
+            return c
+        freq = (2.0 ** torch.arange(self.coord_frequencies, device=c.device, dtype=c.dtype)
+                * math.pi)
+        angles = (c[..., None] * freq).flatten(-2)  # [..., 3k]
+        return torch.cat([c, angles.sin(), angles.cos()], dim=-1)
 
     def time_encoding(self, n: int, device, dtype) -> torch.Tensor:
         if torch.compiler.is_compiling():  # a compiled graph folds it; no side effects there
@@ -167,7 +299,7 @@ class TokenEmbedding(nn.Module):
 
     def forward(self, coords: torch.Tensor, n_patches: int) -> torch.Tensor:
         """coords [P, 3] or [B, P, 3] (mm) -> [1 or B, P * N, dim]."""
-        c = self.coord(coords / self.coord_scale)
+        c = self.coord(self.coord_features(coords))
         if c.dim() == 2:
             c = c[None]
         t = self.time_encoding(n_patches, c.device, c.dtype)
@@ -200,6 +332,8 @@ class BrainLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, TimeBias):
+            module.reset_parameters()
         elif isinstance(module, BrainLMForPretraining):
             nn.init.normal_(module.cls_token, std=self.config.initializer_range)
             nn.init.normal_(module.mask_token, std=self.config.initializer_range)
@@ -211,16 +345,20 @@ class BrainLMForPretraining(BrainLMPreTrainedModel):
         c = config
         eager = c.attention_backend == "eager"
         self.patch_embed = nn.Linear(c.patch_size, c.hidden_size)
-        self.pos_embed = TokenEmbedding(c.hidden_size, c.coord_scale)
+        self.pos_embed = TokenEmbedding(c.hidden_size, c.coord_scale, c.coord_frequencies)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.hidden_size))
+        bias = dict(max_patches=c.num_patches if c.time_attention_bias else 0,
+                    space_features=3 + 6 * c.coord_frequencies,
+                    space_rank=c.space_attention_rank)
         self.encoder = Stack(c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
-                             c.intermediate_size, c.layer_norm_eps, eager)
+                             c.intermediate_size, c.layer_norm_eps, eager, **bias)
         self.decoder_embed = nn.Linear(c.hidden_size, c.decoder_hidden_size)
-        self.decoder_pos_embed = TokenEmbedding(c.decoder_hidden_size, c.coord_scale)
+        self.decoder_pos_embed = TokenEmbedding(c.decoder_hidden_size, c.coord_scale,
+                                                c.coord_frequencies)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_hidden_size))
         self.decoder = Stack(c.decoder_hidden_size, c.decoder_num_hidden_layers,
                              c.decoder_num_attention_heads, c.decoder_intermediate_size,
-                             c.layer_norm_eps, eager)
+                             c.layer_norm_eps, eager, **bias)
         self.decoder_pred = nn.Linear(c.decoder_hidden_size, c.patch_size)
         self.post_init()
 
@@ -300,14 +438,35 @@ class BrainLMForPretraining(BrainLMPreTrainedModel):
     def encode(self, signals: torch.Tensor, coords=None, ids_keep: torch.Tensor | None = None):
         """[B, P, T] -> [B, 1 + n_keep, H] (CLS first); all tokens when ids_keep is None."""
         patches = self.patchify(signals)
-        pos = self.pos_embed(self._coords(coords, signals), patches.shape[1] // signals.shape[1])
+        coords = self._coords(coords, signals)
+        pos = self.pos_embed(coords, patches.shape[1] // signals.shape[1])
         b, length, ps = patches.shape
+        n_patches = length // signals.shape[1]
         if ids_keep is not None and ids_keep.shape[1] < length:
             patches = patches.gather(1, ids_keep[..., None].expand(-1, -1, ps))
             pos = take_rows(pos, ids_keep)
         x = self.patch_embed(patches) + pos
         x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
-        return self.encoder(x)
+        ids = (torch.arange(length, device=x.device).expand(b, -1) if ids_keep is None
+               else ids_keep)
+        return self.encoder(x, geo=self.geometry(coords, n_patches, ids))
+
+    def geometry(self, coords, n_patches: int, *ids: torch.Tensor) -> TokenGeometry | None:
+        """Time and space of the [CLS, ids...] tokens for the attention biases (None if the
+        model has none). coords: [P, 3] or [B, P, 3] mm, already checked."""
+        c = self.config
+        if not (c.time_attention_bias or c.space_attention_rank):
+            return None
+        ids = torch.cat(ids, dim=1)
+        b = ids.shape[0]
+        time = torch.cat([ids.new_full((b, 1), -1), ids % n_patches], dim=1)
+        space = None
+        if c.space_attention_rank:
+            feats = self.pos_embed.coord_features(coords)  # [P or B x P, F]
+            feats = feats.expand(b, -1, -1) if feats.dim() == 2 else feats
+            tok = feats.gather(1, (ids // n_patches)[..., None].expand(-1, -1, feats.shape[-1]))
+            space = torch.cat([tok.new_zeros(b, 1, tok.shape[-1]), tok], dim=1)
+        return TokenGeometry(time, n_patches, space)
 
     def decoder_input(self, latent, coords, n_patches, ids_keep, ids_mask) -> torch.Tensor:
         """[CLS, visible..., masked...] for the decoder: [B, 1 + L, D].
@@ -353,7 +512,11 @@ class BrainLMForPretraining(BrainLMPreTrainedModel):
         x = self.decoder_input(latent, self._coords(coords, signals), n_patches, ids_keep,
                                ids_mask)
         n_keep = ids_keep.shape[1]
-        x = self.decoder(x, last_q_start=1 + n_keep)  # masked tail only in the last block
+        # masked tail only in the last block; with decoder_cross_attention it attends to the
+        # CLS and visible tokens only (a masked token's key holds no signal in that block)
+        geo = self.geometry(self._coords(coords, signals), n_patches, ids_keep, ids_mask)
+        x = self.decoder(x, last_q_start=1 + n_keep,
+                         last_kv_stop=1 + n_keep if c.decoder_cross_attention else None, geo=geo)
         pred = self.decoder_pred(x)
         target = self.patchify(signals).gather(1, ids_mask[..., None].expand(-1, -1, c.patch_size))
         loss = F.mse_loss(pred.float(), target.float())

@@ -22,8 +22,10 @@ import torch
 
 from ..errors import ConfigError
 
-# base learning rate per profile, scaled by batch / 256 (MAE's rule)
-BASE_LR = {"tiny": 8e-3, "13m": 4e-3, "111m": 1.2e-3, "650m": 6e-4}
+# base learning rate per profile, scaled by batch / 256 (MAE's rule). tiny: 6e-3 at batch 8,
+# from benchmarks/learning_curve.py on the demo store's validation split (8e-3 base, i.e.
+# 2.5e-4 at batch 8, left the model at the mean for hundreds of steps)
+BASE_LR = {"tiny": 0.192, "13m": 4e-3, "111m": 1.2e-3, "650m": 6e-4}
 LOG_EVERY = 20  # steps between waits for the device (history, MLflow, progress bar)
 
 
@@ -60,6 +62,7 @@ class PretrainConfig:
     device: str = "auto"
     progress: bool = True
     tracking_uri: str | None = None
+    model: dict = field(default_factory=dict)  # BrainLMConfig fields over the profile's preset
     extra: dict = field(default_factory=dict)
 
     @property
@@ -162,50 +165,104 @@ def param_groups(model, weight_decay: float):
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-@torch.no_grad()
-def evaluate(model, store, cfg: PretrainConfig, device, autocast) -> dict:
-    """Reconstruction MSE and R^2 on deterministic validation windows with fixed masks.
+COMMON_MASK_RATIO = 0.75  # every run is also scored at this ratio, with the same masks
+COMMON_MASK_SEED = 7919  # ... drawn from this seed, whatever the run's own seed
+RIDGE_WINDOWS = 64  # training windows the ridge baseline is fitted on
 
-    R^2 is computed per parcel over its masked values (1 - SSE / SST) and averaged over parcels
-    with any variance; it is not clipped at 0, so a model worse than the mean shows as < 0.
-    """
+
+def _eval_windows(store, split: str, cfg: PretrainConfig, limit: int):
     from ..data.store import WindowDataset
 
-    ds = WindowDataset(store, "val", window=cfg.window, mode="sliding", stride=cfg.window)
-    n = min(len(ds), cfg.eval_windows)
+    ds = WindowDataset(store, split, window=cfg.window, mode="sliding", stride=cfg.window)
+    n = min(len(ds), limit)
+    for start in range(0, n, 16):
+        yield start, torch.stack([torch.from_numpy(ds[i]["signal"])
+                                  for i in range(start, min(n, start + 16))])
+
+
+def _fit_ridge(store, cfg: PretrainConfig, ratio: float, seed: int, model):
+    """The ridge baseline for one masking distribution, fitted on training windows only."""
+    from .reconstruction import RidgeBaseline, token_mask
+
+    ridge, n_patches = RidgeBaseline(), cfg.window // cfg.patch_size
+    for start, x in _eval_windows(store, "train", cfg, RIDGE_WINDOWS):
+        noise = step_noise(seed + 104729, start, 0, len(x), store.n_parcels * n_patches, 0, 1)
+        _, ids_mask = model.masking(len(x), store.n_parcels, n_patches, ratio,
+                                    cfg.mask_strategy, cfg.future_patches, noise, "cpu")
+        ridge.partial_fit(x, token_mask(store.n_parcels, n_patches, ids_mask))
+    return ridge.fit()
+
+
+@torch.no_grad()
+def score_masks(model, store, cfg: PretrainConfig, device, autocast, ratio: float, seed: int,
+                ridge=None) -> dict:
+    """The model and every baseline of `reconstruction` on the same deterministic validation
+    windows under the same masks (ratio, seed). Returns {"r2": {name: R^2}, "mse": model MSE,
+    "windows": n, "example": (x, model recon, best-baseline recon, mask) of the first window}.
+    """
+    from .reconstruction import R2Meter, predict_baselines, time_mask, token_mask
+
     coords = torch.as_tensor(store.coords, device=device)
-    p = store.n_parcels
-    sse = torch.zeros(p, dtype=torch.float64)
-    sum_y = torch.zeros(p, dtype=torch.float64)
-    sum_y2 = torch.zeros(p, dtype=torch.float64)
-    count = torch.zeros(p, dtype=torch.float64)
-    example = None
+    p, n_patches = store.n_parcels, cfg.window // cfg.patch_size
+    meter, example, n = R2Meter(p), None, 0
+    for start, x in _eval_windows(store, "val", cfg, cfg.eval_windows):
+        noise = step_noise(seed, start, 0, len(x), p * n_patches, 0, 1)
+        with autocast():
+            out = model(x.to(device), coords, noise=noise.to(device), mask_ratio=ratio)
+        recon, _ = model.reconstruct(x.to(device), out)
+        m = token_mask(p, n_patches, out.ids_mask.cpu())
+        mask = time_mask(m, cfg.patch_size)
+        meter.add_targets(x, mask)
+        meter.add("model", x, recon.float().cpu(), mask)
+        baselines = predict_baselines(x, m, ridge)
+        for name, pred in baselines.items():
+            meter.add(name, x, pred, mask)
+        if example is None:
+            example = (x[0].numpy(), recon[0].float().cpu().numpy(), baselines, mask[0].numpy())
+        n += len(x)
+    r2 = {name: meter.r2(name) for name in meter.sse}
+    best = max((k for k in r2 if k != "model"), key=lambda k: r2[k])
+    x0, r0, baselines, m0 = example
+    return {"r2": r2, "mse": meter.mse("model"), "windows": n, "best": best,
+            "example": (x0, r0, baselines[best][0].numpy(), m0)}
+
+
+def evaluate(model, store, cfg: PretrainConfig, device, autocast, ridges: dict) -> dict:
+    """Reconstruction on deterministic validation windows, beside the baselines.
+
+    At the run's own mask ratio (val_*) and at the common ratio every run shares
+    (val_common_*, same masks for every run): the model's R^2 (per parcel over masked values,
+    averaged; not clipped, so worse than the mean is negative), each baseline's R^2 on the
+    same windows and masks, and the gain over the best baseline (> 0: the model has learned
+    more than the baseline knows). `ridges` caches the fitted ridge baselines per ratio.
+    """
     was_training = model.training
     model.eval()
-    for start in range(0, n, 16):
-        x = torch.stack([torch.from_numpy(ds[i]["signal"]) for i in range(start, min(n, start + 16))])
-        x = x.to(device)
-        noise = step_noise(cfg.seed + 7919, start, 0, len(x), p * (cfg.window // cfg.patch_size),
-                           0, 1).to(device)
-        with autocast():
-            out = model(x, coords, noise=noise)
-        recon, mask = model.reconstruct(x, out)
-        err = ((recon.float() - x.float()) ** 2) * mask
-        y = x.double() * mask
-        sse += err.double().sum(dim=(0, 2)).cpu()
-        sum_y += y.sum(dim=(0, 2)).cpu()
-        sum_y2 += (y ** 2).sum(dim=(0, 2)).cpu()
-        count += mask.double().sum(dim=(0, 2)).cpu()
-        if example is None:
-            example = (x[0].float().cpu().numpy(), recon[0].float().cpu().numpy(),
-                       mask[0].cpu().numpy())
+    metrics, example = {}, None
+    plans = [("val", cfg.mask_ratio, cfg.seed + 7919)]
+    if cfg.mask_strategy == "random":
+        plans.append(("val_common", COMMON_MASK_RATIO, COMMON_MASK_SEED))
+    for prefix, ratio, seed in plans:
+        if ratio not in ridges:
+            ridges[ratio] = _fit_ridge(store, cfg, ratio, seed, model)
+        s = score_masks(model, store, cfg, device, autocast, ratio, seed, ridges[ratio])
+        r2 = s["r2"]
+        metrics[f"{prefix}_r2"] = r2["model"]
+        if prefix == "val":
+            metrics["val_mse"], metrics["val_windows"], example = s["mse"], s["windows"], s["example"]
+        for name in (k for k in r2 if k != "model"):
+            metrics[f"{prefix}_r2_{name}"] = r2[name]
+        metrics[f"{prefix}_r2_best_baseline"] = r2[s["best"]]
+        metrics[f"{prefix}_r2_gain"] = r2["model"] - r2[s["best"]]
+        metrics[f"{prefix}_best_baseline"] = s["best"]
     model.train(was_training)
-    sst = sum_y2 - sum_y ** 2 / count.clamp(min=1)
-    ok = (count > 1) & (sst > 1e-12)
-    r2 = 1 - sse[ok] / sst[ok]
-    return {"val_mse": float(sse.sum() / count.sum().clamp(min=1)),
-            "val_r2": float(r2.mean()) if ok.any() else float("nan"),
-            "val_windows": n, "example": example}
+    return {**metrics, "example": example}
+
+
+def numeric_metrics(ev: dict) -> dict:
+    """The numbers of an evaluation (for history, MLflow and metrics.json)."""
+    return {k: v for k, v in ev.items()
+            if k.startswith("val_") and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history: list) -> None:
@@ -258,7 +315,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     ckpt_path = out / "checkpoints" / "last.pt"
     model_cfg = BrainLMConfig.from_preset(
         cfg.profile, window=cfg.window, patch_size=cfg.patch_size, mask_ratio=cfg.mask_ratio,
-        mask_strategy=cfg.mask_strategy, future_patches=cfg.future_patches)
+        mask_strategy=cfg.mask_strategy, future_patches=cfg.future_patches, **cfg.model)
     model_cfg.parcel_coords = store.coords.round(3).tolist()
     model_cfg.atlas = store.meta.get("atlas")
     model_cfg.atlas_hash = store.meta.get("atlas_hash")
@@ -312,6 +369,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress or rank != 0,
                    desc=f"pretrain {cfg.profile} mask {cfg.mask_ratio:g}", dynamic_ncols=True)
         last_eval: dict = {}
+        ridges: dict = {}  # mask ratio -> ridge baseline fitted on training windows
         iterator, epoch = None, None
         stop_at = cfg.max_steps if cfg.stop_after is None else min(cfg.max_steps,
                                                                      step + cfg.stop_after)
@@ -367,9 +425,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 rate = windows_done / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", win_s=f"{rate:.1f}")
             if evaluating:
-                ev = evaluate(model, store, cfg, device, autocast)
+                ev = evaluate(model, store, cfg, device, autocast, ridges)
                 last_eval = ev
-                val = {k: v for k, v in ev.items() if k.startswith("val_")}
+                val = numeric_metrics(ev)
                 history[-1].update(val)
                 tracker.metrics(val, step=step)
             if saving:
@@ -379,9 +437,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
         result = {"step": step, "finished": step >= cfg.max_steps, "history": history}
         if rank == 0 and step >= cfg.max_steps:
             if not last_eval:
-                last_eval = evaluate(model, store, cfg, device, autocast)
+                last_eval = evaluate(model, store, cfg, device, autocast, ridges)
             _write_outputs(model, store, cfg, out, history, last_eval, tracker)
-            result["metrics"] = {k: v for k, v in last_eval.items() if k.startswith("val_")}
+            result["metrics"] = numeric_metrics(last_eval)
         tracker.end()
         if world > 1:
             dist.barrier()
@@ -401,7 +459,7 @@ def _write_outputs(model, store, cfg: PretrainConfig, out: Path, history, last_e
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     shutil.copyfile(store.path / "scaler.safetensors", out / "scaler.safetensors")
-    metrics = {k: v for k, v in last_eval.items() if k.startswith("val_")}
+    metrics = {k: v for k, v in last_eval.items() if k.startswith("val_")}  # + best names
     metrics.update(step=history[-1]["step"], train_loss=history[-1]["loss"])
     write_bytes_atomic(out / "metrics.json", json.dumps(metrics, indent=2).encode())
     write_bytes_atomic(out / "history.json", json.dumps(history).encode())
@@ -409,13 +467,50 @@ def _write_outputs(model, store, cfg: PretrainConfig, out: Path, history, last_e
     if last_eval.get("example") is not None:
         from ..analysis.reconstruction import plot_reconstruction
 
-        x, recon, mask = last_eval["example"]
-        plot_reconstruction(x, recon, out / "reconstruction.png", names=names, mask=mask)
+        x, recon, base, mask = last_eval["example"]
+        plot_reconstruction(x, recon, out / "reconstruction.png", names=names, mask=mask,
+                            baseline=base, baseline_name=f"{last_eval['val_best_baseline']} "
+                                                         "(best baseline)")
     card = model_card(model, store, cfg, metrics, sha256_file(out / "scaler.safetensors"))
     write_bytes_atomic(out / "README.md", card.encode())
-    tracker.metrics({k: v for k, v in metrics.items() if k.startswith("val_")},
-                    step=metrics["step"])
+    tracker.metrics(numeric_metrics(metrics), step=metrics["step"])
+    tracker.tags({"best_baseline": str(metrics.get("val_best_baseline")),
+                  "learned": str(metrics.get("val_r2_gain", float("nan")) > 0)})
     tracker.artifacts(out, "model")
+
+
+BASELINE_WORDS = {
+    "zero": "zero (the training median)",
+    "parcel_mean": "the parcel's own visible patches (mean)",
+    "parcel_interp": "the parcel's own visible patches (linear interpolation in time)",
+    "same_time": "the visible parcels at the same time patch (mean)",
+    "ridge": "ridge on the visible tokens (fitted on training windows)",
+}
+
+
+def recon_table(metrics: dict) -> str:
+    """Markdown: model and baselines at the run's own mask ratio and at the common one."""
+    cols = [("val", "own mask ratio"), ("val_common", f"common mask {COMMON_MASK_RATIO:g}")]
+    cols = [(k, h) for k, h in cols if f"{k}_r2" in metrics]
+    fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+    rows = [f"| predictor | {' | '.join(h for _, h in cols)} |", "|---" * (len(cols) + 1) + "|",
+            f"| **BrainLM** | {' | '.join(fmt(metrics.get(f'{k}_r2')) for k, _ in cols)} |"]
+    for name, words in BASELINE_WORDS.items():
+        rows.append(f"| {words} | {' | '.join(fmt(metrics.get(f'{k}_r2_{name}')) for k, _ in cols)} |")
+    rows.append(f"| gain over the best baseline | "
+                f"{' | '.join(fmt(metrics.get(f'{k}_r2_gain')) for k, _ in cols)} |")
+    return "\n".join(rows) + "\n"
+
+
+def verdict(metrics: dict) -> str:
+    gain = metrics.get("val_r2_gain")
+    if gain is None:
+        return ""
+    best = BASELINE_WORDS.get(metrics.get("val_best_baseline"), "the best baseline")
+    if gain > 0:
+        return (f"**The model beats every baseline** (R^2 gain {gain:+.4f} over {best}).")
+    return (f"**The model has not learned yet**: it does not beat {best} (R^2 gain {gain:+.4f}); "
+            "whatever its loss says, it knows no more than that baseline.")
 
 
 def model_card(model, store, cfg: PretrainConfig, metrics: dict, scaler_hash: str) -> str:
@@ -462,11 +557,13 @@ fitted on the training subjects only; the parcel coordinates are saved in `confi
 weight decay {cfg.weight_decay}), cosine schedule with warmup, gradient clipping {cfg.clip_grad}, seed {cfg.seed}.
 
 ## Validation (deterministic windows, fixed masks)
-| metric | value |
-|---|---|
-| reconstruction MSE (masked patches) | {metrics.get("val_mse", float("nan")):.4f} |
-| R^2 (per parcel, averaged; not clipped) | {metrics.get("val_r2", float("nan")):.4f} |
-| final training loss | {metrics.get("train_loss", float("nan")):.4f} |
+R^2 per parcel over the masked values, averaged over parcels (not clipped), for this model and
+for baselines that see the same visible patches of the same windows under the same masks.
+{verdict(metrics)}
+
+{recon_table(metrics)}
+Reconstruction MSE (masked patches) {metrics.get("val_mse", float("nan")):.4f}; final training
+loss {metrics.get("train_loss", float("nan")):.4f}.
 
 ## Licence
 Code: Apache-2.0. These weights were trained on the data named above: their use is bound by

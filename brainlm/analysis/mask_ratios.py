@@ -1,0 +1,91 @@
+"""Mask ratios on one yardstick: which pretraining ratio gives the better encoder.
+
+Why: each run's own validation R^2 is measured under its own mask ratio, and reconstructing
+20 % of a window is an easier task than reconstructing 90 %: those numbers cannot rank the
+runs. Every run is therefore also scored at one common ratio with the same masks
+(`val_common_*`, see `brainlm.train.pretrain.evaluate`), beside the best baseline under those
+masks. This module gathers the runs' metrics into one table and one plot.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..fileio import atomic_path, write_bytes_atomic
+
+COLUMNS = (("val_r2", "R^2 at own ratio"), ("val_r2_gain", "gain over best baseline (own)"),
+           ("val_common_r2", "R^2 at common ratio"),
+           ("val_common_r2_gain", "gain over best baseline (common)"))
+
+
+def gather(models: dict[float, Path]) -> list[dict]:
+    """One row per mask ratio from each model folder's metrics.json."""
+    rows = []
+    for ratio, folder in sorted(models.items()):
+        path = Path(folder) / "metrics.json"
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: cannot read the pretraining metrics ({exc})") from None
+        row = {"mask_ratio": float(ratio)}
+        row.update({k: metrics.get(k) for k, _ in COLUMNS})
+        row["val_common_r2_best_baseline"] = metrics.get("val_common_r2_best_baseline")
+        row["best_baseline"] = metrics.get("val_common_best_baseline")
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    fmt = lambda v: "n/a" if v is None else f"{v:+.4f}"  # noqa: E731
+    head = "| mask ratio | " + " | ".join(h for _, h in COLUMNS) + " | learned |"
+    lines = [head, "|---" * (len(COLUMNS) + 2) + "|"]
+    for r in rows:
+        gain = r.get("val_common_r2_gain")
+        learned = "n/a" if gain is None else ("yes" if gain > 0 else "**no**")
+        lines.append(f"| {r['mask_ratio']:g} | " + " | ".join(fmt(r.get(k)) for k, _ in COLUMNS)
+                     + f" | {learned} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ratios = [f"{r['mask_ratio']:g}" for r in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / 3
+    series = [("val_r2", "own ratio"), ("val_common_r2", "common ratio"),
+              ("val_common_r2_best_baseline", "best baseline (common)")]
+    for i, (key, label) in enumerate(series):
+        values = [np.nan if r.get(key) is None else r[key] for r in rows]
+        ax.bar(x + (i - 1) * width, values, width, label=label,
+               color=("C3", "C1", "0.6")[i])
+    ax.set_xticks(x, ratios)
+    ax.set_xlabel("pretraining mask ratio")
+    ax.set_ylabel("validation R$^2$ (masked patches)")
+    ax.axhline(0, color="0.3", lw=0.8)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("Mask ratios on one yardstick", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def compare(models: dict[float, Path], out: Path) -> list[dict]:
+    """Write mask_ratios.json (rows, also a DVC plot), mask_ratios.md and mask_ratios.png."""
+    rows = gather(models)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(out / "mask_ratios.json", json.dumps(rows, indent=2).encode())
+    write_bytes_atomic(out / "mask_ratios.md", table(rows).encode())
+    plot(rows, out / "mask_ratios.png")
+    return rows

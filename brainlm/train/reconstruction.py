@@ -1,0 +1,161 @@
+"""Masked-reconstruction scoring: the R^2 every pretraining run reports, and the baselines it
+must beat on the same windows and the same masks.
+
+Why: a reconstruction loss means nothing alone. Resting-state fMRI carries a strong global
+signal, so "the mean of the visible parcels at the same time" already explains a quarter to a
+third of the variance of masked patches. A model below that has learned the global signal, or
+less. Every predictor here sees exactly what the model sees (the visible patches of the window)
+and is scored by one `R2Meter` with the model's R^2 definition.
+
+Shapes: windows x [B, P, T] (scaled), token masks m [B, P, N] (True = masked, N = T / patch);
+every predictor returns [B, P, T] (only its masked entries are scored).
+"""
+
+from __future__ import annotations
+
+import torch
+
+BASELINES = ("zero", "parcel_mean", "parcel_interp", "same_time", "ridge")
+
+
+class R2Meter:
+    """Per-parcel R^2 over masked values, accumulated over batches, averaged over parcels.
+
+    R^2 = 1 - SSE / SST per parcel, SST about that parcel's mean masked value; parcels without
+    variance are left out; not clipped at 0, so worse than the mean shows as negative. Several
+    predictors share the targets, so only their SSE is kept separately."""
+
+    def __init__(self, n_parcels: int):
+        z = lambda: torch.zeros(n_parcels, dtype=torch.float64)  # noqa: E731
+        self.sum_y, self.sum_y2, self.count = z(), z(), z()
+        self.sse: dict[str, torch.Tensor] = {}
+        self._zero = z
+
+    def add_targets(self, x: torch.Tensor, mask: torch.Tensor) -> None:
+        """x [B, P, T], mask [B, P, T] bool (True where predicted)."""
+        y = x.double() * mask
+        self.sum_y += y.sum(dim=(0, 2)).cpu()
+        self.sum_y2 += (y ** 2).sum(dim=(0, 2)).cpu()
+        self.count += mask.double().sum(dim=(0, 2)).cpu()
+
+    def add(self, name: str, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> None:
+        err = ((pred.double() - x.double()) ** 2) * mask
+        self.sse[name] = self.sse.get(name, self._zero()) + err.sum(dim=(0, 2)).cpu()
+
+    def r2(self, name: str) -> float:
+        sst = self.sum_y2 - self.sum_y ** 2 / self.count.clamp(min=1)
+        ok = (self.count > 1) & (sst > 1e-12)
+        if not ok.any():
+            return float("nan")
+        return float((1 - self.sse[name][ok] / sst[ok]).mean())
+
+    def mse(self, name: str) -> float:
+        return float(self.sse[name].sum() / self.count.sum().clamp(min=1))
+
+
+def token_mask(n_parcels: int, n_patches: int, ids_mask: torch.Tensor) -> torch.Tensor:
+    """ids_mask [B, n_mask] token indices (p * N + n) -> [B, P, N] bool, True where masked."""
+    b = ids_mask.shape[0]
+    m = torch.zeros(b, n_parcels * n_patches, dtype=torch.bool, device=ids_mask.device)
+    m.scatter_(1, ids_mask, True)
+    return m.view(b, n_parcels, n_patches)
+
+
+def time_mask(m: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, P, N] token mask -> [B, P, N * patch] per-timepoint mask."""
+    return m.repeat_interleave(patch, dim=-1)
+
+
+def parcel_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Each parcel's masked patches = the mean of its own visible values (0 if none)."""
+    vis = ~time_mask(m, x.shape[-1] // m.shape[-1])
+    total = (x * vis).sum(-1, keepdim=True)
+    n = vis.sum(-1, keepdim=True)
+    return (total / n.clamp(min=1)).expand_as(x)
+
+
+def parcel_interp(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation in time between the parcel's nearest visible timepoints; the
+    nearest visible value beyond the ends; 0 for a parcel with nothing visible."""
+    vis = ~time_mask(m, x.shape[-1] // m.shape[-1])
+    t = x.shape[-1]
+    idx = torch.arange(t, device=x.device).expand_as(x)
+    prev = torch.where(vis, idx, -1).cummax(dim=-1).values  # last visible at or before t
+    nxt = torch.where(vis, idx, t).flip(-1).cummin(dim=-1).values.flip(-1)  # first at/after
+    has_prev, has_next = prev >= 0, nxt < t
+    x_prev = x.gather(-1, prev.clamp(min=0))
+    x_next = x.gather(-1, nxt.clamp(max=t - 1))
+    span = (nxt - prev).clamp(min=1).to(x.dtype)
+    w = (idx - prev).to(x.dtype) / span
+    both = x_prev + w * (x_next - x_prev)
+    out = torch.where(has_prev & has_next, both,
+                      torch.where(has_prev, x_prev, torch.where(has_next, x_next,
+                                                                torch.zeros_like(x))))
+    return torch.where(vis, x, out)
+
+
+def same_time(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Each masked patch = the mean over the visible parcels of the same time patch (0 if
+    none): the global signal, the floor a model has to clear."""
+    b, p, t = x.shape
+    n = m.shape[-1]
+    xp = x.view(b, p, n, t // n)
+    vis = (~m)[..., None].to(x.dtype)
+    mean = (xp * vis).sum(1, keepdim=True) / vis.sum(1, keepdim=True).clamp(min=1)
+    return mean.expand_as(xp).reshape(b, p, t)
+
+
+def ridge_features(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """[B, P, N, F] per-token features from visible data only: the same-time mean patch, the
+    parcel's interpolated patch, the parcel's visible mean, and a constant."""
+    b, p, t = x.shape
+    n = m.shape[-1]
+    ps = t // n
+    st = same_time(x, m).view(b, p, n, ps)
+    it = parcel_interp(x, m).view(b, p, n, ps)
+    pm = parcel_mean(x, m).view(b, p, n, ps)[..., :1]
+    return torch.cat([st, it, pm, torch.ones_like(pm)], dim=-1)
+
+
+class RidgeBaseline:
+    """Linear prediction of a masked patch from the visible tokens (`ridge_features`), one
+    weight matrix shared by all parcels, fitted on training windows under the same masking
+    distribution as the windows it is scored on. Closed form on accumulated normal equations."""
+
+    def __init__(self, alpha: float = 1e-3):
+        self.alpha = alpha
+        self.xtx = self.xty = self.weight = None
+
+    def partial_fit(self, x: torch.Tensor, m: torch.Tensor) -> None:
+        f = ridge_features(x, m).double()
+        ps = f.shape[-1] // 2 - 1
+        y = x.double().view(*m.shape, ps)
+        f, y = f[m], y[m]  # masked tokens only: [n, F], [n, ps]
+        xtx, xty = f.T @ f, f.T @ y
+        self.xtx = xtx if self.xtx is None else self.xtx + xtx
+        self.xty = xty if self.xty is None else self.xty + xty
+
+    def fit(self) -> "RidgeBaseline":
+        k = self.xtx.shape[0]
+        reg = self.alpha * torch.diagonal(self.xtx).mean() * torch.eye(k, dtype=self.xtx.dtype)
+        reg[-1, -1] = 0  # the intercept is not shrunk
+        self.weight = torch.linalg.solve(self.xtx + reg, self.xty)
+        return self
+
+    def predict(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            raise RuntimeError("RidgeBaseline.predict before fit")
+        f = ridge_features(x, m)
+        out = f.double() @ self.weight.to(f.device)
+        return out.to(x.dtype).reshape(x.shape)
+
+
+def predict_baselines(x: torch.Tensor, m: torch.Tensor,
+                      ridge: RidgeBaseline | None = None) -> dict[str, torch.Tensor]:
+    """Every baseline's [B, P, T] prediction for windows x under token mask m."""
+    preds = {"zero": torch.zeros_like(x),  # the training median: 0 after robust scaling
+             "parcel_mean": parcel_mean(x, m), "parcel_interp": parcel_interp(x, m),
+             "same_time": same_time(x, m)}
+    if ridge is not None:
+        preds["ridge"] = ridge.predict(x, m)
+    return preds

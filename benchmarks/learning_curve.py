@@ -29,11 +29,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # name -> PretrainConfig fields (model: BrainLMConfig fields). "demo" is params.yaml's recipe.
+UPSTREAM = {"coord_frequencies": 0, "time_attention_bias": False, "space_attention_rank": 0,
+            "decoder_cross_attention": False}  # Family A as upstream built it
 CONFIGS = {
-    "before": dict(profile="tiny", batch_size=8, base_lr=8e-3, model={"coord_frequencies": 0}),
-    "base-lr": dict(profile="tiny", batch_size=8, base_lr=5e-2, model={"coord_frequencies": 0}),
-    "fourier": dict(profile="tiny", batch_size=8, base_lr=5e-2),
-    "demo": dict(profile="tiny", batch_size=8),
+    "before": dict(profile="tiny", batch_size=8, base_lr=8e-3, model=UPSTREAM),
+    "lr": dict(profile="tiny", batch_size=8, model=UPSTREAM),
+    "lr+time": dict(profile="tiny", batch_size=8,
+                    model={**UPSTREAM, "time_attention_bias": True}),
+    "lr+time+cross": dict(profile="tiny", batch_size=8,
+                          model={**UPSTREAM, "time_attention_bias": True,
+                                 "decoder_cross_attention": True}),
+    "demo": dict(profile="tiny", batch_size=8),  # + Fourier coordinates and the space bias
+    "demo-lr/2": dict(profile="tiny", batch_size=8, base_lr=0.096),
+    "demo-b16": dict(profile="tiny", batch_size=16),
 }
 
 
@@ -69,7 +77,7 @@ def run_curve(name: str, store: Path, steps: int, every: int, ratio: float, seed
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", default="processed")
-    parser.add_argument("--configs", default="before,demo")
+    parser.add_argument("--configs", default="before,lr,lr+time,demo")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--mask-ratio", type=float, default=0.75)

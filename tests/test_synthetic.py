@@ -17,6 +17,9 @@ from brainlm.data.synthetic import (SimParams, SyntheticCohort, canonical_hrf, c
 from brainlm.errors import ConfigError
 
 RANGES = {"lag1": (0.55, 0.85), "mean_fc": (0.15, 0.45), "band_power": (0.4, 0.8)}
+# single subjects spread wider in mean FC: the planted age effect moves global coupling
+# (x0.25 at 20 to x1.75 at 80 years), so the oldest and youngest sit near the cohort's edges
+SUBJECT_RANGES = {**RANGES, "mean_fc": (0.1, 0.5)}
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +30,14 @@ def cohort40(atlas) -> SyntheticCohort:
 # ----------------------------------------------------------------------------- statistics
 
 
-def _assert_in_ranges(stats: dict, where: str):
-    for key, (lo, hi) in RANGES.items():
+def _assert_in_ranges(stats: dict, where: str, ranges=RANGES):
+    for key, (lo, hi) in ranges.items():
         assert lo <= stats[key] <= hi, f"{where}: {key}={stats[key]:.3f} not in [{lo}, {hi}]"
 
 
 def test_statistics_in_range_each_subject(cohort40):
     for i, x in enumerate(cohort40.signals[:10]):
-        _assert_in_ranges(signal_statistics(x, 0.735), f"subject {i}")
+        _assert_in_ranges(signal_statistics(x, 0.735), f"subject {i}", SUBJECT_RANGES)
 
 
 @pytest.mark.parametrize("tr,n_time", [(2.0, 500), (2.0, 200), (0.735, 200), (0.735, 1200)])
@@ -45,7 +48,7 @@ def test_statistics_hold_at_other_lengths_and_tr(atlas, tr, n_time):
                       f"mean of 5 at TR {tr}, T {n_time}")
     if n_time >= 500:
         for i, s in enumerate(stats):
-            _assert_in_ranges(s, f"subject {i} at TR {tr}, T {n_time}")
+            _assert_in_ranges(s, f"subject {i} at TR {tr}, T {n_time}", SUBJECT_RANGES)
 
 
 def test_signal_statistics_on_known_series():
@@ -186,7 +189,8 @@ def test_phenotype_effects_are_real(cohort40):
 
 
 def test_effects_vanish_when_switched_off(atlas):
-    null = SimParams(age_coupling_per_decade=0.0, sex_amplitude_ratio=1.0, symptom_log_tau=0.0)
+    null = SimParams(age_coupling_per_decade=0.0, age_global_per_decade=0.0,
+                     sex_amplitude_ratio=1.0, sex_between_coupling=0.0, symptom_log_tau=0.0)
     cohort = simulate_cohort(atlas.coords, 40, 300, tr=0.735, seed=2, params=null)
     r = _effect_correlations(cohort)
     assert all(abs(v) < 0.45 for v in r.values()), r  # chance level for 40 subjects
@@ -234,6 +238,15 @@ def test_write_bids_4mm(atlas, tmp_path):
     assert truth["atlas"] == {"name": atlas.name, "hash": atlas.hash}
     assert truth["tr"] == 0.735 and truth["seed"] == 3
     assert truth["effects"]["sex"]["module"] == cohort.effects["sex"]["module"]
+    # planted sizes and the controls they promise, stated in plain numbers
+    eff = truth["effects"]
+    assert "x1.75 at 20 and x0.25 at 80" in eff["age"]["size"]
+    assert eff["sex"]["source_correlation"] == pytest.approx(np.sqrt(0.4))
+    assert eff["sex"]["pairs_coupled_in_M"] == [[0, 6], [1, 3]]
+    assert eff["positive_controls"]["age"]["metric"] == "r2"
+    assert eff["positive_controls"]["age"]["threshold"] == 0.5
+    assert eff["positive_controls"]["sex"]["threshold"] == 0.8
+    assert eff["positive_controls"]["symptom"] is None
     assert not list(root.rglob("*.part"))  # atomic writes leave no temporaries
 
 
@@ -285,3 +298,51 @@ def test_written_dataset_is_byte_identical_across_runs(atlas, tmp_path):
     for name in ("participants.tsv", "ground_truth.json", "dataset_description.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "elsewhere" / "b" /
                                                         name).read_bytes()
+
+
+# ----------------------------------------------------------------------------- positive controls
+
+
+def test_positive_controls_pass_on_the_demo_cohort(atlas):
+    """The demo profile's cohort (40 x 300 TRs, seed 0, split 0.6/0.2/0.2 by subject, seed 0):
+    FC + linear must find the planted age and sex effects on the 8 test subjects."""
+    from brainlm.evaluate import synthetic_control_scores
+
+    cohort = simulate_cohort(atlas.coords, 40, 300, tr=0.735, seed=0)
+    scores = synthetic_control_scores(cohort)
+    assert scores["age"]["n_train"] == 24 and scores["age"]["n_test"] == 8
+    assert scores["age"]["value"] >= 0.5 and scores["age"]["passed"], scores
+    assert scores["sex"]["value"] >= 0.8 and scores["sex"]["passed"], scores
+    assert scores["age"]["floor"] < 0.1 and scores["sex"]["floor"] == pytest.approx(0.5)
+
+
+def test_positive_controls_fail_without_planted_effects(atlas):
+    """Same design with the effects switched off: the control must fail (it measures the
+    planted effect, not something any cohort gives)."""
+    from brainlm.evaluate import synthetic_control_scores
+
+    null = SimParams(age_coupling_per_decade=0.0, age_global_per_decade=0.0,
+                     sex_amplitude_ratio=1.0, sex_between_coupling=0.0)
+    scores = synthetic_control_scores(simulate_cohort(atlas.coords, 40, 300, tr=0.735, seed=0,
+                                                      params=null))
+    assert scores["age"]["value"] < 0.3 and not scores["age"]["passed"], scores
+    assert not scores["sex"]["passed"], scores
+
+
+def test_realism_statistics_in_published_ranges(atlas):
+    """benchmarks/synthetic_realism.py: the demo-shaped cohort's lag-1, FC distribution, global
+    signal share and band power sit inside the typical resting-state ranges it cites."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "synthetic_realism.py"
+    spec = importlib.util.spec_from_file_location("synthetic_realism", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cohort = simulate_cohort(atlas.coords, 12, 300, tr=0.735, seed=7)
+    stats = [mod.realism(x, 0.735) for x in cohort.signals]
+    for key, ((lo, hi), _) in mod.REFERENCE.items():
+        mean = float(np.mean([s[key] for s in stats]))
+        assert lo <= mean <= hi, (key, mean)
+    white = mod.realism(np.random.default_rng(0).normal(size=(50, 2000)), 0.735)
+    assert abs(white["lag1"]) < 0.05 and white["gs_share"] < 0.05  # the measures measure

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.model_selection import GridSearchCV
 
 from .errors import ConfigError, check_orientation
 from .fileio import atomic_path, write_bytes_atomic
@@ -29,7 +30,11 @@ TASK_METRICS = {
     "forecast": ("mse", "r2"),
 }
 # Method names the baselines report under; results_table puts every other method first.
-BASELINE_METHODS = ("fc_linear", "raw_roi_mlp", "persistence", "parcel_mean", "linear_ar")
+BASELINE_METHODS = ("fc_linear", "raw_roi_mlp", "train_mean", "majority", "persistence",
+                    "parcel_mean", "linear_ar")
+# The floor every model must clear: the training mean (regression, forecasting) or the
+# training class frequencies (classification), whatever the input.
+NULL_METHODS = ("train_mean", "majority")
 
 
 def _task(task: str) -> str:
@@ -330,6 +335,32 @@ class _PooledScaler(TransformerMixin, BaseEstimator):
         return (np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_
 
 
+class _RowSpace(TransformerMixin, BaseEstimator):
+    """Project onto the span of the (centred) training rows when there are fewer rows than
+    features: [n, p] -> [n, rank]. Exact for L2-penalised linear models with an unpenalised
+    intercept (ridge, L2 logistic regression): their weights lie in that span, and
+    ||V b|| = ||b|| keeps the penalty, so the fit, the inner CV and every prediction are
+    unchanged while the solver sees 24 columns instead of 89,676 (A424 edges)."""
+
+    def fit(self, X, y=None):
+        X = np.asarray(X, dtype=np.float64)
+        self.mean_ = X.mean(axis=0)
+        if X.shape[0] >= X.shape[1]:
+            self.components_ = None
+            return self
+        _, sv, vt = np.linalg.svd(X - self.mean_, full_matrices=False)
+        keep = sv > 1e-10 * max(float(sv[0]), 1e-300) if len(sv) else sv > 0
+        self.components_ = vt[keep] if keep.any() else vt[:1]
+        return self
+
+    def transform(self, X):
+        X = np.asarray(X, dtype=np.float64)
+        if self.components_ is None:
+            return X
+        # centring is a shift of the intercept; it keeps the scores small
+        return (X - self.mean_) @ self.components_.T
+
+
 class _Baseline:
     """Shared fit/predict over a list of [P, T] recordings; subclasses set `name` and build
     the sklearn pipeline from the feature matrix."""
@@ -418,59 +449,163 @@ class FCBaseline(_Baseline):
         if self.task == "regression":
             head = RidgeCV(alphas=np.logspace(-3, 5, 17), cv=cv)
         else:
-            # newton-cholesky: same optimum as lbfgs, ~10x faster on few edges; but its
-            # Hessian is edges^2 (60 GB for A424's 89,676 edges), so lbfgs beyond a few thousand
-            small = getattr(self, "_n_features", 0) <= 2000
+            # newton-cholesky: same optimum as lbfgs, ~10x faster on few columns; but its
+            # Hessian is columns^2 (60 GB for A424's 89,676 edges), so lbfgs beyond a few
+            # thousand (after _RowSpace: only with more recordings than that)
+            small = min(getattr(self, "_n_features", 0), len(y)) <= 2000
             head = LogisticRegressionCV(Cs=np.logspace(-3, 5, 17), l1_ratios=(0.0,), cv=cv,
                                         scoring="neg_log_loss",
                                         solver="newton-cholesky" if small else "lbfgs",
                                         max_iter=1000, random_state=self.seed,
                                         use_legacy_attributes=False)
         scaler = (StandardScaler() if self.scaling == "feature" else _PooledScaler())
-        return make_pipeline(scaler, head)
+        return make_pipeline(scaler, _RowSpace(), head)
 
 
 class RawROIMLP(_Baseline):
     """Small MLP on block-averaged parcel time series (roi_block_features): tells whether the
     transformer adds anything over a generic non-linear model of the same inputs.
 
-    Early stopping holds out `validation_fraction` of the training RECORDINGS (sklearn cannot
-    hold out by subject); regression targets are standardized so one learning rate fits any
-    target scale."""
+    Built to be sane with few recordings and thousands of inputs (A424: 4,240 per window):
+    inputs standardised and reduced to at most `n_components` whitened principal components
+    (fitted on the training recordings only), regression targets standardised, and the L2
+    penalty `alpha` chosen from `alphas` by inner cross-validation on the training recordings,
+    by subject when `groups` are given (the same folds as FCBaseline). The grid reaches
+    penalties that shrink the network to its output bias, i.e. the training mean (or class
+    frequencies), so when the inputs carry nothing the inner CV can fall back to that floor
+    instead of extrapolating (the former early-stopped MLP scored R^2 -59 on the demo's 8 test
+    subjects). lbfgs: full-batch, deterministic for a seed, suited to a few hundred rows."""
 
     name = "raw_roi_mlp"
 
     def __init__(self, task: str, seed: int = 0, block: int = 20, window: int = 200,
-                 hidden: Sequence[int] = (64,), alpha: float = 1e-3,
-                 validation_fraction: float = 0.2, max_iter: int = 500):
+                 hidden: Sequence[int] = (64,),
+                 alphas: Sequence[float] = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0),
+                 n_components: int = 20, max_iter: int = 200):
         super().__init__(task, seed)
         if block < 1 or window < block or window % block:
             raise ConfigError(f"RawROIMLP: window {window} must be a positive multiple of "
                               f"block {block}")
+        if int(n_components) < 1 or not len(alphas) or min(alphas) < 0:
+            raise ConfigError(f"RawROIMLP: need n_components >= 1 and non-negative alphas, got "
+                              f"{n_components}, {tuple(alphas)}")
         self.block, self.window, self.hidden = block, window, tuple(hidden)
-        self.alpha, self.validation_fraction, self.max_iter = alpha, validation_fraction, max_iter
+        self.alphas, self.n_components, self.max_iter = tuple(alphas), int(n_components), max_iter
 
     def features(self, xs) -> np.ndarray:
         return np.stack([roi_block_features(x, self.block, self.window)
                          for x in _recordings(xs, self.name)])
 
+    def _folds(self, y, groups):
+        from sklearn.model_selection import KFold
+
+        cv = _inner_cv(self.task, y, groups, self.seed)
+        if cv is None:  # regression without groups: plain shuffled folds
+            cv = list(KFold(min(5, len(y)), shuffle=True, random_state=self.seed)
+                      .split(np.zeros(len(y))))
+        elif not isinstance(cv, list):
+            cv = list(cv.split(np.zeros(len(y)), y))
+        return cv
+
     def _pipeline(self, y, groups):
         from sklearn.compose import TransformedTargetRegressor
         from sklearn.neural_network import MLPClassifier, MLPRegressor
-        from sklearn.pipeline import make_pipeline
+        from sklearn.pipeline import Pipeline
         from sklearn.preprocessing import StandardScaler
 
-        # sklearn's batch "auto" is min(200, n): one update per epoch on a few dozen
-        # recordings, so early stopping would fire before the network has learned anything.
-        n_fit = max(1, int(len(y) * (1 - self.validation_fraction)))
-        kw = dict(hidden_layer_sizes=self.hidden, alpha=self.alpha, early_stopping=True,
-                  validation_fraction=self.validation_fraction, max_iter=self.max_iter,
-                  batch_size=min(16, n_fit), n_iter_no_change=20, random_state=self.seed)
+        kw = dict(hidden_layer_sizes=self.hidden, solver="lbfgs", max_iter=self.max_iter,
+                  random_state=self.seed)
+        mlp = MLPRegressor(**kw) if self.task == "regression" else MLPClassifier(**kw)
+        # scaler and PCA are refitted in every inner fold, on that fold's training rows only
+        net = Pipeline([("scale", StandardScaler()),
+                        ("pca", _CappedPCA(self.n_components, random_state=self.seed)),
+                        ("mlp", mlp)])
         if self.task == "regression":
-            head = TransformedTargetRegressor(MLPRegressor(**kw), transformer=StandardScaler())
+            model = TransformedTargetRegressor(net, transformer=StandardScaler())
+            grid = {"regressor__mlp__alpha": list(self.alphas)}
+            scoring = "neg_mean_squared_error"
         else:
-            head = MLPClassifier(**kw)
-        return make_pipeline(StandardScaler(), head)
+            model, grid, scoring = net, {"mlp__alpha": list(self.alphas)}, "neg_log_loss"
+        return _QuietSearch(model, grid, cv=self._folds(y, groups), scoring=scoring,
+                            refit=True, error_score="raise")
+
+    @property
+    def alpha_(self) -> float:
+        """The penalty the inner CV chose."""
+        return float(next(iter(self._fitted().best_params_.values())))
+
+
+class _QuietSearch(GridSearchCV):
+    """GridSearchCV without lbfgs's ConvergenceWarning: stopping at max_iter on a few hundred
+    rows is expected (the penalty, not the iteration count, is what regularises)."""
+
+    def fit(self, X, y=None, **params):
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return super().fit(X, y, **params)
+
+
+class _CappedPCA(TransformerMixin, BaseEstimator):
+    """Whitened PCA with at most `n_components`, fewer when the data has fewer rows/columns."""
+
+    def __init__(self, n_components: int = 20, random_state: int = 0):
+        self.n_components, self.random_state = n_components, random_state
+
+    def fit(self, X, y=None):
+        from sklearn.decomposition import PCA
+
+        X = np.asarray(X, dtype=np.float64)
+        k = max(1, min(self.n_components, X.shape[0] - 1, X.shape[1]))
+        self.pca_ = PCA(k, whiten=True, svd_solver="full", random_state=self.random_state).fit(X)
+        return self
+
+    def transform(self, X):
+        return self.pca_.transform(np.asarray(X, dtype=np.float64))
+
+
+class TrainMean:
+    """The floor: predicts the training mean (regression; method "train_mean") or the training
+    class frequencies for every recording (classification; method "majority": its labels are
+    the majority class, its ROC-AUC 0.5). Ignores the recordings; fits on labels only."""
+
+    def __init__(self, task: str):
+        if task not in ("regression", "classification"):
+            raise ConfigError(f"TrainMean: task must be 'regression' or 'classification', "
+                              f"got {task!r}")
+        self.task = task
+        self.name = "train_mean" if task == "regression" else "majority"
+        self.mean_ = self.classes_ = self.priors_ = None
+
+    def fit(self, xs, y, groups=None):
+        y = np.asarray(y)
+        if len(y) == 0:
+            raise ConfigError(f"{self.name}: no training targets")
+        if self.task == "regression":
+            self.mean_ = float(np.mean(y.astype(np.float64)))
+        else:
+            self.classes_, counts = np.unique(y, return_counts=True)
+            self.priors_ = counts / counts.sum()
+        return self
+
+    def _n(self, xs) -> int:
+        if self.mean_ is None and self.priors_ is None:
+            raise ConfigError(f"{self.name}: call fit() before predicting")
+        return len(xs)
+
+    def predict(self, xs) -> np.ndarray:
+        n = self._n(xs)
+        if self.task == "regression":
+            return np.full(n, self.mean_)
+        return np.repeat(self.classes_[np.argmax(self.priors_)], n)
+
+    def predict_proba(self, xs) -> np.ndarray:
+        if self.task != "classification":
+            raise ConfigError(f"{self.name}: predict_proba is for classification")
+        return np.tile(self.priors_, (self._n(xs), 1))
 
 
 # ----------------------------------------------------------------------------- forecasting
@@ -584,12 +719,14 @@ def _jsonable(v):
     return v
 
 
-def write_results(rows: list[dict], out_dir, name: str = "results") -> dict:
-    """Write `<name>.md` (results_table) and `<name>.json` (the rows, NaN as null), each
-    atomically so a crash never leaves a truncated report. Returns {"markdown", "json"}."""
+def write_results(rows: list[dict], out_dir, name: str = "results", notes: str = "") -> dict:
+    """Write `<name>.md` (results_table, then `notes`: further markdown sections) and
+    `<name>.json` (the rows, NaN as null), each atomically so a crash never leaves a truncated
+    report. Returns {"markdown", "json"}."""
     out_dir = Path(out_dir)
     paths = {"markdown": out_dir / f"{name}.md", "json": out_dir / f"{name}.json"}
-    write_bytes_atomic(paths["markdown"], results_table(rows).encode())
+    text = results_table(rows) + (("\n" + notes.rstrip("\n") + "\n") if notes else "")
+    write_bytes_atomic(paths["markdown"], text.encode())
     data = json.dumps(_jsonable(_ordered(rows)), indent=2, allow_nan=False)
     write_bytes_atomic(paths["json"], (data + "\n").encode())
     return paths
@@ -600,6 +737,28 @@ def _save_png(fig, path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     return path
+
+
+def _axis_limits(metric: str, group: list[dict]) -> tuple[float, float]:
+    """x-axis range of one panel: every value and CI, except that a score far worse than the
+    floor does not set the scale (R^2-like metrics stop at -1; an error metric at 3x the
+    train-mean/majority row or, without one, 3x the median): such bars are drawn to the
+    edge and labelled with their value, so one bad baseline cannot flatten the others."""
+    vals = [float(v) for r in group for v in (r["value"], r.get("low"), r.get("high"))
+            if v is not None and np.isfinite(float(v))]
+    if not vals:
+        return -1.0, 1.0
+    lo, hi = min(vals + [0.0]), max(vals + [0.0])
+    if metric in ("r2", "pearson_r"):
+        lo = max(lo, -1.0)
+        hi = min(max(hi, 0.1), 1.0)
+    elif metric in ("mae", "mse"):
+        floor = [float(r["value"]) for r in group if r["method"] in NULL_METHODS
+                 and np.isfinite(float(r["value"]))]
+        ref = floor[0] if floor else float(np.median([v for v in vals if v >= 0] or [1.0]))
+        hi = min(hi, 3.0 * ref) if ref > 0 else hi
+    pad = 0.05 * (hi - lo or 1.0)
+    return lo - (pad if lo < 0 else 0.0), hi + pad
 
 
 def plot_comparison(rows: list[dict], path) -> Path:
@@ -625,7 +784,15 @@ def plot_comparison(rows: list[dict], path) -> Path:
 
         xerr = np.array([[err(r, "low", -1) for r in group], [err(r, "high", 1) for r in group]])
         colors = ["tab:gray" if _is_baseline(r) else "tab:blue" for r in group]
-        ax.barh(y, np.nan_to_num(vals), xerr=xerr, color=colors, capsize=3)
+        lo_lim, hi_lim = _axis_limits(metric, group)
+        shown = np.clip(np.nan_to_num(vals), lo_lim, hi_lim)
+        xerr = np.where(np.isclose(shown, np.nan_to_num(vals)), xerr, 0.0)
+        ax.barh(y, shown, xerr=xerr, color=colors, capsize=3)
+        for yi, v, sh in zip(y, vals, shown):
+            if np.isfinite(v) and not np.isclose(v, sh):  # off the axis: say where it went
+                ax.text(sh, yi, f" {v:.3g} (off scale) ", va="center",
+                        ha="left" if sh <= lo_lim else "right", fontsize=7)
+        ax.set_xlim(lo_lim, hi_lim)
         ax.set_yticks(y, [r["method"] for r in group])
         ax.set_title(f"{task} / {target}: {metric}", fontsize=9)
         ax.axvline(0, color="black", linewidth=0.5)
@@ -653,14 +820,153 @@ def plot_forecast(r2_by_horizon: dict[str, list], path) -> Path:
     return _save_png(fig, path)
 
 
+# ---------------------------------------------------------------------------- positive controls
+
+
+def find_ground_truth(store) -> tuple[dict, Path] | None:
+    """The synthetic generator's ground_truth.json behind a store, or None for other data.
+
+    Looked for in the folders above the recordings' source paths (as written at preprocess
+    time, relative to the working directory or to the store's parent); it counts only if it
+    names every subject of the store, so an unrelated file cannot switch the controls on."""
+    m = store.manifest
+    subjects = set(m.loc[m["status"] == "ok", "subject"].astype(str))
+    paths = m.loc[m["status"] == "ok", "source_path"].dropna().astype(str).unique()[:3]
+    tried = set()
+    for source in paths:
+        for base in (Path.cwd(), Path(store.path).resolve().parent):
+            for folder in (base / source).parents:
+                candidate = folder / "ground_truth.json"
+                if candidate in tried:
+                    continue
+                tried.add(candidate)
+                try:
+                    truth = json.loads(candidate.read_text())
+                    named = {str(r["participant_id"]) for r in truth.get("subjects", [])}
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+                if subjects and subjects <= named and "effects" in truth:
+                    return truth, candidate
+    return None
+
+
+def positive_controls(rows: list[dict], target: str, task: str, truth: dict | None,
+                      where: str = "") -> tuple[dict, str]:
+    """Whether the planted effect for `target` was found: FC + linear on the test split must
+    reach the threshold the synthetic cohort promises (age R^2 >= 0.5, sex ROC-AUC >= 0.8;
+    brainlm.data.synthetic.POSITIVE_CONTROLS, as stated in its ground_truth.json). BrainLM's
+    score on the same metric is reported beside it, whatever it is; the control judges the
+    pipeline and the data (a failed control means the evaluation cannot be trusted), not the
+    model. Returns (a JSON-able summary, a markdown section)."""
+    from .data.synthetic import POSITIVE_CONTROLS
+
+    head = "## Positive control\n\n"
+    if truth is None:
+        summary = {"status": "none", "target": target,
+                   "reason": "not a brainlm synthetic cohort (no ground_truth.json naming its "
+                             "subjects): no planted effect, so no positive control"}
+        return summary, head + summary["reason"] + ".\n"
+    declared = (truth.get("effects") or {}).get("positive_controls")
+    controls = POSITIVE_CONTROLS if declared is None else declared
+    control = controls.get(target)
+    if not control or control.get("task") != task:
+        summary = {"status": "none", "target": target,
+                   "reason": f"synthetic cohort, but no positive control is declared for "
+                             f"{target!r} ({task}); controls: "
+                             + ", ".join(f"{k} ({v['metric']} >= {v['threshold']:g})"
+                                         for k, v in controls.items() if v)}
+        return summary, head + summary["reason"] + ".\n"
+    metric, threshold, method = control["metric"], float(control["threshold"]), control["method"]
+
+    def row(m):
+        return next((r for r in rows if r["method"] == m and r["metric"] == metric), None)
+
+    base, model = row(method), row("brainlm")
+    value = None if base is None else base["value"]
+    if value is None or not np.isfinite(value):
+        status = "undetermined"  # e.g. ROC-AUC with one class among the test subjects
+    else:
+        status = "passed" if value >= threshold else "failed"
+
+    def ci(r):
+        return None if r is None else {k: r.get(k) for k in ("value", "low", "high")}
+
+    summary = {"status": status, "target": target, "metric": metric, "threshold": threshold,
+               "method": method, "baseline": ci(base), "brainlm": ci(model),
+               "n_subjects": None if base is None else base.get("n_subjects"),
+               "ground_truth": where}
+    verdict = {"passed": "PASSED", "failed": "FAILED",
+               "undetermined": "UNDETERMINED (metric undefined on this test split)"}[status]
+    lines = [head.rstrip("\n"), "",
+             f"Planted effect: {target} (ground truth: {where or 'ground_truth.json'}). "
+             f"Control: {method} on the test split reaches {metric} >= {threshold:g}.", "",
+             "| method | metric | value | 95 % CI | threshold | control |",
+             "|---|---|---|---|---|---|"]
+    for name, r, mark in ((method, base, verdict), ("brainlm", model, "reported beside it")):
+        if r is not None:
+            lines.append(f"| {name} | {metric} | {_fmt(r['value'])} | [{_fmt(r.get('low'))}, "
+                         f"{_fmt(r.get('high'))}] | {threshold:g} | {mark} |")
+    if status == "failed":
+        lines += ["", f"The control FAILED: {method} did not find an effect the cohort plants "
+                      "at this strength; check the data and the pipeline before reading any "
+                      "model score."]
+    return summary, "\n".join(lines) + "\n"
+
+
+def synthetic_control_scores(cohort, fractions=(0.6, 0.2, 0.2), split_seed: int = 0,
+                             targets=("age", "sex")) -> dict:
+    """The positive controls computed straight from a SyntheticCohort as the pipeline would:
+    percent signal change after linear detrending, subject split (assign_splits), robust
+    scaling fitted on the training subjects, FCBaseline fitted on train and scored on test
+    (plus the train-mean / majority floor). {target: {"value", "floor", "threshold",
+    "passed", "n_train", "n_test"}}; used by the tests and benchmarks/synthetic_realism.py."""
+    from scipy import signal as sps
+
+    from .data.scale import RobustScaler
+    from .data.split import assign_splits
+    from .data.synthetic import POSITIVE_CONTROLS
+
+    raw = cohort.signals.astype(np.float64)
+    x = 100.0 * sps.detrend(raw, axis=2) / raw.mean(axis=2, keepdims=True)
+    ph = cohort.participants
+    ids = ph["participant_id"].astype(str).tolist()
+    split = assign_splits(ids, fractions, seed=split_seed)
+    side = np.array([split[i] for i in ids])
+    tr, te = np.flatnonzero(side == "train"), np.flatnonzero(side == "test")
+    scaler = RobustScaler.fit([x[i] for i in tr])
+    xs = [scaler.transform(xi) for xi in x]
+    groups = np.asarray(ids)
+    out = {}
+    for target in targets:
+        c = POSITIVE_CONTROLS[target]
+        y = ph[target].to_numpy()
+        y = y.astype(np.float64) if c["task"] == "regression" else y.astype(str)
+        scores = []
+        for model in (FCBaseline(c["task"]), TrainMean(c["task"])):
+            model.fit([xs[i] for i in tr], y[tr], groups=groups[tr])
+            test = [xs[i] for i in te]
+            if c["task"] == "regression":
+                scores.append(regression_metrics(y[te], model.predict(test))[c["metric"]])
+            else:
+                scores.append(classification_metrics(y[te], model.predict_proba(test),
+                                                     model.classes_)[c["metric"]])
+        out[target] = {"value": scores[0], "floor": scores[1], "metric": c["metric"],
+                       "threshold": c["threshold"],
+                       "passed": bool(np.isfinite(scores[0]) and scores[0] >= c["threshold"]),
+                       "n_train": len(tr), "n_test": len(te)}
+    return out
+
+
 # ---------------------------------------------------------------------------- a fine-tuning run
 
 
 def evaluate_run(run_dir, out_dir=None, n_boot: int = 1000, seed: int = 0) -> dict:
     """`brainlm evaluate`: a fine-tuning run's test predictions beside the baselines, all fitted
     on the run's training recordings and scored on exactly its test recordings, with
-    subject-level bootstrap CIs. Writes results.md, results.json and PNG plots."""
-    import json
+    subject-level bootstrap CIs, with the training-mean / majority floor as a row. results.md
+    ends with the positive-control section (synthetic cohorts: did FC + linear find the planted
+    effect; BrainLM beside it), also written as positive_control.json. Writes results.md,
+    results.json, positive_control.json and PNG plots."""
 
     import pandas as pd
 
@@ -697,8 +1003,10 @@ def evaluate_run(run_dir, out_dir=None, n_boot: int = 1000, seed: int = 0) -> di
         context = test_w[..., :-horizon]
         ar = LinearAR(order=min(10, window - horizon)).fit(train_w[..., :-horizon],
                                                           train_w[..., -horizon:])
+        floor = np.broadcast_to(train_w[..., -horizon:].mean(axis=0), y.shape)
         methods = {"brainlm": pred, "persistence": persistence(context, horizon),
-                   "parcel_mean": parcel_mean(context, horizon), "linear_ar": ar.predict(context)}
+                   "parcel_mean": parcel_mean(context, horizon), "linear_ar": ar.predict(context),
+                   "train_mean": floor}
         curves = {}
         for name, p in methods.items():
             rows += score_rows("forecast", "future", name, y, p, groups, n_boot=n_boot, seed=seed)
@@ -728,9 +1036,11 @@ def evaluate_run(run_dir, out_dir=None, n_boot: int = 1000, seed: int = 0) -> di
         xs_test = [np.asarray(store.load(r)) for _, r in test.iterrows()]
         block = meta.get("patch_size") or next(b for b in (20, 10, 5, 1) if window % b == 0)
         labels = y_train.astype(str) if task == "classification" else y_train.astype(np.float64)
+        null = TrainMean(task)
         for name, baseline in (("fc_linear", FCBaseline(task, seed=seed)),
                                ("raw_roi_mlp", RawROIMLP(task, seed=seed, block=block,
-                                                         window=window))):
+                                                         window=window)),
+                               (null.name, null)):
             baseline.fit(xs_train, labels, groups=train["subject"].to_numpy())
             if task == "classification":
                 order = [list(baseline.classes_).index(c) for c in classes]
@@ -739,6 +1049,22 @@ def evaluate_run(run_dir, out_dir=None, n_boot: int = 1000, seed: int = 0) -> di
                 p = baseline.predict(xs_test)
             rows += score_rows(task, target, name, y_true, p, groups, classes=classes,
                                n_boot=n_boot, seed=seed)
-    paths = write_results(rows, out)
+    if task == "forecast":
+        control = {"status": "none", "target": "future",
+                   "reason": "forecasting has no planted effect, so no positive control"}
+        section = "## Positive control\n\n" + control["reason"] + ".\n"
+    else:
+        found = find_ground_truth(store)
+        control, section = positive_controls(rows, target, task, found and found[0],
+                                             str(found[1]) if found else "")
+        for r in rows:  # the control's row says so in results.json too
+            if control["status"] != "none" and r["method"] == control["method"] and \
+                    r["metric"] == control["metric"]:
+                r.update(positive_control=control["status"], control_threshold=control["threshold"])
+    paths = write_results(rows, out, notes=section)
+    write_bytes_atomic(out / "positive_control.json",
+                       (json.dumps(_jsonable(control), indent=2) + "\n").encode())
+    paths["positive_control"] = out / "positive_control.json"
     plots["comparison"] = plot_comparison(rows, out / "comparison.png")
-    return {"rows": rows, "paths": {**paths, **plots}, "table": results_table(rows)}
+    return {"rows": rows, "paths": {**paths, **plots}, "positive_control": control,
+            "table": results_table(rows) + "\n" + section}

@@ -393,3 +393,142 @@ def test_plots_write_png(tmp_path):
     png = plot_forecast({"brainlm": [0.5, 0.3, 0.1], "persistence": [0.4, 0.1, -0.2]},
                         tmp_path / "fc" / "horizon.png")
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------- sane baselines
+
+def test_fc_baseline_row_space_projection_is_exact():
+    """_RowSpace changes the solver's problem size, not the answer: same predictions as the
+    full-width L2 fits (ridge and logistic) on the same inner folds."""
+    from sklearn.linear_model import LogisticRegressionCV, RidgeCV
+    from sklearn.pipeline import make_pipeline
+
+    from brainlm.evaluate import _inner_cv, _PooledScaler
+
+    xs, y, subjects = _planted_fc(n_subjects=16, parcels=20)
+    tr, te = _split(subjects, 12)
+    fast = FCBaseline("regression").fit(_take(xs, tr), y[tr], groups=subjects[tr])
+    X = np.stack([fc_features(x) for x in xs])
+    full = make_pipeline(_PooledScaler(), RidgeCV(
+        alphas=np.logspace(-3, 5, 17), cv=_inner_cv("regression", y[tr], subjects[tr], 0)))
+    full.fit(X[tr], y[tr])
+    np.testing.assert_allclose(fast.predict(_take(xs, te)), full.predict(X[te]), rtol=1e-6,
+                               atol=1e-8)
+    # weakly informative labels: a well-conditioned optimum (separable data has none)
+    label = ((y + np.random.default_rng(1).normal(0, 1.5, len(y))) > 0).astype(int)
+    fast = FCBaseline("classification").fit(_take(xs, tr), label[tr], groups=subjects[tr])
+    full = make_pipeline(_PooledScaler(), LogisticRegressionCV(
+        Cs=np.logspace(-3, 5, 17), l1_ratios=(0.0,), scoring="neg_log_loss",
+        cv=_inner_cv("classification", label[tr], subjects[tr], 0), solver="lbfgs",
+        max_iter=5000, tol=1e-10, random_state=0, use_legacy_attributes=False))
+    full.fit(X[tr], label[tr])
+    assert fast.model[-1].C_ == pytest.approx(full[-1].C_)
+    np.testing.assert_allclose(fast.predict_proba(_take(xs, te)), full.predict_proba(X[te]),
+                               atol=1e-3)
+
+
+def test_train_mean_and_majority():
+    from brainlm.evaluate import TrainMean
+
+    xs = np.zeros((5, 3, 10))
+    m = TrainMean("regression").fit(xs, [1.0, 2.0, 3.0, 4.0, 10.0])
+    assert m.name == "train_mean"
+    np.testing.assert_allclose(m.predict(xs[:2]), [4.0, 4.0])
+    c = TrainMean("classification").fit(xs, ["F", "M", "M", "M", "F"])
+    assert c.name == "majority" and list(c.classes_) == ["F", "M"]
+    np.testing.assert_allclose(c.predict_proba(xs[:3]), [[0.4, 0.6]] * 3)
+    assert list(c.predict(xs[:2])) == ["M", "M"]
+    metrics = classification_metrics(["F", "M", "M"], c.predict_proba(xs[:3]), c.classes_)
+    assert metrics["roc_auc"] == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="fit"):
+        TrainMean("regression").predict(xs)
+
+
+def _noise_cohort(n_subjects, seed, parcels=30, time=200):
+    """Targets unrelated to the signals: nothing to learn, so the floor is the best there is."""
+    rng = np.random.default_rng(seed)
+    xs = rng.normal(size=(n_subjects, parcels, time))
+    xs += 3.0 * rng.normal(size=(n_subjects, parcels, 1))  # large nuisance offsets per parcel
+    y = rng.uniform(20, 80, n_subjects)
+    return xs, y, np.array([f"sub-{i:02d}" for i in range(n_subjects)])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_raw_roi_mlp_never_far_below_train_mean(seed):
+    """The demo's failure (R^2 -59, MAE 63.7 years where the mean gives ~9): 24 training
+    subjects, thousands of inputs, nothing to learn. The inner-CV'd penalty must keep the MLP
+    near the training-mean predictor on the held-out subjects."""
+    from brainlm.evaluate import TrainMean
+
+    xs, y, subjects = _noise_cohort(32, seed)
+    tr, te = np.arange(24), np.arange(24, 32)
+    mlp = RawROIMLP("regression", seed=0).fit(xs[tr], y[tr], groups=subjects[tr])
+    floor = TrainMean("regression").fit(xs[tr], y[tr])
+    m_mlp = regression_metrics(y[te], mlp.predict(xs[te]))
+    m_floor = regression_metrics(y[te], floor.predict(xs[te]))
+    assert m_mlp["mae"] <= 1.25 * m_floor["mae"], (m_mlp, m_floor, mlp.alpha_)
+    assert m_mlp["r2"] >= m_floor["r2"] - 0.25, (m_mlp, m_floor, mlp.alpha_)
+
+
+def test_raw_roi_mlp_penalty_chosen_by_inner_cv():
+    """Signal present -> a light penalty wins; no signal -> the heaviest on the grid."""
+    xs, y = _planted_mean("regression")
+    subjects = np.array([f"s{i // 2}" for i in range(len(y))])
+    learn = RawROIMLP("regression", seed=0).fit(xs[:80], y[:80], groups=subjects[:80])
+    noise, target, subj = _noise_cohort(40, 3)
+    floor = RawROIMLP("regression", seed=0).fit(noise, target, groups=subj)
+    assert learn.alpha_ < floor.alpha_
+    # the chosen penalty shrinks the network to (nearly) the training mean
+    assert np.std(floor.predict(noise)) < 0.1 * np.std(target), floor.alpha_
+    assert regression_metrics(y[80:], learn.predict(xs[80:]))["pearson_r"] > 0.4
+
+
+
+# ----------------------------------------------------------------------------- positive controls
+
+def _control_rows(value, metric="r2", task="regression", target="age"):
+    base = {"task": task, "target": target, "n_subjects": 8}
+    return [{**base, "method": "brainlm", "metric": metric, "value": -0.1, "low": -0.5,
+             "high": 0.2},
+            {**base, "method": "fc_linear", "metric": metric, "value": value, "low": 0.1,
+             "high": 0.9}]
+
+
+def test_positive_control_section():
+    from brainlm.evaluate import positive_controls
+
+    truth = {"effects": {"positive_controls": {
+        "age": {"task": "regression", "method": "fc_linear", "metric": "r2", "threshold": 0.5},
+        "sex": {"task": "classification", "method": "fc_linear", "metric": "roc_auc",
+                "threshold": 0.8}, "symptom": None}}}
+    summary, md = positive_controls(_control_rows(0.62), "age", "regression", truth, "gt.json")
+    assert summary["status"] == "passed" and summary["threshold"] == 0.5
+    assert summary["brainlm"]["value"] == -0.1  # reported whatever it scores
+    assert "## Positive control" in md and "PASSED" in md and "brainlm" in md and "-0.100" in md
+    summary, md = positive_controls(_control_rows(0.31), "age", "regression", truth)
+    assert summary["status"] == "failed" and "FAILED" in md
+    summary, _ = positive_controls(_control_rows(0.79, "roc_auc", "classification", "sex"),
+                                   "sex", "classification", truth)
+    assert summary["status"] == "failed"
+    summary, _ = positive_controls(_control_rows(float("nan"), "roc_auc", "classification",
+                                                 "sex"), "sex", "classification", truth)
+    assert summary["status"] == "undetermined"
+    summary, md = positive_controls(_control_rows(0.9), "symptom", "regression", truth)
+    assert summary["status"] == "none" and "no positive control" in md
+    summary, md = positive_controls(_control_rows(0.9), "age", "regression", None)
+    assert summary["status"] == "none" and "not a brainlm synthetic cohort" in md
+
+
+def test_plot_keeps_a_wild_baseline_off_scale(tmp_path):
+    from brainlm.evaluate import _axis_limits
+
+    base = {"task": "regression", "target": "age", "metric": "r2", "low": None, "high": None}
+    group = [{**base, "method": "brainlm", "value": 0.3},
+             {**base, "method": "raw_roi_mlp", "value": -59.0},
+             {**base, "method": "train_mean", "value": -0.01}]
+    lo, hi = _axis_limits("r2", group)
+    assert -1.2 < lo <= -1.0 and hi >= 0.3
+    mae = [{**r, "metric": "mae", "value": v} for r, v in zip(group, (7.0, 63.7, 8.5))]
+    lo, hi = _axis_limits("mae", mae)
+    assert lo == 0 and 25 < hi < 30  # 3x the train-mean row
+    assert plot_comparison(group + mae, tmp_path / "p.png").stat().st_size > 1000

@@ -118,7 +118,7 @@ def test_evaluate_scores_model_and_baselines_on_the_same_test_subjects(setup, tm
     printed = capsys.readouterr().out
     results = json.loads((run / "evaluation" / "results.json").read_text())
     methods = {r["method"] for r in results}
-    assert methods == {"brainlm", "fc_linear", "raw_roi_mlp"}
+    assert methods == {"brainlm", "fc_linear", "raw_roi_mlp", "train_mean"}
     test_subjects = BrainStore(setup / "store").recordings("test")["subject"].nunique()
     for r in results:
         assert r["n_subjects"] == test_subjects  # every method on exactly the test subjects
@@ -134,10 +134,12 @@ def test_evaluate_classification_and_forecast_runs(setup, tmp_path):
     assert main(["evaluate", "--run", str(tmp_path / "c"), "--n-boot", "100"]) == 0
     rows = json.loads((tmp_path / "c" / "evaluation" / "results.json").read_text())
     assert {r["metric"] for r in rows} == {"accuracy", "balanced_accuracy", "roc_auc"}
+    assert "majority" in {r["method"] for r in rows}
     finetune(_cfg(setup, tmp_path / "f", task="forecast", target=None, horizon=10, epochs=2))
     assert main(["evaluate", "--run", str(tmp_path / "f"), "--n-boot", "100"]) == 0
     rows = json.loads((tmp_path / "f" / "evaluation" / "results.json").read_text())
-    assert {r["method"] for r in rows} == {"brainlm", "persistence", "parcel_mean", "linear_ar"}
+    assert {r["method"] for r in rows} == {"brainlm", "persistence", "parcel_mean", "linear_ar",
+                                           "train_mean"}
     assert (tmp_path / "f" / "evaluation" / "forecast_r2.png").is_file()
 
 

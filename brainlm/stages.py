@@ -148,7 +148,8 @@ def _pretrain(p, root, mask_ratio):
         eval_every=s["eval_every"], ckpt_every=s["ckpt_every"],
         windows_per_recording=s["windows_per_recording"], workers=s["workers"], seed=s["seed"],
         compile=bool(s.get("compile", False)), attention_kernel=s.get("attention_kernel", "auto"),
-        progress=False, extra={"stage": "pretrain", "profile_name": p["profile"]})
+        progress=False, extra={"stage": "pretrain", "profile_name": p["profile"]},
+        **_yardstick(p, root))
     result = pretrain(cfg)
     values = {"mask_ratio": float(mask_ratio), **result.get("metrics", {})}
     _write_metrics(root, f"pretrain-{mask_ratio:g}", values)
@@ -174,6 +175,20 @@ def _compare(p, root, _):
     _write_metrics(root, "compare", values)
     print((out / "mask_ratios.md").read_text())
     return values
+
+
+def _yardstick(p, root: Path) -> dict:
+    """The encoder checks every pretrain run gets: a probe of the fine-tuning target, and the
+    networks of a synthetic cohort when its ground truth is there (it is part of data/, which
+    processed/ is made from, so the stage's dependency on processed/ covers it)."""
+    ft = p.get("finetune") or {}
+    out = {}
+    if ft.get("task") in ("regression", "classification") and ft.get("target"):
+        out.update(probe_target=ft["target"], probe_task=ft["task"])
+    truth = root / "data" / "ground_truth.json"
+    if truth.is_file():
+        out["networks_truth"] = truth
+    return out
 
 
 def _tune(p, root, _):

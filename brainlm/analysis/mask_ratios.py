@@ -17,7 +17,10 @@ from ..fileio import atomic_path, write_bytes_atomic
 
 COLUMNS = (("val_r2", "R^2 at own ratio"), ("val_r2_gain", "gain over best baseline (own)"),
            ("val_common_r2", "R^2 at common ratio"),
-           ("val_common_r2_gain", "gain over best baseline (common)"))
+           ("val_common_r2_gain", "gain over best baseline (common)"),
+           ("probe", "linear probe (test)"), ("probe_floor", "probe: training mean"),
+           ("ari_model", "network ARI"), ("ari_flat_input", "ARI flat-input control"))
+PROBES = ("probe_r2", "probe_roc_auc")  # one of them, by the probe's task
 
 
 def gather(models: dict[float, Path]) -> list[dict]:
@@ -31,6 +34,12 @@ def gather(models: dict[float, Path]) -> list[dict]:
             raise ConfigError(f"{path}: cannot read the pretraining metrics ({exc})") from None
         row = {"mask_ratio": float(ratio)}
         row.update({k: metrics.get(k) for k, _ in COLUMNS})
+        probe = next((k for k in PROBES if k in metrics), None)
+        if probe:
+            row.update(probe=metrics[probe], probe_metric=probe[6:],
+                       probe_low=metrics.get(f"{probe}_low"),
+                       probe_high=metrics.get(f"{probe}_high"),
+                       probe_floor=metrics.get(f"{probe}_floor"))
         row["val_common_r2_best_baseline"] = metrics.get("val_common_r2_best_baseline")
         row["best_baseline"] = metrics.get("val_common_best_baseline")
         rows.append(row)

@@ -63,6 +63,9 @@ class PretrainConfig:
     progress: bool = True
     tracking_uri: str | None = None
     model: dict = field(default_factory=dict)  # BrainLMConfig fields over the profile's preset
+    probe_target: str | None = None  # a phenotype: linear probe of the finished encoder
+    probe_task: str = "regression"  # or classification
+    networks_truth: Path | None = None  # network per parcel (ground_truth.json or a table)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -261,8 +264,40 @@ def evaluate(model, store, cfg: PretrainConfig, device, autocast, ridges: dict) 
 
 def numeric_metrics(ev: dict) -> dict:
     """The numbers of an evaluation (for history, MLflow and metrics.json)."""
-    return {k: v for k, v in ev.items()
-            if k.startswith("val_") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: v for k, v in ev.items() if k.startswith(("val_", "probe_", "ari_"))
+            and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def encoder_yardstick(model, store, cfg: PretrainConfig) -> dict:
+    """Linear probe and zero-shot network ARI of the finished encoder (`analysis.yardstick`),
+    as metrics named the same in every run; a check that cannot run is skipped with the
+    reason printed, never at the cost of the trained model."""
+    from ..analysis.yardstick import linear_probe, network_ari
+
+    out = {}
+    was_training = model.training
+    model.eval()
+    try:
+        if cfg.probe_target:
+            try:
+                pr = linear_probe(model, store, cfg.probe_target, cfg.probe_task, seed=cfg.seed)
+                name = f"probe_{pr['metric']}"
+                out.update({name: pr["value"], f"{name}_low": pr["low"],
+                            f"{name}_high": pr["high"], f"{name}_floor": pr["floor"]})
+            except ConfigError as exc:
+                print(f"linear probe skipped: {exc}")
+        if cfg.networks_truth is not None:
+            from ..analysis.cli import _truth
+
+            try:
+                ari = network_ari(model, store, _truth(cfg.networks_truth, store), seed=cfg.seed)
+                out.update({"ari_model": ari["model"], "ari_flat_input": ari["flat_input"],
+                            "ari_fc": ari["fc"]})
+            except ConfigError as exc:
+                print(f"network identification skipped: {exc}")
+    finally:
+        model.train(was_training)
+    return out
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history: list) -> None:
@@ -460,6 +495,7 @@ def _write_outputs(model, store, cfg: PretrainConfig, out: Path, history, last_e
     model.save_pretrained(out, safe_serialization=True)
     shutil.copyfile(store.path / "scaler.safetensors", out / "scaler.safetensors")
     metrics = {k: v for k, v in last_eval.items() if k.startswith("val_")}  # + best names
+    metrics.update(encoder_yardstick(model, store, cfg))
     metrics.update(step=history[-1]["step"], train_loss=history[-1]["loss"])
     write_bytes_atomic(out / "metrics.json", json.dumps(metrics, indent=2).encode())
     write_bytes_atomic(out / "history.json", json.dumps(history).encode())
@@ -500,6 +536,25 @@ def recon_table(metrics: dict) -> str:
     rows.append(f"| gain over the best baseline | "
                 f"{' | '.join(fmt(metrics.get(f'{k}_r2_gain')) for k, _ in cols)} |")
     return "\n".join(rows) + "\n"
+
+
+def encoder_table(metrics: dict, cfg: PretrainConfig) -> str:
+    """Markdown: the probe and network checks of the frozen encoder (empty if none ran)."""
+    lines = []
+    for name in ("probe_r2", "probe_roc_auc"):
+        if name in metrics:
+            lines.append(f"| linear probe of {cfg.probe_target} ({name[6:]}, test subjects, 95 % "
+                         f"CI) | {metrics[name]:.3f} [{metrics[name + '_low']:.3f}, "
+                         f"{metrics[name + '_high']:.3f}]; training-mean/majority "
+                         f"{metrics[name + '_floor']:.3f} |")
+    if "ari_model" in metrics:
+        lines.append(f"| zero-shot networks (ARI vs known networks) | model "
+                     f"{metrics['ari_model']:.3f}; flat-input control "
+                     f"{metrics['ari_flat_input']:.3f}; raw FC {metrics['ari_fc']:.3f} |")
+    if not lines:
+        return ""
+    return ("## As a frozen encoder\n| check | result |\n|---|---|\n" + "\n".join(lines)
+            + "\n")
 
 
 def verdict(metrics: dict) -> str:
@@ -565,6 +620,7 @@ for baselines that see the same visible patches of the same windows under the sa
 Reconstruction MSE (masked patches) {metrics.get("val_mse", float("nan")):.4f}; final training
 loss {metrics.get("train_loss", float("nan")):.4f}.
 
+{encoder_table(metrics, cfg)}
 ## Licence
 Code: Apache-2.0. These weights were trained on the data named above: their use is bound by
 that data's terms. Upstream BrainLM's released weights are CC BY-NC-ND 4.0; this model does

@@ -2,7 +2,8 @@
 time, for pretraining recipes on a processed store.
 
     python benchmarks/learning_curve.py [--store processed] [--configs demo,base-lr,...]
-        [--steps 300] [--eval-every 50] [--mask-ratio 0.75] [--budget 30] [--out FILE.json]
+        [--steps 300] [--eval-every 50] [--mask-ratio 0.75] [--window 100] [--budget 30]
+        [--out FILE.json]
 
 Each configuration is a named set of `PretrainConfig` fields (and `model` fields over the
 profile's preset) that `brainlm pretrain` runs; the runs go through the real training loop
@@ -42,11 +43,12 @@ CONFIGS = {
     "demo": dict(profile="tiny", batch_size=8),  # + Fourier coordinates and the space bias
     "demo-lr/2": dict(profile="tiny", batch_size=8, base_lr=0.096),
     "demo-b16": dict(profile="tiny", batch_size=16),
+    "demo-b32": dict(profile="tiny", batch_size=32),  # brainlm pretrain's default batch
 }
 
 
 def run_curve(name: str, store: Path, steps: int, every: int, ratio: float, seed: int,
-              work: Path) -> list[dict]:
+              work: Path, window: int = 200) -> list[dict]:
     from brainlm.train.pretrain import PretrainConfig, pretrain
 
     fields = dict(CONFIGS[name])
@@ -56,7 +58,7 @@ def run_curve(name: str, store: Path, steps: int, every: int, ratio: float, seed
         cfg = PretrainConfig(data=store, out=out, mask_ratio=ratio, max_steps=steps,
                              eval_every=every, ckpt_every=every, stop_after=every, resume=True,
                              workers=0, seed=seed, progress=False, windows_per_recording=4,
-                             **fields)
+                             window=window, **fields)
         t0 = time.perf_counter()
         result = pretrain(cfg)
         wall += time.perf_counter() - t0
@@ -81,6 +83,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--mask-ratio", type=float, default=0.75)
+    parser.add_argument("--window", type=int, default=100, help="timepoints (the demo's 100)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget", type=float, default=30.0, help="minutes; no config starts after")
     parser.add_argument("--out", default=None, help="JSON file for the rows")
@@ -93,7 +96,7 @@ def main() -> None:
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # curves are not experiments to track
     import torch
 
-    print(f"store {args.store}, mask {args.mask_ratio:g}, {args.steps} steps; "
+    print(f"store {args.store}, mask {args.mask_ratio:g}, window {args.window}, {args.steps} steps; "
           f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     t0, rows = time.perf_counter(), []
@@ -105,7 +108,7 @@ def main() -> None:
                 print(f"budget of {args.budget:g} min spent: {name} not run")
                 continue
             rows += run_curve(name, Path(args.store), args.steps, args.eval_every,
-                              args.mask_ratio, args.seed, Path(tmp))
+                              args.mask_ratio, args.seed, Path(tmp), args.window)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     print("\n| config | step | wall s | val R^2 | best baseline | gain |")

@@ -168,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("auto", "flash", "cudnn", "efficient", "math"),
                    help="pin PyTorch's attention kernel (default: PyTorch picks)")
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--probe-target", default=None,
+                   help="a phenotype: score the finished encoder by a linear probe of it")
+    p.add_argument("--probe-task", default="regression",
+                   choices=("regression", "classification"))
+    p.add_argument("--networks-truth", default=None,
+                   help="network per parcel (ground_truth.json or a table): zero-shot ARI")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
@@ -328,12 +334,16 @@ def _cmd_pretrain(args) -> int:
         workers=args.workers, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
         resume=args.resume, stop_after=args.stop_after, compile=args.compile,
         attention_kernel=args.attention_kernel, grad_checkpointing=args.grad_checkpointing,
-        precision=args.precision, device=args.device, progress=not args.no_progress)
+        precision=args.precision, device=args.device, progress=not args.no_progress,
+        probe_target=args.probe_target, probe_task=args.probe_task,
+        networks_truth=Path(args.networks_truth) if args.networks_truth else None)
     result = pretrain(cfg)
     if result.get("metrics"):
         m = result["metrics"]
+        words = "beats every baseline" if m["val_r2_gain"] > 0 else "HAS NOT LEARNED YET"
         print(f"brainlm pretrain: {result['step']} steps, val MSE {m['val_mse']:.4f}, "
-              f"val R^2 {m['val_r2']:.4f} -> {args.out}")
+              f"val R^2 {m['val_r2']:.4f}, best baseline {m['val_r2_best_baseline']:.4f} "
+              f"(gain {m['val_r2_gain']:+.4f}: {words}) -> {args.out}")
     elif "metrics" not in result and result["step"] < args.max_steps:
         print(f"brainlm pretrain: stopped at step {result['step']} of {args.max_steps}; "
               f"continue with --resume")

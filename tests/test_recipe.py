@@ -71,6 +71,7 @@ def test_the_recipe_beats_every_baseline_where_upstreams_recipe_does_not(modular
     assert ours["val_r2_best_baseline"] > 0.2
     assert ours["val_r2_gain"] > 0.05, ours
     assert ours["val_common_r2_gain"] > 0.05, ours
+    assert ours["test_r2_gain"] > 0.05, ours  # held out: the recipe was not chosen there
     assert upstream["val_r2_gain"] < ours["val_r2_gain"] - 0.05, upstream
 
 
@@ -88,8 +89,10 @@ def test_every_mask_ratio_reports_the_same_metric_names(modular_store, tmp_path,
         assert "val_r2_same_time" in history[1] and "val_r2_gain" in history[-1]
         card = (out / "README.md").read_text()
         assert "gain over the best baseline" in card and "As a frozen encoder" in card
+        assert "test, common mask 0.75" in card
     assert keys[0] == keys[1] == keys[2]
     for name in ("val_r2_gain", "val_common_r2", "val_common_r2_gain", "val_r2_ridge",
+                 "test_r2", "test_r2_gain", "test_common_r2_gain", "test_r2_same_time",
                  "probe_r2", "probe_r2_low", "probe_r2_high", "probe_r2_floor", "ari_model",
                  "ari_flat_input", "ari_fc"):
         assert name in keys[0], name

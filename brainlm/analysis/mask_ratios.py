@@ -18,6 +18,8 @@ from ..fileio import atomic_path, write_bytes_atomic
 COLUMNS = (("val_r2", "R^2 at own ratio"), ("val_r2_gain", "gain over best baseline (own)"),
            ("val_common_r2", "R^2 at common ratio"),
            ("val_common_r2_gain", "gain over best baseline (common)"),
+           ("test_common_r2", "R^2 at common ratio (test)"),
+           ("test_common_r2_gain", "gain (common, test)"),
            ("probe", "linear probe (test)"), ("probe_floor", "probe: training mean"),
            ("ari_model", "network ARI"), ("ari_flat_input", "ARI flat-input control"))
 PROBES = ("probe_r2", "probe_roc_auc")  # one of them, by the probe's task

@@ -198,9 +198,9 @@ def _fit_ridge(store, cfg: PretrainConfig, ratio: float, seed: int, model):
 
 @torch.no_grad()
 def score_masks(model, store, cfg: PretrainConfig, device, autocast, ratio: float, seed: int,
-                ridge=None) -> dict:
-    """The model and every baseline of `reconstruction` on the same deterministic validation
-    windows under the same masks (ratio, seed). Returns {"r2": {name: R^2}, "mse": model MSE,
+                ridge=None, split: str = "val") -> dict:
+    """The model and every baseline of `reconstruction` on the same deterministic windows of
+    `split` under the same masks (ratio, seed). Returns {"r2": {name: R^2}, "mse": model MSE,
     "windows": n, "example": (x, model recon, best-baseline recon, mask) of the first window}.
     """
     from .reconstruction import R2Meter, predict_baselines, time_mask, token_mask
@@ -208,7 +208,7 @@ def score_masks(model, store, cfg: PretrainConfig, device, autocast, ratio: floa
     coords = torch.as_tensor(store.coords, device=device)
     p, n_patches = store.n_parcels, cfg.window // cfg.patch_size
     meter, example, n = R2Meter(p), None, 0
-    for start, x in _eval_windows(store, "val", cfg, cfg.eval_windows):
+    for start, x in _eval_windows(store, split, cfg, cfg.eval_windows):
         noise = step_noise(seed, start, 0, len(x), p * n_patches, 0, 1)
         with autocast():
             out = model(x.to(device), coords, noise=noise.to(device), mask_ratio=ratio)
@@ -230,7 +230,8 @@ def score_masks(model, store, cfg: PretrainConfig, device, autocast, ratio: floa
             "example": (x0, r0, baselines[best][0].numpy(), m0)}
 
 
-def evaluate(model, store, cfg: PretrainConfig, device, autocast, ridges: dict) -> dict:
+def evaluate(model, store, cfg: PretrainConfig, device, autocast, ridges: dict,
+             split: str = "val") -> dict:
     """Reconstruction on deterministic validation windows, beside the baselines.
 
     At the run's own mask ratio (val_*) and at the common ratio every run shares
@@ -238,21 +239,24 @@ def evaluate(model, store, cfg: PretrainConfig, device, autocast, ridges: dict) 
     averaged; not clipped, so worse than the mean is negative), each baseline's R^2 on the
     same windows and masks, and the gain over the best baseline (> 0: the model has learned
     more than the baseline knows). `ridges` caches the fitted ridge baselines per ratio.
+    With split="test" the same numbers are named test_* and test_common_*: the held-out check
+    of the finished run (the recipe was chosen on validation).
     """
     was_training = model.training
     model.eval()
     metrics, example = {}, None
-    plans = [("val", cfg.mask_ratio, cfg.seed + 7919)]
+    plans = [(split, cfg.mask_ratio, cfg.seed + 7919)]
     if cfg.mask_strategy == "random":
-        plans.append(("val_common", COMMON_MASK_RATIO, COMMON_MASK_SEED))
+        plans.append((f"{split}_common", COMMON_MASK_RATIO, COMMON_MASK_SEED))
     for prefix, ratio, seed in plans:
         if ratio not in ridges:
             ridges[ratio] = _fit_ridge(store, cfg, ratio, seed, model)
-        s = score_masks(model, store, cfg, device, autocast, ratio, seed, ridges[ratio])
+        s = score_masks(model, store, cfg, device, autocast, ratio, seed, ridges[ratio], split)
         r2 = s["r2"]
         metrics[f"{prefix}_r2"] = r2["model"]
-        if prefix == "val":
-            metrics["val_mse"], metrics["val_windows"], example = s["mse"], s["windows"], s["example"]
+        if prefix == split:
+            metrics[f"{split}_mse"], metrics[f"{split}_windows"] = s["mse"], s["windows"]
+            example = s["example"]
         for name in (k for k in r2 if k != "model"):
             metrics[f"{prefix}_r2_{name}"] = r2[name]
         metrics[f"{prefix}_r2_best_baseline"] = r2[s["best"]]
@@ -264,7 +268,7 @@ def evaluate(model, store, cfg: PretrainConfig, device, autocast, ridges: dict) 
 
 def numeric_metrics(ev: dict) -> dict:
     """The numbers of an evaluation (for history, MLflow and metrics.json)."""
-    return {k: v for k, v in ev.items() if k.startswith(("val_", "probe_", "ari_"))
+    return {k: v for k, v in ev.items() if k.startswith(("val_", "test_", "probe_", "ari_"))
             and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
@@ -473,6 +477,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
         if rank == 0 and step >= cfg.max_steps:
             if not last_eval:
                 last_eval = evaluate(model, store, cfg, device, autocast, ridges)
+            if len(store.recordings("test")):  # the held-out check, once, at the end
+                held_out = evaluate(model, store, cfg, device, autocast, ridges, split="test")
+                last_eval = {**last_eval, **{k: v for k, v in held_out.items()
+                                             if k.startswith("test_")}}
             _write_outputs(model, store, cfg, out, history, last_eval, tracker)
             result["metrics"] = numeric_metrics(last_eval)
         tracker.end()
@@ -494,7 +502,7 @@ def _write_outputs(model, store, cfg: PretrainConfig, out: Path, history, last_e
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     shutil.copyfile(store.path / "scaler.safetensors", out / "scaler.safetensors")
-    metrics = {k: v for k, v in last_eval.items() if k.startswith("val_")}  # + best names
+    metrics = {k: v for k, v in last_eval.items() if k.startswith(("val_", "test_"))}
     metrics.update(encoder_yardstick(model, store, cfg))
     metrics.update(step=history[-1]["step"], train_loss=history[-1]["loss"])
     write_bytes_atomic(out / "metrics.json", json.dumps(metrics, indent=2).encode())
@@ -526,7 +534,8 @@ BASELINE_WORDS = {
 
 def recon_table(metrics: dict) -> str:
     """Markdown: model and baselines at the run's own mask ratio and at the common one."""
-    cols = [("val", "own mask ratio"), ("val_common", f"common mask {COMMON_MASK_RATIO:g}")]
+    cols = [("val", "val, own mask ratio"), ("val_common", f"val, common mask {COMMON_MASK_RATIO:g}"),
+            ("test", "test, own mask ratio"), ("test_common", f"test, common mask {COMMON_MASK_RATIO:g}")]
     cols = [(k, h) for k, h in cols if f"{k}_r2" in metrics]
     fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
     rows = [f"| predictor | {' | '.join(h for _, h in cols)} |", "|---" * (len(cols) + 1) + "|",

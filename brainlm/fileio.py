@@ -74,3 +74,15 @@ def sha256_file(path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def save_figure(fig, path, dpi: int = 110) -> Path:
+    """A matplotlib figure laid out, written atomically as PNG, and closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    return path

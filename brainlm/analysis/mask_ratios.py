@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..fileio import atomic_path, write_bytes_atomic
+from ..fileio import save_figure, write_bytes_atomic
 
 COLUMNS = (("val_r2", "R^2 at own ratio"), ("val_r2_gain", "gain over best baseline (own)"),
            ("val_common_r2", "R^2 at common ratio"),
@@ -83,12 +83,7 @@ def plot(rows: list[dict], path: Path) -> Path:
     ax.axhline(0, color="0.3", lw=0.8)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title("Mask ratios on one yardstick", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def compare(models: dict[float, Path], out: Path) -> list[dict]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, save_figure
 from .reconstruction import reconstruct_recording
 
 __all__ = ["MODES", "apply_perturbation", "perturb_recording", "effect_summary", "save_effect"]
@@ -187,7 +187,4 @@ def _plot_effect(e: np.ndarray, summary: dict, path: Path, names=None) -> None:
     ax.set_xlabel("timepoint (perturbed range dashed)")
     ax.set_ylabel("parcel (perturbed marked >)")
     fig.colorbar(im, ax=ax, label="predicted change")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)

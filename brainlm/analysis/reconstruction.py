@@ -27,7 +27,7 @@ import torch
 
 from ..model import is_released, window_length
 from ..errors import ConfigError, check_orientation
-from ..fileio import atomic_path
+from ..fileio import save_figure
 
 __all__ = ["RotatingMasks", "Reconstruction", "rotating_masks", "window_starts",
            "reconstruct_recording", "plot_reconstruction"]
@@ -273,9 +273,4 @@ def plot_reconstruction(x, recon, path, parcels=(0, 1, 2, 3), names=None, mask=N
     axes[0, 0].legend(loc="upper right", fontsize=8)
     axes[-1, 0].set_xlabel("timepoint (every value predicted while masked)" if mask is None
                            else "timepoint (masked patches shaded)")
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

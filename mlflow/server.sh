@@ -62,7 +62,11 @@ PY
   args+=(--app-name basic-auth)
 fi
 # not exec: the EXIT trap removes the private config when the server stops
-mlflow server "${args[@]}" "$@" &
+# `make demo` prints `./mlflow/server.sh` for a shell without the venv activated
+mlflow_bin=$(command -v mlflow || true)
+[ -n "$mlflow_bin" ] || mlflow_bin="$here/../.venv/bin/mlflow"
+[ -x "$mlflow_bin" ] || { echo "mlflow is not installed: run 'make install' or activate the venv" >&2; exit 1; }
+"$mlflow_bin" server "${args[@]}" "$@" &
 server=$!
 trap 'kill -TERM "$server" 2>/dev/null; wait "$server"; rm -rf "${private:-}"' TERM INT
 wait "$server"

@@ -21,14 +21,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import signal as sps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 _SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "atlases"
 if not os.environ.get("BRAINLM_ATLAS_DIR") and (_SHARED / "A424+2mm.nii.gz").is_file():
     os.environ["BRAINLM_ATLAS_DIR"] = str(_SHARED)
 
-from brainlm.data.synthetic import simulate_cohort  # noqa: E402
+from brainlm.data.synthetic import signal_statistics, simulate_cohort  # noqa: E402
 
 # (statistic, typical range in resting-state BOLD, source). Ranges are the bounds our tests
 # use (tests/test_synthetic.py RANGES and test_realism_* below), read from the sources named;
@@ -38,7 +37,7 @@ REFERENCE = {
              "correlation at sub-second TR: Bollmann et al. 2018, NeuroImage 166:152-166; "
              "region-dependent autocorrelation in HCP data: Afyouni, Smith & Nichols 2019, "
              "NeuroImage 199:609-625)"),
-    "fc_mean": ((0.15, 0.45), "typical range without global signal regression: the FC "
+    "mean_fc": ((0.15, 0.45), "typical range without global signal regression: the FC "
                 "distribution is shifted positive, centred near 0 only after GSR (Murphy et al. "
                 "2009, NeuroImage 44:893-905)"),
     "fc_sd": ((0.1, 0.3), "typical range of the spread of pairwise correlations across "
@@ -51,28 +50,6 @@ REFERENCE = {
                    "(Biswal et al. 1995, Magn Reson Med 34:537-541; Cordes et al. 2001, "
                    "AJNR 22:1326-1333)"),
 }
-
-
-def realism(x: np.ndarray, tr: float) -> dict:
-    """Statistics of one raw recording [P, T]: lag-1 autocorrelation (mean over parcels), mean
-    and SD of the off-diagonal FC, the global signal's share of variance (mean over parcels of
-    r^2 with the parcel-mean signal) and the 0.01-0.1 Hz share of power; linear detrend only."""
-    d = sps.detrend(np.asarray(x, dtype=np.float64), axis=1)
-    d = d[d.std(axis=1) > 0]
-    z = (d - d.mean(1, keepdims=True)) / d.std(1, keepdims=True)
-    n, t = z.shape
-    lag1 = float(np.mean((z[:, 1:] * z[:, :-1]).sum(1) / (z ** 2).sum(1)))
-    fc = (z @ z.T) / t
-    off = fc[~np.eye(n, dtype=bool)]
-    g = z.mean(0)
-    g = (g - g.mean()) / g.std()
-    gs = float(np.mean(((z @ g) / t) ** 2))
-    power = np.abs(np.fft.rfft(d, axis=1)) ** 2
-    freqs = np.fft.rfftfreq(t, d=tr)
-    band = (freqs >= 0.01) & (freqs <= 0.1)
-    bp = float(np.mean(power[:, band].sum(1) / power[:, 1:].sum(1)))
-    return {"lag1": lag1, "fc_mean": float(off.mean()), "fc_sd": float(off.std()),
-            "gs_share": gs, "band_power": bp}
 
 
 def _seeds(text: str) -> list[int]:
@@ -99,7 +76,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     cohort = simulate_cohort(atlas.coords, args.subjects, args.timepoints, tr=args.tr,
                              seed=args.seed)
-    stats = [realism(x, args.tr) for x in cohort.signals]
+    stats = [signal_statistics(x, args.tr) for x in cohort.signals]
     print(f"{atlas.name}: {args.subjects} subjects x {len(atlas.coords)} parcels x "
           f"{args.timepoints} TRs of {args.tr} s, seed {args.seed} "
           f"({time.perf_counter() - t0:.1f} s)\n")

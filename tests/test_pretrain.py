@@ -179,7 +179,7 @@ def test_r2_is_per_parcel_and_not_clipped(store, tmp_path):
     assert ev["val_r2"] < -10
     assert ev["val_mse"] > 100
     # the baselines are scored on the same windows and masks, and the gain says it has not learned
-    assert ev["val_r2_zero"] == pytest.approx(ev["val_r2_zero"]) and ev["val_r2_zero"] > -1
+    assert np.isfinite(ev["val_r2_zero"]) and ev["val_r2_zero"] > -1
     best = max(ev[f"val_r2_{b}"] for b in ("zero", "parcel_mean", "parcel_interp", "same_time",
                                            "ridge"))
     assert ev["val_r2_best_baseline"] == best

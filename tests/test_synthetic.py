@@ -340,9 +340,9 @@ def test_realism_statistics_in_published_ranges(atlas):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     cohort = simulate_cohort(atlas.coords, 12, 300, tr=0.735, seed=7)
-    stats = [mod.realism(x, 0.735) for x in cohort.signals]
+    stats = [signal_statistics(x, 0.735) for x in cohort.signals]
     for key, ((lo, hi), _) in mod.REFERENCE.items():
         mean = float(np.mean([s[key] for s in stats]))
         assert lo <= mean <= hi, (key, mean)
-    white = mod.realism(np.random.default_rng(0).normal(size=(50, 2000)), 0.735)
+    white = signal_statistics(np.random.default_rng(0).normal(size=(50, 2000)), 0.735)
     assert abs(white["lag1"]) < 0.05 and white["gs_share"] < 0.05  # the measures measure

@@ -18,27 +18,6 @@ def _load(model_path, store_path, window=None):
     return load_model(model_path, coords=store.coords, n_time=window), store
 
 
-def _truth(path, store) -> np.ndarray | None:
-    """Network label per parcel: brainlm synth's ground_truth.json, or a one-column table."""
-    if path is None:
-        return None
-    path = Path(path)
-    try:
-        if path.suffix == ".json":
-            truth = json.loads(path.read_text())
-            labels = dict(zip(truth["parcel_labels"], truth["modules"]))
-            return np.array([labels[int(v)] for v in store.parcels["label"]])
-        import pandas as pd
-
-        column = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",").iloc[:, -1]
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"{path}: cannot read network labels ({exc})") from None
-    if len(column) != store.n_parcels or column.isna().any():
-        raise ConfigError(f"{path}: needs one network label per parcel ({store.n_parcels}), "
-                          f"got {len(column)} rows ({int(column.isna().sum())} empty)")
-    return column.astype(str).to_numpy()
-
-
 def analyze(args) -> str:
     """Networks from representations vs raw FC, and one recording reconstructed."""
     import torch
@@ -46,7 +25,7 @@ def analyze(args) -> str:
     from ..data.store import WindowDataset
     from ..fileio import write_bytes_atomic
     from ..model import window_length
-    from .networks import identify_networks
+    from .networks import identify_networks, network_labels
     from .reconstruction import plot_reconstruction, reconstruct_recording
 
     model, store = _load(args.model, args.data, args.window)
@@ -56,7 +35,7 @@ def analyze(args) -> str:
     ds = WindowDataset(store, args.split, window=window, mode="sliding", stride=window)
     n = min(len(ds), args.max_windows)
     windows = np.stack([ds[i]["signal"] for i in range(n)])
-    truth = _truth(args.truth, store)
+    truth = network_labels(args.truth, store)
     coords = torch.as_tensor(store.coords)
     nets = identify_networks(model, windows, coords, k=args.networks, truth=truth, seed=args.seed)
     row = store.recordings(args.split).iloc[0]

@@ -145,3 +145,27 @@ def identify_networks(model, windows, coords=None, k: int = 7, truth=None, seed:
         out[name] = {"labels": labels, "features": feats,
                      "ari": None if truth is None else network_agreement(labels, truth)}
     return out
+
+
+def network_labels(path, store) -> np.ndarray | None:
+    """Network label per parcel: brainlm synth's ground_truth.json, or a one-column table."""
+    if path is None:
+        return None
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        if path.suffix == ".json":
+            truth = json.loads(path.read_text())
+            labels = dict(zip(truth["parcel_labels"], truth["modules"]))
+            return np.array([labels[int(v)] for v in store.parcels["label"]])
+        import pandas as pd
+
+        column = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",").iloc[:, -1]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{path}: cannot read network labels ({exc})") from None
+    if len(column) != store.n_parcels or column.isna().any():
+        raise ConfigError(f"{path}: needs one network label per parcel ({store.n_parcels}), "
+                          f"got {len(column)} rows ({int(column.isna().sum())} empty)")
+    return column.astype(str).to_numpy()

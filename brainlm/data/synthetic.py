@@ -391,24 +391,26 @@ def describe_effects(p: SimParams, n_modules: int) -> dict:
 
 
 def signal_statistics(x, tr: float) -> dict:
-    """lag-1 autocorrelation, mean off-diagonal FC and 0.01-0.1 Hz power fraction of x [P, T].
-
-    The three numbers that say whether a recording looks like resting-state BOLD; computed
-    after linear detrending of each parcel.
-    """
+    """What says whether a recording x [P, T] looks like resting-state BOLD, after linear
+    detrending of each parcel: lag-1 autocorrelation (mean over parcels), mean and SD of the
+    off-diagonal FC, the global signal's share of variance (mean over parcels of r^2 with the
+    parcel-mean signal) and the 0.01-0.1 Hz share of power."""
     x = sps.detrend(np.asarray(x, dtype=np.float64), axis=1, type="linear")
-    ss = (x ** 2).sum(1)
-    ok = ss > 0
-    x = x[ok]
-    lag1 = float(np.mean((x[:, 1:] * x[:, :-1]).sum(1) / ss[ok]))
-    fc = np.corrcoef(x)
-    n = fc.shape[0]
-    mean_fc = float((fc.sum() - np.trace(fc)) / (n * (n - 1))) if n > 1 else float("nan")
+    x = x[x.std(axis=1) > 0]
+    n, t = x.shape
+    z = (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)
+    lag1 = float(np.mean((z[:, 1:] * z[:, :-1]).sum(1) / (z ** 2).sum(1)))
+    off = ((z @ z.T) / t)[~np.eye(n, dtype=bool)]
+    g = z.mean(0)
+    g = (g - g.mean()) / g.std()
     power = np.abs(np.fft.rfft(x, axis=1)) ** 2
-    freqs = np.fft.rfftfreq(x.shape[1], d=tr)
+    freqs = np.fft.rfftfreq(t, d=tr)
     band = (freqs >= 0.01) & (freqs <= 0.1)
-    band_power = float(np.mean(power[:, band].sum(1) / power[:, 1:].sum(1)))
-    return {"lag1": lag1, "mean_fc": mean_fc, "band_power": band_power}
+    return {"lag1": lag1,
+            "mean_fc": float(off.mean()) if n > 1 else float("nan"),
+            "fc_sd": float(off.std()) if n > 1 else float("nan"),
+            "gs_share": float(np.mean(((z @ g) / t) ** 2)),
+            "band_power": float(np.mean(power[:, band].sum(1) / power[:, 1:].sum(1)))}
 
 
 # ----------------------------------------------------------------------------- BIDS output

@@ -291,10 +291,11 @@ def encoder_yardstick(model, store, cfg: PretrainConfig) -> dict:
             except ConfigError as exc:
                 print(f"linear probe skipped: {exc}")
         if cfg.networks_truth is not None:
-            from ..analysis.cli import _truth
+            from ..analysis.networks import network_labels
 
             try:
-                ari = network_ari(model, store, _truth(cfg.networks_truth, store), seed=cfg.seed)
+                ari = network_ari(model, store, network_labels(cfg.networks_truth, store),
+                                  seed=cfg.seed)
                 out.update({"ari_model": ari["model"], "ari_flat_input": ari["flat_input"],
                             "ari_fc": ari["fc"]})
             except ConfigError as exc:

@@ -105,15 +105,19 @@ def same_time(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return mean.expand_as(xp).reshape(b, p, t)
 
 
-def ridge_features(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+def ridge_features(x: torch.Tensor, m: torch.Tensor, preds: dict | None = None) -> torch.Tensor:
     """[B, P, N, F] per-token features from visible data only: the same-time mean patch, the
-    parcel's interpolated patch, the parcel's visible mean, and a constant."""
+    parcel's interpolated patch, the parcel's visible mean, and a constant. `preds`: those
+    baselines' predictions when already computed."""
     b, p, t = x.shape
     n = m.shape[-1]
     ps = t // n
-    st = same_time(x, m).view(b, p, n, ps)
-    it = parcel_interp(x, m).view(b, p, n, ps)
-    pm = parcel_mean(x, m).view(b, p, n, ps)[..., :1]
+    if preds is None:
+        preds = {"same_time": same_time(x, m), "parcel_interp": parcel_interp(x, m),
+                 "parcel_mean": parcel_mean(x, m)}
+    st = preds["same_time"].reshape(b, p, n, ps)
+    it = preds["parcel_interp"].reshape(b, p, n, ps)
+    pm = preds["parcel_mean"].reshape(b, p, n, ps)[..., :1]
     return torch.cat([st, it, pm, torch.ones_like(pm)], dim=-1)
 
 
@@ -142,10 +146,11 @@ class RidgeBaseline:
         self.weight = torch.linalg.solve(self.xtx + reg, self.xty)
         return self
 
-    def predict(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, m: torch.Tensor, preds: dict | None = None
+                ) -> torch.Tensor:
         if self.weight is None:
             raise RuntimeError("RidgeBaseline.predict before fit")
-        f = ridge_features(x, m)
+        f = ridge_features(x, m, preds)
         out = f.double() @ self.weight.to(f.device)
         return out.to(x.dtype).reshape(x.shape)
 
@@ -157,5 +162,5 @@ def predict_baselines(x: torch.Tensor, m: torch.Tensor,
              "parcel_mean": parcel_mean(x, m), "parcel_interp": parcel_interp(x, m),
              "same_time": same_time(x, m)}
     if ridge is not None:
-        preds["ridge"] = ridge.predict(x, m)
+        preds["ridge"] = ridge.predict(x, m, preds)
     return preds

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -22,54 +22,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..model import embed_windows, is_released
-
-TASKS = ("regression", "classification", "forecast")
-
-
-@dataclass
-class FinetuneConfig:
-    model: Path
-    data: Path
-    out: Path
-    target: str | None = None  # a phenotype column (not needed for forecast)
-    task: str = "regression"
-    mode: str = "probe"  # probe | full
-    pooling: str = "cls"  # cls | mean
-    epochs: int = 30
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    layer_decay: float = 0.75
-    head_dropout: float = 0.0
-    patience: int = 5
-    horizon: int = 20  # forecast: timepoints to predict
-    windows_per_recording: int = 4  # full / forecast: random training windows per epoch
-    window: int | None = None  # released weights only; ours know theirs
-    seed: int = 0
-    device: str = "auto"
-    progress: bool = True
-
-    def validate(self) -> None:
-        if self.task not in TASKS:
-            raise ConfigError(f"task '{self.task}' must be one of {', '.join(TASKS)}")
-        if self.task != "forecast" and not self.target:
-            raise ConfigError(f"--target is needed for {self.task}")
-        if self.mode not in ("probe", "full"):
-            raise ConfigError(f"mode '{self.mode}' must be probe or full")
-        if self.pooling not in ("cls", "mean"):
-            raise ConfigError(f"pooling '{self.pooling}' must be cls or mean")
-        if not 0 < self.layer_decay <= 1:
-            raise ConfigError(f"layer_decay {self.layer_decay} must be in (0, 1]")
-        if not 0 <= self.head_dropout < 1:
-            raise ConfigError(f"head_dropout {self.head_dropout} must be in [0, 1)")
-        for name in ("epochs", "batch_size", "patience", "horizon", "windows_per_recording"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-
+from .config import FinetuneConfig
 
 # ---------------------------------------------------------------------------- targets
 

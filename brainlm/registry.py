@@ -34,8 +34,9 @@ SERVING_REQUIREMENTS = ("mlflow", "torch", "transformers", "safetensors", "numpy
 
 def default_tracking_uri(repo_root=None) -> str:
     """`sqlite:///<repo>/mlflow/mlflow.db`, absolute so every process finds the same file."""
-    root = Path(repo_root).resolve() if repo_root else find_repo_root()
-    return f"sqlite:///{(root / 'mlflow' / 'mlflow.db').as_posix()}"
+    from .tracking import store_uri
+
+    return store_uri(repo_root or find_repo_root())
 
 
 def tracking_uri() -> str:

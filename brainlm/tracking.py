@@ -1,12 +1,42 @@
-"""Optional MLflow tracking: active only when a tracking URI is set, a no-op otherwise.
-
-Training code calls the same methods either way, so tracking never decides whether a run works.
+"""MLflow tracking, one path for every job: `job_run` opens a run (experiment = the job,
+params = the job's config, lineage tags), the job's code logs through the `Tracker` it yields,
+and the run ends FINISHED or FAILED. Active only when a tracking URI is set, a no-op otherwise:
+code calls the same methods either way, so tracking never decides whether a run works.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
+
+
+def store_uri(root) -> str:
+    """The project's default store, `sqlite:///<root>/mlflow/mlflow.db` (absolute, so every
+    process and worker finds the same file)."""
+    root = Path(root).resolve()
+    (root / "mlflow").mkdir(exist_ok=True)
+    return f"sqlite:///{(root / 'mlflow' / 'mlflow.db').as_posix()}"
+
+
+def project_root(path) -> Path | None:
+    """The brainlm project (a folder with params.yaml and dvc.yaml) holding `path`, if any."""
+    path = Path(path).resolve()
+    for folder in (path, *path.parents):
+        if (folder / "params.yaml").is_file() and (folder / "dvc.yaml").is_file():
+            return folder
+    return None
+
+
+def resolve_uri(out=None) -> str | None:
+    """Where a job's run goes: MLFLOW_TRACKING_URI when set, else the store of the project the
+    job writes into (its output folder inside a project), else nowhere."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    root = project_root(out) if out is not None else None
+    return store_uri(root) if root is not None else None
 
 
 def artifact_root(uri: str) -> str | None:
@@ -27,10 +57,46 @@ def experiment_id(mlflow, name: str) -> str:
         mlflow.get_tracking_uri()))
 
 
+def flat_params(config, prefix: str = "") -> dict:
+    """A config dataclass (or dict) as MLflow params: nested ones as `outer.inner`."""
+    items = asdict(config) if is_dataclass(config) else dict(config)
+    out = {}
+    for key, value in items.items():
+        if isinstance(value, dict) and value and key != "model":
+            out.update(flat_params(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@contextmanager
+def job_run(job: str, run_name: str, config, tags: dict | None = None,
+            parent: Tracker | None = None, enabled: bool = True, uri: str | None = None):
+    """One MLflow run of one job, whoever calls it (the command line, `brainlm stage`, DVC,
+    a Prefect flow): experiment `job`, the config as params, `brainlm.job` and the caller's
+    `tags`; FAILED when the body raises. With `parent` (an Optuna study's run), a child run in
+    the parent's experiment and store."""
+    if parent is not None:
+        tracker = Tracker(parent.experiment, run_name=run_name, uri=parent.uri,
+                          enabled=parent.active, parent=parent.run_id)
+    else:
+        out = getattr(config, "out", None) or getattr(config, "data", None)
+        tracker = Tracker(job, run_name=run_name, uri=uri or resolve_uri(out), enabled=enabled)
+    try:
+        tracker.params(flat_params(config))
+        tracker.tags({"brainlm.job": job, **(tags or {})})
+        yield tracker
+    except BaseException:
+        tracker.end("FAILED")  # a crashed run must not stay RUNNING in MLflow
+        raise
+    tracker.end()
+
+
 class Tracker:
     def __init__(self, experiment: str, run_name: str | None = None, uri: str | None = None,
-                 enabled: bool = True):
+                 enabled: bool = True, parent: str | None = None):
         self.uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+        self.experiment = experiment
         self.active = bool(self.uri) and enabled
         self.run_id = None
         if not self.active:
@@ -41,7 +107,8 @@ class Tracker:
         self._mlflow = mlflow
         mlflow.set_tracking_uri(self.uri)
         self.run_id = mlflow.start_run(experiment_id=experiment_id(mlflow, experiment),
-                                       run_name=run_name).info.run_id
+                                       run_name=run_name, parent_run_id=parent,
+                                       nested=parent is not None).info.run_id
 
     def params(self, params: dict) -> None:
         if self.active:
@@ -67,12 +134,18 @@ class Tracker:
         for i in range(0, len(metrics), 1000):  # MLflow's limit per batch
             client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
+    def summary(self, values: dict) -> None:
+        """A job's returned values: numbers as metrics (step 0), strings as tags."""
+        self.metrics({k: float(v) for k, v in values.items() if isinstance(v, (int, float))
+                      and not isinstance(v, bool) and v == v}, step=0)
+        self.tags({k: str(v) for k, v in values.items() if isinstance(v, (str, bool))})
+
     def artifacts(self, folder, path: str | None = None) -> None:
         if self.active:
             self._mlflow.log_artifacts(str(folder), artifact_path=path)
 
     def tags(self, tags: dict) -> None:
-        if self.active:
+        if self.active and tags:
             self._mlflow.set_tags(tags)
 
     def end(self, status: str = "FINISHED") -> None:

@@ -24,7 +24,7 @@ def _sh(cmd: list[str], cwd: Path) -> str:
 def refresh_data(repo: Path) -> str:
     """New recordings: `dvc pull` of data/ when a remote holds them; on the demo profile the
     synthetic cohort is regenerated (byte-identical for the same params)."""
-    from brainlm.stages import load_params, run_stage
+    from brainlm.jobs import load_params, run_stage
 
     params = load_params(repo / "params.yaml")
     if params["profile"] == "demo":

@@ -101,7 +101,7 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
         assert f"Running stage '{stage}'" not in changed, stage
 
     # code is a dependency: a change to the evaluation module reruns evaluate only ...
-    evaluate_py = root / "brainlm" / "evaluate.py"
+    evaluate_py = root / "brainlm" / "evaluate" / "metrics.py"
     evaluate_py.write_text(evaluate_py.read_text() + "\n# changed\n")
     changed = sh("dvc", "repro")
     assert "Running stage 'evaluate'" in changed

@@ -403,7 +403,7 @@ def test_fc_baseline_row_space_projection_is_exact():
     from sklearn.linear_model import LogisticRegressionCV, RidgeCV
     from sklearn.pipeline import make_pipeline
 
-    from brainlm.evaluate import _inner_cv, _PooledScaler
+    from brainlm.evaluate.baselines import _inner_cv, _PooledScaler
 
     xs, y, subjects = _planted_fc(n_subjects=16, parcels=20)
     tr, te = _split(subjects, 12)
@@ -520,7 +520,7 @@ def test_positive_control_section():
 
 
 def test_plot_keeps_a_wild_baseline_off_scale(tmp_path):
-    from brainlm.evaluate import _axis_limits
+    from brainlm.evaluate.report import _axis_limits
 
     base = {"task": "regression", "target": "age", "metric": "r2", "low": None, "high": None}
     group = [{**base, "method": "brainlm", "value": 0.3},

@@ -199,7 +199,7 @@ def test_mlflow_parent_run_with_one_child_per_trial(setup, tmp_path, monkeypatch
                   storage=_db(tmp_path / "o.db"), tracking_uri=uri)
     assert mlflow.active_run() is None  # nothing left open
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("hpo")
+    exp = client.get_experiment_by_name("tune")
     assert exp is not None
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

@@ -139,15 +139,19 @@ def test_ddp_on_gloo_matches_one_process(store, tmp_path):
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
 
 
-def test_mlflow_logs_params_metrics_and_artifacts(store, tmp_path):
+def test_mlflow_logs_params_metrics_and_artifacts(store, tmp_path, monkeypatch):
+    """The pretrain job's one MLflow run: config as params, every step's loss, validation at
+    the evaluation steps (each metric once per step), the model folder as artifacts."""
     from mlflow.tracking import MlflowClient
 
+    from brainlm.jobs import pretrain as pretrain_job
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     cfg = PretrainConfig(data=store, out=tmp_path / "m", window=40, patch_size=10,
                          batch_size=4, windows_per_recording=2, workers=0, max_steps=4,
-                         eval_every=2, ckpt_every=4, progress=False, tracking_uri=uri,
-                         mask_ratio=0.2)
-    pretrain(cfg)
+                         eval_every=2, ckpt_every=4, progress=False, mask_ratio=0.2)
+    pretrain_job.run(cfg)
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("pretrain")
     runs = client.search_runs([exp.experiment_id])
@@ -158,7 +162,9 @@ def test_mlflow_logs_params_metrics_and_artifacts(store, tmp_path):
     history = json.loads((tmp_path / "m" / "history.json").read_text())
     assert logged == [(r["step"], r["loss"]) for r in history]  # every step, batched requests
     assert [s for s, _ in logged] == [1, 2, 3, 4]
-    assert {m.step for m in client.get_metric_history(run.info.run_id, "val_r2")} == {2, 4}
+    val_r2 = [m.step for m in client.get_metric_history(run.info.run_id, "val_r2")]
+    assert sorted(val_r2) == [2, 4]  # once per evaluation step
+    assert run.data.tags["brainlm.job"] == "pretrain" and run.info.status == "FINISHED"
     assert "val_r2" in run.data.metrics
     names = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert "model/model.safetensors" in names and "model/reconstruction.png" in names
@@ -203,7 +209,7 @@ def test_bad_pretrain_settings(store, tmp_path):
     assert res.returncode == 2 and "not a processed store" in res.stderr
     res = _run(["--data", str(store), "--out", str(tmp_path / "x"), "--mask-ratio", "1.5",
                 "--window", "40", "--patch-size", "10"])
-    assert res.returncode == 2 and "mask ratio 1.5" in res.stderr
+    assert res.returncode == 2 and "--mask-ratio: 1.5 must be <= 1" in res.stderr
     for ratio, message in (("0", "masks nothing"), ("0.999", "masks 48")):
         res = _run(["--data", str(store), "--out", str(tmp_path / "x"), "--mask-ratio", ratio]
                    + COMMON)

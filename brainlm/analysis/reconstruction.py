@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch
 
 from ..model import is_released, window_length
 from ..errors import ConfigError, check_orientation
-from ..fileio import save_figure
+from ..train.reconstruction import plot_reconstruction, r2_per_parcel
 
 __all__ = ["RotatingMasks", "Reconstruction", "rotating_masks", "window_starts",
            "reconstruct_recording", "plot_reconstruction"]
@@ -187,15 +186,6 @@ def _as_recording(model, x, coords) -> tuple[np.ndarray, int]:
     return x.astype(np.float32), n_parcels
 
 
-def r2_per_parcel(x: np.ndarray, recon: np.ndarray) -> np.ndarray:
-    """[P]: 1 - SSE / SST around each parcel's mean (nan where the parcel is constant)."""
-    x = np.asarray(x, np.float64)
-    sse = ((x - recon) ** 2).sum(1)
-    sst = ((x - x.mean(1, keepdims=True)) ** 2).sum(1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(sst > 0, 1.0 - sse / sst, np.nan)
-
-
 def reconstruct_recording(model, x, coords=None, n_passes: int = 4, seed: int = 0,
                           batch_size: int = 8) -> Reconstruction:
     """Reconstruct a whole recording x [P, T] (T >= the model's window) from masked passes.
@@ -235,42 +225,3 @@ def reconstruct_recording(model, x, coords=None, n_passes: int = 4, seed: int = 
                 coverage[:, s:s + window] += 1
     recon = (total / coverage).astype(np.float32)
     return Reconstruction(recon, r2_per_parcel(x, recon), coverage)
-
-
-def plot_reconstruction(x, recon, path, parcels=(0, 1, 2, 3), names=None, mask=None,
-                        baseline=None, baseline_name: str = "baseline") -> Path:
-    """PNG of input vs reconstruction for a few parcels. With `mask` [P, T] (True where the
-    value was predicted) only predicted spans are drawn and they are shaded; `baseline` [P, T]
-    draws a baseline's prediction of the same patches beside the model's."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x, recon = np.asarray(x), np.asarray(recon)
-    if x.shape != recon.shape or x.ndim != 2:
-        raise ConfigError(f"x {x.shape} and recon {recon.shape} must be the same [parcels, time]")
-    parcels = [int(p) for p in parcels]
-    if not parcels or not all(0 <= p < x.shape[0] for p in parcels):
-        raise ConfigError(f"parcels {parcels} must be between 0 and {x.shape[0] - 1}")
-    r2 = r2_per_parcel(x, recon)
-    r2_base = None if baseline is None else r2_per_parcel(x, np.asarray(baseline))
-    t = np.arange(x.shape[1])
-    fig, axes = plt.subplots(len(parcels), 1, figsize=(10, 1.8 * len(parcels)), sharex=True,
-                             squeeze=False)
-    for ax, p in zip(axes[:, 0], parcels):
-        ax.plot(t, x[p], color="0.3", lw=1, label="input")
-        shown = recon[p] if mask is None else np.where(mask[p], recon[p], np.nan)
-        ax.plot(t, shown, color="C3", lw=1.1, label="reconstruction")
-        if baseline is not None:
-            base = baseline[p] if mask is None else np.where(mask[p], baseline[p], np.nan)
-            ax.plot(t, base, color="C0", lw=0.9, ls="--", label=baseline_name)
-        if mask is not None:
-            ax.fill_between(t, x[p].min(), x[p].max(), where=mask[p], color="C3", alpha=0.08)
-        label = names[p] if names is not None else f"parcel {p}"
-        score = f"R2 {r2[p]:.2f}" if r2_base is None else f"R2 {r2[p]:.2f} / {r2_base[p]:.2f}"
-        ax.set_ylabel(f"{label}\n{score}", fontsize=8)
-    axes[0, 0].legend(loc="upper right", fontsize=8)
-    axes[-1, 0].set_xlabel("timepoint (every value predicted while masked)" if mask is None
-                           else "timepoint (masked patches shaded)")
-    return save_figure(fig, path)

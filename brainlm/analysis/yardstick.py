@@ -41,8 +41,8 @@ def linear_probe(model, store, target: str, task: str = "regression", n_boot: in
 
     Returns {"metric": "r2" | "roc_auc", "value", "low", "high", "floor", "n_train",
     "n_test"}; "floor" is the training-mean (majority-class) predictor's score on test."""
+    from ..data.windows import prepare_target
     from ..evaluate import bootstrap_ci, metric_fn
-    from ..train.finetune import prepare_target
     from .embeddings import embed_store
 
     if task not in ("regression", "classification"):

@@ -46,12 +46,10 @@ class PretrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"
     progress: bool = True
-    tracking_uri: str | None = None
     model: dict = field(default_factory=dict)  # BrainLMConfig fields over the profile's preset
     probe_target: str | None = None  # a phenotype: linear probe of the finished encoder
     probe_task: str = "regression"  # or classification
     networks_truth: Path | None = None  # network per parcel (ground_truth.json or a table)
-    extra: dict = field(default_factory=dict)
 
     @property
     def lr(self) -> float:

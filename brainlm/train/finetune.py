@@ -5,44 +5,29 @@
 - `full`: encoder and head train together, layer-wise learning-rate decay (deeper = larger lr).
 - `forecast`: observe the first T - m timepoints of a window, predict the next m of every parcel
   with a per-parcel head on the encoder's context tokens.
-Early stopping watches the validation split; the test split is only predicted, never fitted.
-Predictions are written per recording (windows averaged) for `brainlm evaluate`.
+Early stopping watches the validation split (one loop, `early_stopping`, for every task); the
+test split is only predicted, never fitted. Predictions are written per recording (windows
+averaged) for `brainlm evaluate`.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..data.windows import prepare_target, random_windows, window_batches
 from ..errors import ConfigError
 from ..model import embed_windows, is_released
 from .config import FinetuneConfig
 
-# ---------------------------------------------------------------------------- targets
-
-
-def prepare_target(rows, target: str, task: str, where: str):
-    """Values of `target` per recording (NaN rows dropped) -> (rows, y, classes)."""
-    import pandas as pd
-
-    if target not in rows.columns:
-        raise ConfigError(f"{where}: no column '{target}' in the manifest (phenotypes come from "
-                          f"participants.tsv); have: {', '.join(map(str, rows.columns))}")
-    rows = rows[rows[target].notna()].reset_index(drop=True)
-    if task == "regression":
-        y = pd.to_numeric(rows[target], errors="coerce")
-        if y.isna().any():
-            raise ConfigError(f"{where}: target '{target}' is not numeric (e.g. "
-                              f"{rows[target][y.isna()].iloc[0]!r}); use --task classification")
-        return rows, y.to_numpy(np.float64), None
-    return rows, rows[target].astype(str).to_numpy(), None
-
+__all__ = ["FinetuneConfig", "ForecastHead", "Head", "early_stopping", "embed", "finetune",
+           "layer_groups"]
 
 # ---------------------------------------------------------------------------- model pieces
 
@@ -94,39 +79,69 @@ def layer_groups(model, head: nn.Module, lr: float, decay: float, weight_decay: 
     return out
 
 
-# ---------------------------------------------------------------------------- data
+# ---------------------------------------------------------------------------- early stopping
 
 
-def window_batches(store, rows, window: int, stride: int, batch_size: int):
-    """Sliding windows of the given recordings: yields (x [b, P, window] float32, rec_index)."""
-    batch, owners = [], []
-    for i, (_, row) in enumerate(rows.iterrows()):
-        x = store.load(row)
-        starts = list(range(0, x.shape[1] - window + 1, stride))
-        if starts[-1] != x.shape[1] - window:
-            starts.append(x.shape[1] - window)
-        for s in starts:
-            batch.append(np.asarray(x[:, s:s + window], dtype=np.float32))
-            owners.append(i)
-            if len(batch) == batch_size:
-                yield torch.from_numpy(np.stack(batch)), np.array(owners)
-                batch, owners = [], []
-    if batch:
-        yield torch.from_numpy(np.stack(batch)), np.array(owners)
+def early_stopping(epochs: int, patience: int, train_epoch, val_loss, modules,
+                   on_epoch=None) -> tuple[float, list[dict]]:
+    """Run `train_epoch()` then `val_loss()` up to `epochs` times; stop after `patience`
+    epochs without an improvement of more than 1e-6, and leave `modules` in the state of the
+    best epoch. `on_epoch(epoch, val_loss)` is called after every epoch, before the stopping
+    decision (hyper-parameter search prunes through it by raising).
+    Returns (best validation loss, [{"epoch", "val_loss"}, ...])."""
+    history, best, best_state, bad_epochs = [], None, None, 0
+    for epoch in range(epochs):
+        train_epoch()
+        loss = val_loss()
+        history.append({"epoch": epoch + 1, "val_loss": loss})
+        if on_epoch is not None:
+            on_epoch(epoch + 1, loss)
+        if best is None or loss < best - 1e-6:
+            best, bad_epochs = loss, 0
+            best_state = [{k: v.detach().clone() for k, v in m.state_dict().items()}
+                          for m in modules]
+        else:
+            bad_epochs += 1
+            if bad_epochs >= patience:
+                break
+    for module, state in zip(modules, best_state):
+        module.load_state_dict(state)
+    return best, history
 
 
 # ---------------------------------------------------------------------------- the run
 
 
+@dataclass
+class _Run:
+    """What every task trains on: the loaded encoder, the store and its three splits."""
+
+    cfg: FinetuneConfig
+    model: nn.Module
+    store: object
+    splits: dict
+    window: int
+    coords: torch.Tensor
+    device: torch.device
+    rng: np.random.Generator
+
+
 def finetune(cfg: FinetuneConfig, on_epoch=None) -> dict:
     """Fine-tune and write predictions; `on_epoch(epoch, val_loss)` is called after every
     epoch (hyper-parameter search prunes through it by raising)."""
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    run = _open(cfg, np.random.default_rng(cfg.seed))
+    if cfg.task == "forecast":
+        return _finetune_forecast(run, on_epoch)
+    return _finetune_subjects(run, on_epoch)
+
+
+def _open(cfg: FinetuneConfig, rng) -> _Run:
+    """Load the store and the encoder and check they fit each other and the splits."""
     from ..data.store import BrainStore
     from ..model import load_model, window_length
 
-    cfg.validate()
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if cfg.device == "auto" else cfg.device))
     store = BrainStore(cfg.data)
@@ -149,131 +164,121 @@ def finetune(cfg: FinetuneConfig, on_epoch=None) -> dict:
         if len(short):
             raise ConfigError(f"{cfg.data}: {len(short)} {name} recordings are shorter than the "
                               f"model's window of {window} (e.g. {short.iloc[0]['recording_id']})")
-    if cfg.task == "forecast":
-        return _finetune_forecast(cfg, model, store, splits, window, coords, device, rng,
-                                  on_epoch)
+    return _Run(cfg, model, store, splits, window, coords, device, rng)
+
+
+def _subject_targets(cfg: FinetuneConfig, splits: dict):
+    """Drop unlabelled recordings from `splits` (in place) and encode the target:
+    -> (targets per split, classes or None, mean, sd); regression targets are standardized."""
     for s in splits:
         splits[s], _, _ = prepare_target(splits[s], cfg.target, cfg.task, str(cfg.data))
     if len(splits["train"]) == 0 or len(splits["val"]) == 0:
         raise ConfigError(f"{cfg.data}: target '{cfg.target}' needs labelled recordings in "
                           "train and val")
     y = {s: splits[s][cfg.target].to_numpy() for s in splits}
-    if cfg.task == "classification":
-        classes = sorted(set(map(str, y["train"])))
-        if len(classes) < 2:
-            raise ConfigError(f"target '{cfg.target}' has one class in training: {classes}")
-        unseen = sorted(set(map(str, np.concatenate([y["val"], y["test"]]))) - set(classes))
-        if unseen:
-            raise ConfigError(f"target '{cfg.target}' has classes not seen in training: {unseen}")
-        index = {c: i for i, c in enumerate(classes)}
-        targets = {s: np.array([index[str(v)] for v in y[s]]) for s in y}
-        n_out, mu, sd = len(classes), 0.0, 1.0
-    else:
-        classes = None
+    if cfg.task != "classification":
         yt = y["train"].astype(np.float64)
         mu, sd = float(yt.mean()), float(yt.std() or 1.0)
-        targets = {s: (y[s].astype(np.float64) - mu) / sd for s in y}
-        n_out = 1
+        return {s: (y[s].astype(np.float64) - mu) / sd for s in y}, None, mu, sd
+    classes = sorted(set(map(str, y["train"])))
+    if len(classes) < 2:
+        raise ConfigError(f"target '{cfg.target}' has one class in training: {classes}")
+    unseen = sorted(set(map(str, np.concatenate([y["val"], y["test"]]))) - set(classes))
+    if unseen:
+        raise ConfigError(f"target '{cfg.target}' has classes not seen in training: {unseen}")
+    index = {c: i for i, c in enumerate(classes)}
+    return {s: np.array([index[str(v)] for v in y[s]]) for s in y}, classes, 0.0, 1.0
+
+
+def _finetune_subjects(run: _Run, on_epoch=None) -> dict:
+    """Regression or classification of a subject variable (probe or full)."""
+    cfg, model, device = run.cfg, run.model, run.device
+    targets, classes, mu, sd = _subject_targets(cfg, run.splits)
     width = model.hidden_size if is_released(model) else model.config.hidden_size
-    head = Head(width, n_out, cfg.head_dropout).to(device)
+    head = Head(width, len(classes) if classes else 1, cfg.head_dropout).to(device)
     loss_fn = nn.CrossEntropyLoss() if classes else nn.MSELoss()
 
     def head_loss(out, t):
         t = torch.as_tensor(t, device=device)
         return loss_fn(out, t.long()) if classes else loss_fn(out[:, 0], t.float())
 
-    stride = window
+    feats = {}
     if cfg.mode == "probe":
         for p in model.parameters():
             p.requires_grad_(False)
-        feats = {s: _window_features(model, store, splits[s], window, stride, coords,
-                                     cfg.pooling, cfg.batch_size, device) for s in splits}
-        params = head.parameters()
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        feats = {s: _window_features(run, rows) for s, rows in run.splits.items()}
+        opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.AdamW(layer_groups(model, head, cfg.lr, cfg.layer_decay,
                                              cfg.weight_decay))
-    history, best, best_state, bad_epochs = [], None, None, 0
-    for epoch in range(cfg.epochs):
+
+    def train_epoch():
         head.train()
         model.train(cfg.mode == "full")
-        if cfg.mode == "probe":
-            f, owner = feats["train"]
-            order = rng.permutation(len(f))
-            for start in range(0, len(order), cfg.batch_size):
-                idx = order[start:start + cfg.batch_size]
-                loss = head_loss(head(f[idx].to(device)), targets["train"][owner[idx]])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        else:
-            for x, owner in _random_windows(store, splits["train"], window,
-                                            cfg.windows_per_recording, cfg.batch_size, rng):
-                h = embed(model, x.to(device), coords, cfg.pooling)
-                loss = head_loss(head(h), targets["train"][owner])
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(head.parameters()),
-                                               1.0)
-                opt.step()
-        val = _predict(model, head, store, splits["val"], window, stride, coords, cfg,
-                       device, feats.get("val") if cfg.mode == "probe" else None, classes)
-        val_loss = _val_loss(val, targets["val"], classes)
-        history.append({"epoch": epoch + 1, "val_loss": val_loss})
-        if on_epoch is not None:
-            on_epoch(epoch + 1, val_loss)
-        if best is None or val_loss < best - 1e-6:
-            best, bad_epochs = val_loss, 0
-            best_state = ({k: v.detach().clone() for k, v in head.state_dict().items()},
-                          {k: v.detach().clone() for k, v in model.state_dict().items()}
-                          if cfg.mode == "full" else None)
-        else:
-            bad_epochs += 1
-            if bad_epochs >= cfg.patience:
-                break
-    head.load_state_dict(best_state[0])
-    if best_state[1] is not None:
-        model.load_state_dict(best_state[1])
-    preds = {s: _predict(model, head, store, splits[s], window, stride, coords, cfg, device,
-                         feats.get(s) if cfg.mode == "probe" else None, classes)
+        step = _probe_epoch if cfg.mode == "probe" else _full_epoch
+        step(run, head, opt, lambda out, owner: head_loss(out, targets["train"][owner]),
+             feats.get("train"))
+
+    def val_loss():
+        val = _predict(run, head, run.splits["val"], feats.get("val"), classes)
+        return _val_loss(val, targets["val"], classes)
+
+    best, history = early_stopping(cfg.epochs, cfg.patience, train_epoch, val_loss,
+                                   [head, model] if cfg.mode == "full" else [head], on_epoch)
+    preds = {s: _predict(run, head, run.splits[s], feats.get(s), classes)
              for s in ("val", "test")}
-    meta = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-            "classes": classes, "target_mean": mu, "target_std": sd, "window": window,
+    meta = {"config": _config_json(cfg),
+            "classes": classes, "target_mean": mu, "target_std": sd, "window": run.window,
             "patch_size": None if is_released(model) else int(model.config.patch_size),
             "best_val_loss": best, "epochs_run": len(history), "history": history,
             "store": str(Path(cfg.data).resolve()), "model": str(Path(cfg.model).resolve())}
-    _write_outputs(cfg, model, head, splits, preds, classes, mu, sd, meta)
+    _write_outputs(cfg, model, head, run.splits, preds, classes, mu, sd, meta)
     return meta
 
 
-def _window_features(model, store, rows, window, stride, coords, pooling, batch_size, device):
+def _probe_epoch(run: _Run, head, opt, loss_of, feats) -> None:
+    """One pass over the frozen encoder's training-window embeddings, shuffled."""
+    f, owner = feats
+    order = run.rng.permutation(len(f))
+    for start in range(0, len(order), run.cfg.batch_size):
+        idx = order[start:start + run.cfg.batch_size]
+        loss = loss_of(head(f[idx].to(run.device)), owner[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _full_epoch(run: _Run, head, opt, loss_of, feats=None) -> None:
+    """One pass over random training windows through encoder and head (gradients clipped)."""
+    cfg, model = run.cfg, run.model
+    for x, owner in random_windows(run.store, run.splits["train"], run.window,
+                                   cfg.windows_per_recording, cfg.batch_size, run.rng):
+        h = embed(model, x.to(run.device), run.coords, cfg.pooling)
+        loss = loss_of(head(h), owner)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(head.parameters()), 1.0)
+        opt.step()
+
+
+def _window_features(run: _Run, rows):
+    """Embeddings of every sliding window of `rows`: (features [n, H] on CPU, rec_index)."""
     feats, owners = [], []
-    model.eval()
+    run.model.eval()
     with torch.no_grad():
-        for x, owner in window_batches(store, rows, window, stride, batch_size):
-            feats.append(embed(model, x.to(device), coords, pooling).float().cpu())
+        for x, owner in window_batches(run.store, rows, run.window, run.window,
+                                       run.cfg.batch_size):
+            feats.append(embed(run.model, x.to(run.device), run.coords,
+                               run.cfg.pooling).float().cpu())
             owners.append(owner)
     if not feats:
         return torch.zeros(0, 1), np.zeros(0, int)
     return torch.cat(feats), np.concatenate(owners)
 
 
-def _random_windows(store, rows, window, per_recording, batch_size, rng):
-    items = [(i, None) for i in range(len(rows)) for _ in range(per_recording)]
-    order = rng.permutation(len(items))
-    for start in range(0, len(order), batch_size):
-        xs, owners = [], []
-        for k in order[start:start + batch_size]:
-            i = items[k][0]
-            x = store.load(rows.iloc[i])
-            s = int(rng.integers(0, x.shape[1] - window + 1))
-            xs.append(np.asarray(x[:, s:s + window], dtype=np.float32))
-            owners.append(i)
-        yield torch.from_numpy(np.stack(xs)), np.array(owners)
-
-
-def _predict(model, head, store, rows, window, stride, coords, cfg, device, feats, classes):
+def _predict(run: _Run, head, rows, feats, classes):
     """Per-recording outputs: windows averaged (class probabilities or standardized values)."""
+    model, cfg = run.model, run.cfg
     head.eval()
     model.eval()
     n_out = len(classes) if classes else 1
@@ -282,10 +287,10 @@ def _predict(model, head, store, rows, window, stride, coords, cfg, device, feat
     with torch.no_grad():
         if feats is not None:
             f, owner = feats
-            batches = [(head(f.to(device)), owner)] if len(f) else []
+            batches = [(head(f.to(run.device)), owner)] if len(f) else []
         else:
-            batches = ((head(embed(model, x.to(device), coords, cfg.pooling)), owner)
-                       for x, owner in window_batches(store, rows, window, stride,
+            batches = ((head(embed(model, x.to(run.device), run.coords, cfg.pooling)), owner)
+                       for x, owner in window_batches(run.store, rows, run.window, run.window,
                                                       cfg.batch_size))
         for out, owner in batches:
             out = out.float().softmax(-1) if classes else out.float()
@@ -301,19 +306,34 @@ def _val_loss(pred, target, classes) -> float:
     return float(((pred[:, 0] - target) ** 2).mean())
 
 
+# ---------------------------------------------------------------------------- outputs
+
+
+def _config_json(cfg: FinetuneConfig) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+
+
+def _save_weights(out: Path, head, model, full: bool) -> None:
+    """finetuned.safetensors: the head as `head.*`, the tuned encoder as `encoder.*` (full)."""
+    from safetensors.torch import save_file
+
+    from ..fileio import atomic_path
+
+    state = {f"head.{k}": v.contiguous() for k, v in head.state_dict().items()}
+    if full:
+        state.update({f"encoder.{k}": v.contiguous() for k, v in model.state_dict().items()})
+    with atomic_path(out / "finetuned.safetensors") as tmp:
+        save_file(state, str(tmp))
+
+
 def _write_outputs(cfg, model, head, splits, preds, classes, mu, sd, meta):
     import pandas as pd
-    from safetensors.torch import save_file
 
     from ..fileio import atomic_path, write_bytes_atomic
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    state = {f"head.{k}": v.contiguous() for k, v in head.state_dict().items()}
-    if cfg.mode == "full":
-        state.update({f"encoder.{k}": v.contiguous() for k, v in model.state_dict().items()})
-    with atomic_path(out / "finetuned.safetensors") as tmp:
-        save_file(state, str(tmp))
+    _save_weights(out, head, model, cfg.mode == "full")
     rows = []
     for split in ("val", "test"):
         r = splits[split]
@@ -332,27 +352,55 @@ def _write_outputs(cfg, model, head, splits, preds, classes, mu, sd, meta):
     write_bytes_atomic(out / "finetune.json", json.dumps(meta, indent=2, default=str).encode())
 
 
-def _finetune_forecast(cfg, model, store, splits, window, coords, device, rng,
-                       on_epoch=None) -> dict:
-    """Observe window - horizon timepoints, predict the last `horizon` of every parcel."""
+# ---------------------------------------------------------------------------- forecasting
+
+
+def _forecast_setup(run: _Run):
+    """The forecasting head and the prediction from a window's context tokens:
+    -> (head, predict(x [B, P, window]) -> [B, P, horizon])."""
+    cfg, model = run.cfg, run.model
     if is_released(model):
         raise ConfigError("the forecasting head needs a BrainLM (Family A) model; released "
                           "ViTMAE weights can forecast through their decoder instead")
     ps = model.config.patch_size
-    if cfg.horizon % ps or not ps <= cfg.horizon < window:
+    if cfg.horizon % ps or not ps <= cfg.horizon < run.window:
         raise ConfigError(f"horizon {cfg.horizon} must be a multiple of the patch size {ps} and "
-                          f"shorter than the window {window}")
-    k = cfg.horizon // ps
-    n_ctx = window // ps - k
-    head = ForecastHead(model.config.hidden_size, cfg.horizon).to(device)
-    n_parcels = store.n_parcels
-    ids_ctx = (torch.arange(n_parcels)[:, None] * (window // ps)
-               + torch.arange(n_ctx)[None]).reshape(1, -1).to(device)
+                          f"shorter than the window {run.window}")
+    n_ctx = run.window // ps - cfg.horizon // ps
+    head = ForecastHead(model.config.hidden_size, cfg.horizon).to(run.device)
+    n_parcels = run.store.n_parcels
+    ids_ctx = (torch.arange(n_parcels)[:, None] * (run.window // ps)
+               + torch.arange(n_ctx)[None]).reshape(1, -1).to(run.device)
 
     def predict(x):
-        hidden = model.encode(x, coords, ids_ctx.expand(x.shape[0], -1))
+        hidden = model.encode(x, run.coords, ids_ctx.expand(x.shape[0], -1))
         return head(hidden[:, 1:], n_parcels)
 
+    return head, predict
+
+
+def _forecast_windows(run: _Run, head, predict, rows):
+    """Every window of `rows`: (true futures, predictions [n, P, horizon], subjects), or
+    (None, None, None) when there is none."""
+    ys, ps, owners = [], [], []
+    run.model.eval()
+    head.eval()
+    with torch.no_grad():
+        for x, owner in window_batches(run.store, rows, run.window, run.window,
+                                       run.cfg.batch_size):
+            x = x.to(run.device)
+            ps.append(predict(x).float().cpu().numpy())
+            ys.append(x[:, :, -run.cfg.horizon:].cpu().numpy())
+            owners.append(rows["subject"].to_numpy()[owner].astype(str))
+    if not ys:
+        return None, None, None
+    return np.concatenate(ys), np.concatenate(ps), np.concatenate(owners)
+
+
+def _finetune_forecast(run: _Run, on_epoch=None) -> dict:
+    """Observe window - horizon timepoints, predict the last `horizon` of every parcel."""
+    cfg, model = run.cfg, run.model
+    head, predict = _forecast_setup(run)
     params = layer_groups(model, head, cfg.lr, cfg.layer_decay, cfg.weight_decay) \
         if cfg.mode == "full" else [{"params": head.parameters(), "lr": cfg.lr}]
     if cfg.mode == "probe":
@@ -360,68 +408,44 @@ def _finetune_forecast(cfg, model, store, splits, window, coords, device, rng,
             p.requires_grad_(False)
     opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
 
-    def evaluate(rows):
-        ys, ps_, owners = [], [], []
-        model.eval()
-        head.eval()
-        with torch.no_grad():
-            for x, owner in window_batches(store, rows, window, window, cfg.batch_size):
-                x = x.to(device)
-                ps_.append(predict(x).float().cpu().numpy())
-                ys.append(x[:, :, -cfg.horizon:].cpu().numpy())
-                owners.append(rows["subject"].to_numpy()[owner].astype(str))
-        if not ys:
-            return None, None, None
-        return np.concatenate(ys), np.concatenate(ps_), np.concatenate(owners)
-
-    history, best, best_state, bad = [], None, None, 0
-    for epoch in range(cfg.epochs):
+    def train_epoch():
         model.train(cfg.mode == "full")
         head.train()
-        for x, _ in _random_windows(store, splits["train"], window, cfg.windows_per_recording,
-                                    cfg.batch_size, rng):
-            x = x.to(device)
+        for x, _ in random_windows(run.store, run.splits["train"], run.window,
+                                   cfg.windows_per_recording, cfg.batch_size, run.rng):
+            x = x.to(run.device)
             loss = ((predict(x) - x[:, :, -cfg.horizon:]) ** 2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
-        y, p, _ = evaluate(splits["val"])
-        val_loss = float(((p - y) ** 2).mean())
-        history.append({"epoch": epoch + 1, "val_loss": val_loss})
-        if on_epoch is not None:
-            on_epoch(epoch + 1, val_loss)
-        if best is None or val_loss < best - 1e-6:
-            best, bad = val_loss, 0
-            best_state = ({k2: v.clone() for k2, v in head.state_dict().items()},
-                          {k2: v.clone() for k2, v in model.state_dict().items()})
-        else:
-            bad += 1
-            if bad >= cfg.patience:
-                break
-    head.load_state_dict(best_state[0])
-    model.load_state_dict(best_state[1])
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
 
+    def val_loss():
+        y, p, _ = _forecast_windows(run, head, predict, run.splits["val"])
+        return float(((p - y) ** 2).mean())
+
+    best, history = early_stopping(cfg.epochs, cfg.patience, train_epoch, val_loss,
+                                   [head, model], on_epoch)
+    meta = {"config": _config_json(cfg),
+            "window": run.window, "horizon": cfg.horizon, "best_val_loss": best,
+            "epochs_run": len(history), "history": history,
+            "store": str(Path(cfg.data).resolve()), "model": str(Path(cfg.model).resolve())}
+    _write_forecast(run, head, predict, meta)
+    return meta
+
+
+def _write_forecast(run: _Run, head, predict, meta: dict) -> None:
+    """forecast.npz (val/test windows: true, predicted, subject), the weights, finetune.json."""
     from ..fileio import atomic_path, write_bytes_atomic
 
+    out = Path(run.cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
     arrays = {}
     for split in ("val", "test"):
-        y, p, subjects = evaluate(splits[split])
+        y, p, subjects = _forecast_windows(run, head, predict, run.splits[split])
         if y is not None:  # [windows, P, horizon] and each window's subject (for bootstrap)
             arrays[f"{split}_true"], arrays[f"{split}_pred"] = y, p
             arrays[f"{split}_subject"] = subjects
     with atomic_path(out / "forecast.npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    state = {f"head.{k2}": v.contiguous() for k2, v in head.state_dict().items()}
-    if cfg.mode == "full":
-        state.update({f"encoder.{k2}": v.contiguous() for k2, v in model.state_dict().items()})
-    with atomic_path(out / "finetuned.safetensors") as tmp:
-        save_file(state, str(tmp))
-    meta = {"config": {k2: str(v) if isinstance(v, Path) else v for k2, v in asdict(cfg).items()},
-            "window": window, "horizon": cfg.horizon, "best_val_loss": best,
-            "epochs_run": len(history), "history": history,
-            "store": str(Path(cfg.data).resolve()), "model": str(Path(cfg.model).resolve())}
+    _save_weights(out, head, run.model, run.cfg.mode == "full")
     write_bytes_atomic(out / "finetune.json", json.dumps(meta, indent=2, default=str).encode())
-    return meta

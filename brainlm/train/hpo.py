@@ -97,7 +97,7 @@ def suggest(trial, base: FinetuneConfig) -> dict:
 def tune(base: FinetuneConfig, n_trials: int, study_name: str, storage: str | None = None,
          seed: int = 0, tracking_uri: str | None = None, out: Path | None = None,
          timeout: float | None = None, *, pruner=None, worker: int = 0,
-         total: bool = False) -> dict:
+         total: bool = False, tracker=None) -> dict:
     """Run `n_trials` more trials of study `study_name` (created or loaded) and write
     `<out>/best.json` (`out` defaults to `base.out`; trial `n` writes to `<out>/trial-n`).
     With `total`, `n_trials` is the study's size: only the trials still missing run (finished
@@ -110,11 +110,33 @@ def tune(base: FinetuneConfig, n_trials: int, study_name: str, storage: str | No
     sampler seed derived from (seed, worker, trial count): a resumed search explores on
     instead of repeating its first points. A fresh study with worker 0 uses `seed` itself.
     `pruner` replaces the default `MedianPruner(n_warmup_steps=2)`.
+    `tracker`: the study's MLflow run (the `tune` job's); without it, one is opened in
+    experiment `tune` when `tracking_uri` (or MLFLOW_TRACKING_URI) is set. Every trial is a
+    child run tracked like a `finetune` job.
     Returns the dict written to best.json.
     """
-    import numpy as np
-    import optuna
+    _check_tune_args(n_trials, study_name, timeout, worker)
+    base.validate()
+    url = storage_url(storage)
+    shown = _masked(url)
+    out = Path(out if out is not None else base.out)
+    study, to_run, counted = _load_study(url, shown, study_name, n_trials, seed, worker, total,
+                                         pruner)
+    if tracker is not None:
+        return _optimize(study, base, out, n_trials, to_run, counted, timeout, worker, total,
+                         shown, tracker)
+    from ..tracking import job_run
 
+    summary = {"study_name": study_name, "n_trials": n_trials, "seed": seed,
+               "target": base.target, "task": base.task, "mode": base.mode, "worker": worker,
+               "storage": shown}
+    with job_run("tune", study_name, summary, {"optuna.study_name": study_name},
+                 uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "") as parent:
+        return _optimize(study, base, out, n_trials, to_run, counted, timeout, worker, total,
+                         shown, parent)
+
+
+def _check_tune_args(n_trials, study_name, timeout, worker) -> None:
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
         raise ConfigError(f"n_trials must be an integer >= 1, got {n_trials!r}")
     if not study_name or not str(study_name).strip():
@@ -123,10 +145,12 @@ def tune(base: FinetuneConfig, n_trials: int, study_name: str, storage: str | No
         raise ConfigError(f"timeout must be > 0 seconds, got {timeout}")
     if worker < 0:
         raise ConfigError(f"worker must be >= 0, got {worker}")
-    base.validate()
-    url = storage_url(storage)
-    shown = _masked(url)
-    out = Path(out if out is not None else base.out)
+
+
+def _load_study(url, shown, study_name, n_trials, seed, worker, total, pruner):
+    """(study, trials still to run, the states that count) with its seeded sampler."""
+    import numpy as np
+    import optuna
 
     with _init_lock(url):  # concurrent first-time table creation would race on SQLite
         rdb = _open_storage(url, shown)
@@ -145,48 +169,67 @@ def tune(base: FinetuneConfig, n_trials: int, study_name: str, storage: str | No
     sampler_seed = seed if existing == 0 and worker == 0 else \
         int(np.random.SeedSequence([seed, worker, existing]).generate_state(1)[0])
     study.sampler = optuna.samplers.TPESampler(seed=sampler_seed)
+    return study, to_run, counted
 
-    log = _MlflowLog(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
-    log.start_parent(study_name, {"study_name": study_name, "n_trials": n_trials, "seed": seed,
-                                  "target": base.target, "task": base.task, "mode": base.mode,
-                                  "worker": worker, "storage": shown})
+
+def _optimize(study, base, out, n_trials, to_run, counted, timeout, worker, total, shown,
+              parent) -> dict:
+    import optuna
 
     def objective(trial):
-        params = suggest(trial, base)
+        cfg = replace(base, out=out / TRIAL_FOLDER.format(number=trial.number),
+                      **suggest(trial, base))
         trial.set_user_attr("worker", worker)
-        cfg = replace(base, out=out / TRIAL_FOLDER.format(number=trial.number), **params)
-        log.start_child(trial.number, params)
+        return _trial(trial, cfg, parent)
 
+    if to_run:
+        callbacks = [optuna.study.MaxTrialsCallback(n_trials, states=counted)] if total \
+            else None  # with total, workers sharing the study stop at n_trials together
+        study.optimize(objective, n_trials=to_run, timeout=timeout, n_jobs=1,
+                       gc_after_trial=True, callbacks=callbacks)
+    result = summarize(study, shown)
+    write_bytes_atomic(out / "best.json", json.dumps(result, indent=2).encode())
+    parent.metrics({"n_trials_total": result["n_trials"], "n_complete": result["n_complete"],
+                    "n_pruned": result["n_pruned"]}, step=0)
+    if result["best_value"] is not None:
+        parent.metrics({"best_value": result["best_value"]}, step=0)
+        parent.params({f"best_{k}": v for k, v in result["best_params"].items()})
+        parent.tags({"best_trial": str(result["best_trial"])})
+    return result
+
+
+def _trial(trial, cfg: FinetuneConfig, parent) -> float:
+    """One trial: a child run tracked like a `finetune` job; the validation loss of every
+    epoch goes to the pruner too."""
+    import optuna
+
+    from ..tracking import job_run
+
+    pruned = None
+    with job_run("finetune", f"trial-{trial.number}", cfg,
+                 {"optuna.trial_number": str(trial.number)}, parent=parent) as child:
         def on_epoch(epoch, val_loss):
+            child.metrics({"val_loss": float(val_loss)}, step=epoch)
             trial.report(val_loss, epoch)
-            log.epoch(val_loss, epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {epoch}: val_loss {val_loss:.4g}")
 
         try:
-            value = float(finetune(cfg, on_epoch=on_epoch)["best_val_loss"])
-        except optuna.TrialPruned:
-            log.end_child("PRUNED")
-            raise
+            meta = finetune(cfg, on_epoch=on_epoch)
+        except optuna.TrialPruned as exc:  # a finished run, stopped by the pruner
+            child.tags({"optuna.state": "PRUNED"})
+            pruned = exc
         except BaseException:
-            log.end_child("FAIL")
+            child.tags({"optuna.state": "FAIL"})
             raise
-        log.end_child("COMPLETE" if math.isfinite(value) else "FAIL", value)
-        return value  # NaN: Optuna records a FAIL and carries on
-
-    try:
-        if to_run:
-            callbacks = [optuna.study.MaxTrialsCallback(n_trials, states=counted)] if total \
-                else None  # with total, workers sharing the study stop at n_trials together
-            study.optimize(objective, n_trials=to_run, timeout=timeout, n_jobs=1,
-                           gc_after_trial=True, callbacks=callbacks)
-        result = summarize(study, shown)
-        write_bytes_atomic(out / "best.json", json.dumps(result, indent=2).encode())
-    except BaseException:
-        log.end_parent(None, "FAILED")
-        raise
-    log.end_parent(result, "FINISHED")
-    return result
+        if pruned is None:
+            value = float(meta["best_val_loss"])
+            child.summary({"best_val_loss": value, "epochs_run": meta["epochs_run"],
+                           **({"value": value} if math.isfinite(value) else {})})
+            child.tags({"optuna.state": "COMPLETE" if math.isfinite(value) else "FAIL"})
+    if pruned is not None:
+        raise pruned
+    return value  # NaN: Optuna records a FAIL and carries on
 
 
 def summarize(study, storage: str) -> dict:
@@ -345,75 +388,3 @@ def _is_sqlite(url: str) -> bool:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
-
-
-# ---------------------------------------------------------------------------- MLflow
-
-
-class _MlflowLog:
-    """Parent run for the study, one child per trial; a no-op without a tracking URI (then
-    mlflow is never imported). Children name their parent explicitly (`parent_run_id`)."""
-
-    def __init__(self, uri: str | None):
-        self.active = bool(uri)
-        self.parent_id = None
-        self.child = None
-        if not self.active:
-            return
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        import mlflow
-
-        self.mlflow = mlflow
-        mlflow.set_tracking_uri(uri)
-
-    def start_parent(self, study_name: str, params: dict) -> None:
-        if not self.active:
-            return
-        from ..tracking import experiment_id
-
-        # nested: a caller's active run (e.g. a pipeline step) becomes the grandparent
-        self.experiment_id = experiment_id(self.mlflow, "hpo")
-        run = self.mlflow.start_run(experiment_id=self.experiment_id,
-                                    run_name=study_name,
-                                    nested=True, tags={"optuna.study_name": study_name})
-        self.parent_id = run.info.run_id
-        self.mlflow.log_params({k: str(v) for k, v in params.items()})
-
-    def start_child(self, number: int, params: dict) -> None:
-        if not self.active:
-            return
-        self.child = self.mlflow.start_run(
-            experiment_id=self.experiment_id, run_name=f"trial-{number}",
-            parent_run_id=self.parent_id, nested=True,
-            tags={"optuna.trial_number": str(number)})
-        self.mlflow.log_params(params)
-
-    def epoch(self, val_loss: float, step: int) -> None:
-        if self.child is not None:
-            self.mlflow.log_metric("val_loss", float(val_loss), step=step)
-
-    def end_child(self, state: str, value: float | None = None) -> None:
-        if self.child is None:
-            return
-        if value is not None and math.isfinite(value):
-            self.mlflow.log_metric("value", value)
-        self.mlflow.set_tag("optuna.state", state)
-        self.mlflow.end_run("FAILED" if state == "FAIL" else "FINISHED")
-        self.child = None
-
-    def end_parent(self, result: dict | None, status: str) -> None:
-        if not self.active or self.parent_id is None:
-            return
-        if self.child is not None:  # interrupted inside a trial
-            self.end_child("FAIL")
-        if result is not None:
-            self.mlflow.log_metrics({"n_trials_total": result["n_trials"],
-                                     "n_complete": result["n_complete"],
-                                     "n_pruned": result["n_pruned"]})
-            if result["best_value"] is not None:
-                self.mlflow.log_metric("best_value", result["best_value"])
-                self.mlflow.log_params({f"best_{k}": v for k, v in
-                                        result["best_params"].items()})
-                self.mlflow.set_tag("best_trial", str(result["best_trial"]))
-        self.mlflow.end_run(status)
-        self.parent_id = None

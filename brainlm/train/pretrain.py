@@ -14,14 +14,16 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import ConfigError
 from .config import PretrainConfig
+from .model_card import write_outputs
+from .reconstruction import step_noise
+from .scoring import evaluate, numeric_metrics
 
 LOG_EVERY = 20  # steps between waits for the device (history, MLflow, progress bar)
 
@@ -49,14 +51,6 @@ class _ResumeSampler(torch.utils.data.Sampler):
 
 
 # ---------------------------------------------------------------------------- pieces
-
-
-def step_noise(seed: int, step: int, micro: int, batch: int, length: int, rank: int, world: int):
-    """Mask noise for this rank's share of the global batch [batch, length] at a step."""
-    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, micro])
-                                          .generate_state(1)[0]))
-    noise = torch.rand(batch * world, length, generator=g)
-    return noise[rank::world]
 
 
 def settle(pending: list, lr: float) -> tuple[list[dict], str | None]:
@@ -96,143 +90,6 @@ def param_groups(model, weight_decay: float):
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-COMMON_MASK_RATIO = 0.75  # every run is also scored at this ratio, with the same masks
-COMMON_MASK_SEED = 7919  # ... drawn from this seed, whatever the run's own seed
-RIDGE_WINDOWS = 64  # training windows the ridge baseline is fitted on
-
-
-def _eval_windows(store, split: str, cfg: PretrainConfig, limit: int):
-    from ..data.store import WindowDataset
-
-    ds = WindowDataset(store, split, window=cfg.window, mode="sliding", stride=cfg.window)
-    n = min(len(ds), limit)
-    for start in range(0, n, 16):
-        yield start, torch.stack([torch.from_numpy(ds[i]["signal"])
-                                  for i in range(start, min(n, start + 16))])
-
-
-def _fit_ridge(store, cfg: PretrainConfig, ratio: float, seed: int, model):
-    """The ridge baseline for one masking distribution, fitted on training windows only."""
-    from .reconstruction import RidgeBaseline, token_mask
-
-    ridge, n_patches = RidgeBaseline(), cfg.window // cfg.patch_size
-    for start, x in _eval_windows(store, "train", cfg, RIDGE_WINDOWS):
-        noise = step_noise(seed + 104729, start, 0, len(x), store.n_parcels * n_patches, 0, 1)
-        _, ids_mask = model.masking(len(x), store.n_parcels, n_patches, ratio,
-                                    cfg.mask_strategy, cfg.future_patches, noise, "cpu")
-        ridge.partial_fit(x, token_mask(store.n_parcels, n_patches, ids_mask))
-    return ridge.fit()
-
-
-@torch.no_grad()
-def score_masks(model, store, cfg: PretrainConfig, device, autocast, ratio: float, seed: int,
-                ridge=None, split: str = "val") -> dict:
-    """The model and every baseline of `reconstruction` on the same deterministic windows of
-    `split` under the same masks (ratio, seed). Returns {"r2": {name: R^2}, "mse": model MSE,
-    "windows": n, "example": (x, model recon, best-baseline recon, mask) of the first window}.
-    """
-    from .reconstruction import R2Meter, predict_baselines, time_mask, token_mask
-
-    coords = torch.as_tensor(store.coords, device=device)
-    p, n_patches = store.n_parcels, cfg.window // cfg.patch_size
-    meter, example, n = R2Meter(p), None, 0
-    for start, x in _eval_windows(store, split, cfg, cfg.eval_windows):
-        noise = step_noise(seed, start, 0, len(x), p * n_patches, 0, 1)
-        with autocast():
-            out = model(x.to(device), coords, noise=noise.to(device), mask_ratio=ratio)
-        recon, _ = model.reconstruct(x.to(device), out)
-        m = token_mask(p, n_patches, out.ids_mask.cpu())
-        mask = time_mask(m, cfg.patch_size)
-        meter.add_targets(x, mask)
-        meter.add("model", x, recon.float().cpu(), mask)
-        baselines = predict_baselines(x, m, ridge)
-        for name, pred in baselines.items():
-            meter.add(name, x, pred, mask)
-        if example is None:
-            example = (x[0].numpy(), recon[0].float().cpu().numpy(), baselines, mask[0].numpy())
-        n += len(x)
-    r2 = {name: meter.r2(name) for name in meter.sse}
-    best = max((k for k in r2 if k != "model"), key=lambda k: r2[k])
-    x0, r0, baselines, m0 = example
-    return {"r2": r2, "mse": meter.mse("model"), "windows": n, "best": best,
-            "example": (x0, r0, baselines[best][0].numpy(), m0)}
-
-
-def evaluate(model, store, cfg: PretrainConfig, device, autocast, ridges: dict,
-             split: str = "val") -> dict:
-    """Reconstruction on deterministic validation windows, beside the baselines.
-
-    At the run's own mask ratio (val_*) and at the common ratio every run shares
-    (val_common_*, same masks for every run): the model's R^2 (per parcel over masked values,
-    averaged; not clipped, so worse than the mean is negative), each baseline's R^2 on the
-    same windows and masks, and the gain over the best baseline (> 0: the model has learned
-    more than the baseline knows). `ridges` caches the fitted ridge baselines per ratio.
-    With split="test" the same numbers are named test_* and test_common_*: the held-out check
-    of the finished run (the recipe was chosen on validation).
-    """
-    was_training = model.training
-    model.eval()
-    metrics, example = {}, None
-    plans = [(split, cfg.mask_ratio, cfg.seed + 7919)]
-    if cfg.mask_strategy == "random":
-        plans.append((f"{split}_common", COMMON_MASK_RATIO, COMMON_MASK_SEED))
-    for prefix, ratio, seed in plans:
-        if ratio not in ridges:
-            ridges[ratio] = _fit_ridge(store, cfg, ratio, seed, model)
-        s = score_masks(model, store, cfg, device, autocast, ratio, seed, ridges[ratio], split)
-        r2 = s["r2"]
-        metrics[f"{prefix}_r2"] = r2["model"]
-        if prefix == split:
-            metrics[f"{split}_mse"], metrics[f"{split}_windows"] = s["mse"], s["windows"]
-            example = s["example"]
-        for name in (k for k in r2 if k != "model"):
-            metrics[f"{prefix}_r2_{name}"] = r2[name]
-        metrics[f"{prefix}_r2_best_baseline"] = r2[s["best"]]
-        metrics[f"{prefix}_r2_gain"] = r2["model"] - r2[s["best"]]
-        metrics[f"{prefix}_best_baseline"] = s["best"]
-    model.train(was_training)
-    return {**metrics, "example": example}
-
-
-def numeric_metrics(ev: dict) -> dict:
-    """The numbers of an evaluation (for history, MLflow and metrics.json)."""
-    return {k: v for k, v in ev.items() if k.startswith(("val_", "test_", "probe_", "ari_"))
-            and isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def encoder_yardstick(model, store, cfg: PretrainConfig) -> dict:
-    """Linear probe and zero-shot network ARI of the finished encoder (`analysis.yardstick`),
-    as metrics named the same in every run; a check that cannot run is skipped with the
-    reason printed, never at the cost of the trained model."""
-    from ..analysis.yardstick import linear_probe, network_ari
-
-    out = {}
-    was_training = model.training
-    model.eval()
-    try:
-        if cfg.probe_target:
-            try:
-                pr = linear_probe(model, store, cfg.probe_target, cfg.probe_task, seed=cfg.seed)
-                name = f"probe_{pr['metric']}"
-                out.update({name: pr["value"], f"{name}_low": pr["low"],
-                            f"{name}_high": pr["high"], f"{name}_floor": pr["floor"]})
-            except ConfigError as exc:
-                print(f"linear probe skipped: {exc}")
-        if cfg.networks_truth is not None:
-            from ..analysis.networks import network_labels
-
-            try:
-                ari = network_ari(model, store, network_labels(cfg.networks_truth, store),
-                                  seed=cfg.seed)
-                out.update({"ari_model": ari["model"], "ari_flat_input": ari["flat_input"],
-                            "ari_fc": ari["fc"]})
-            except ConfigError as exc:
-                print(f"network identification skipped: {exc}")
-    finally:
-        model.train(was_training)
-    return out
-
-
 def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history: list) -> None:
     from ..fileio import atomic_path
 
@@ -251,15 +108,42 @@ def load_checkpoint(path: Path):
 # ---------------------------------------------------------------------------- the run
 
 
-def pretrain(cfg: PretrainConfig) -> dict:
+@dataclass
+class Run:
+    """Everything a pretraining run is made of, built before the first step."""
+
+    cfg: PretrainConfig
+    store: object
+    model: object  # BrainLMForPretraining (saved and evaluated)
+    train_model: object  # the same, compiled and/or DDP-wrapped (stepped)
+    optimizer: object
+    scheduler: object
+    train_ds: object
+    sampler: object
+    device: torch.device
+    bf16: bool
+    rank: int
+    world: int
+    micro: int  # windows per process and micro-step
+    steps_per_epoch: int
+    step: int = 0
+    history: list = field(default_factory=list)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    @property
+    def checkpoint(self) -> Path:
+        return Path(self.cfg.out) / "checkpoints" / "last.pt"
+
+
+def build_run(cfg: PretrainConfig) -> Run:
+    """Devices and processes, data, model, optimiser and schedule; resumed from the last
+    checkpoint when asked."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    from torch.utils.data import DataLoader, DistributedSampler
+    from torch.utils.data import DistributedSampler
 
     from ..data.store import BrainStore, WindowDataset
-    from ..model.config import BrainLMConfig
-    from ..model.modeling import BrainLMForPretraining
-    from ..tracking import Tracker
 
     rank, local_rank, world = dist_info()
     cfg.validate(world)
@@ -269,28 +153,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
         device = torch.device(cfg.device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
     torch.manual_seed(cfg.seed)
     store = BrainStore(cfg.data)
     if not len(store.recordings("val")):
         raise ConfigError(f"{cfg.data}: the val split is empty; validation needs held-out "
                           "subjects (preprocess with a val fraction, e.g. --split 0.8,0.1,0.1)")
-    out = Path(cfg.out)
-    ckpt_path = out / "checkpoints" / "last.pt"
-    model_cfg = BrainLMConfig.from_preset(
-        cfg.profile, window=cfg.window, patch_size=cfg.patch_size, mask_ratio=cfg.mask_ratio,
-        mask_strategy=cfg.mask_strategy, future_patches=cfg.future_patches, **cfg.model)
-    model_cfg.parcel_coords = store.coords.round(3).tolist()
-    model_cfg.atlas = store.meta.get("atlas")
-    model_cfg.atlas_hash = store.meta.get("atlas_hash")
-    model = BrainLMForPretraining(model_cfg).to(device)
-    model.set_sdpa_kernel(cfg.attention_kernel)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+    model = _build_model(cfg, store).to(device)
     micro = cfg.batch_size // world // cfg.grad_accum
     train_ds = WindowDataset(store, "train", window=cfg.window, mode="random",
                              windows_per_recording=cfg.windows_per_recording, seed=cfg.seed)
@@ -306,261 +174,175 @@ def pretrain(cfg: PretrainConfig) -> dict:
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.max_steps // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, warmup, cfg.max_steps, cfg.min_lr_ratio))
-    step, history = 0, []
-    if cfg.resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, history = int(state["step"]), json.loads(state["history"])
-    elif cfg.resume and rank == 0:
-        print(f"no checkpoint at {ckpt_path}: starting from step 0")
-    train_model = model
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    run = Run(cfg, store, model, model, optimizer, scheduler, train_ds, sampler, device, bf16,
+              rank, world, micro, steps_per_epoch)
+    _resume(run)
     if cfg.compile:
-        train_model = torch.compile(model)
+        run.train_model = torch.compile(model)
     if world > 1:
-        train_model = DDP(train_model, device_ids=[local_rank] if device.type == "cuda" else None)
-    coords = torch.as_tensor(store.coords, device=device)
-    length = store.n_parcels * (cfg.window // cfg.patch_size)
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model.masking(1, store.n_parcels, cfg.window // cfg.patch_size, cfg.mask_ratio,
-                  cfg.mask_strategy, cfg.future_patches, None, "cpu")  # refuses all/none masked
-    tracker = Tracker("pretrain", run_name=f"{cfg.profile}-mask{cfg.mask_ratio:g}",
-                      uri=cfg.tracking_uri, enabled=rank == 0)
-    try:
-        tracker.params({**{k: v for k, v in asdict(cfg).items() if k not in ("extra",)},
-                        "lr": cfg.lr, "n_parameters": sum(p.numel() for p in model.parameters()),
-                        "atlas_hash": model.config.atlas_hash, **cfg.extra})
-
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress or rank != 0,
-                   desc=f"pretrain {cfg.profile} mask {cfg.mask_ratio:g}", dynamic_ncols=True)
-        last_eval: dict = {}
-        ridges: dict = {}  # mask ratio -> ridge baseline fitted on training windows
-        iterator, epoch = None, None
-        stop_at = cfg.max_steps if cfg.stop_after is None else min(cfg.max_steps,
-                                                                     step + cfg.stop_after)
-        model.train()
-        t0, windows_done = time.perf_counter(), 0
-        pending: list = []  # (step, loss, grad norm, lr) still on the device
-        while step < stop_at:
-            if epoch != step // steps_per_epoch or iterator is None:
-                epoch = step // steps_per_epoch
-                sampler.set_epoch(epoch)
-                train_ds.set_epoch(epoch)
-                skip = (step % steps_per_epoch) * micro * cfg.grad_accum
-                loader = DataLoader(train_ds, batch_size=micro, sampler=_ResumeSampler(sampler, skip),
-                                    num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                                    drop_last=True, persistent_workers=False)
-                iterator = iter(loader)
-            loss_sum = torch.zeros((), device=device)
-            for m in range(cfg.grad_accum):
-                batch = next(iterator)
-                x = batch["signal"].to(device, non_blocking=True)
-                noise = step_noise(cfg.seed, step, m, micro, length, rank, world)
-                if device.type == "cuda":
-                    noise = noise.pin_memory()
-                noise = noise.to(device, non_blocking=True)
-                sync = m == cfg.grad_accum - 1 or world == 1
-                with train_model.no_sync() if (world > 1 and not sync) else nullcontext():
-                    with autocast():
-                        loss = train_model(x, coords, noise=noise).loss / cfg.grad_accum
-                    loss.backward()
-                loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if world > 1:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            step += 1
-            windows_done += cfg.batch_size
-            pending.append((step, loss_sum, grad_norm, scheduler.get_last_lr()[0]))
-            bar.update(1)
-            eval_due = step % cfg.eval_every == 0 or step == cfg.max_steps
-            ckpt_due = step % cfg.ckpt_every == 0 or step == stop_at
-            evaluating, saving = rank == 0 and eval_due, rank == 0 and ckpt_due
-            # every rank settles at the same steps, so all stop together on a bad loss
-            if len(pending) >= LOG_EVERY or eval_due or ckpt_due:
-                records, problem = settle(pending, cfg.lr)  # the only wait for the device
-                pending.clear()
-                history.extend(records)
-                tracker.metrics_steps([(r["step"], {k: v for k, v in r.items() if k != "step"})
-                                       for r in records])
-                if problem:
-                    raise ConfigError(problem)
-                rate = windows_done / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", win_s=f"{rate:.1f}")
-            if evaluating:
-                ev = evaluate(model, store, cfg, device, autocast, ridges)
-                last_eval = ev
-                val = numeric_metrics(ev)
-                history[-1].update(val)
-                tracker.metrics(val, step=step)
-            if saving:
-                save_checkpoint(ckpt_path, model, optimizer, scheduler, step, history)
-        bar.close()
-
-        result = {"step": step, "finished": step >= cfg.max_steps, "history": history}
-        if rank == 0 and step >= cfg.max_steps:
-            if not last_eval:
-                last_eval = evaluate(model, store, cfg, device, autocast, ridges)
-            if len(store.recordings("test")):  # the held-out check, once, at the end
-                held_out = evaluate(model, store, cfg, device, autocast, ridges, split="test")
-                last_eval = {**last_eval, **{k: v for k, v in held_out.items()
-                                             if k.startswith("test_")}}
-            _write_outputs(model, store, cfg, out, history, last_eval, tracker)
-            result["metrics"] = numeric_metrics(last_eval)
-        tracker.end()
-        if world > 1:
-            dist.barrier()
-            dist.destroy_process_group()
-        return result
-    except BaseException:
-        tracker.end("FAILED")  # a crashed run must not stay RUNNING in MLflow
-        raise
+        run.train_model = DDP(run.train_model,
+                              device_ids=[local_rank] if device.type == "cuda" else None)
+    return run
 
 
-def _write_outputs(model, store, cfg: PretrainConfig, out: Path, history, last_eval, tracker):
-    """save_pretrained folder + scaler + model card + metrics/history + reconstruction plot."""
-    import shutil
+def _build_model(cfg: PretrainConfig, store):
+    from ..model.config import BrainLMConfig
+    from ..model.modeling import BrainLMForPretraining
 
-    from ..fileio import sha256_file, write_bytes_atomic
-
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    shutil.copyfile(store.path / "scaler.safetensors", out / "scaler.safetensors")
-    metrics = {k: v for k, v in last_eval.items() if k.startswith(("val_", "test_"))}
-    metrics.update(encoder_yardstick(model, store, cfg))
-    metrics.update(step=history[-1]["step"], train_loss=history[-1]["loss"])
-    write_bytes_atomic(out / "metrics.json", json.dumps(metrics, indent=2).encode())
-    write_bytes_atomic(out / "history.json", json.dumps(history).encode())
-    names = store.parcels["name"].tolist()
-    if last_eval.get("example") is not None:
-        from ..analysis.reconstruction import plot_reconstruction
-
-        x, recon, base, mask = last_eval["example"]
-        plot_reconstruction(x, recon, out / "reconstruction.png", names=names, mask=mask,
-                            baseline=base, baseline_name=f"{last_eval['val_best_baseline']} "
-                                                         "(best baseline)")
-    card = model_card(model, store, cfg, metrics, sha256_file(out / "scaler.safetensors"))
-    write_bytes_atomic(out / "README.md", card.encode())
-    tracker.metrics(numeric_metrics(metrics), step=metrics["step"])
-    tracker.tags({"best_baseline": str(metrics.get("val_best_baseline")),
-                  "learned": str(metrics.get("val_r2_gain", float("nan")) > 0)})
-    tracker.artifacts(out, "model")
+    model_cfg = BrainLMConfig.from_preset(
+        cfg.profile, window=cfg.window, patch_size=cfg.patch_size, mask_ratio=cfg.mask_ratio,
+        mask_strategy=cfg.mask_strategy, future_patches=cfg.future_patches, **cfg.model)
+    model_cfg.parcel_coords = store.coords.round(3).tolist()
+    model_cfg.atlas = store.meta.get("atlas")
+    model_cfg.atlas_hash = store.meta.get("atlas_hash")
+    model = BrainLMForPretraining(model_cfg)
+    model.set_sdpa_kernel(cfg.attention_kernel)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    n_patches = cfg.window // cfg.patch_size
+    model.masking(1, store.n_parcels, n_patches, cfg.mask_ratio, cfg.mask_strategy,
+                  cfg.future_patches, None, "cpu")  # refuses all/none masked
+    return model
 
 
-BASELINE_WORDS = {
-    "zero": "zero (the training median)",
-    "parcel_mean": "the parcel's own visible patches (mean)",
-    "parcel_interp": "the parcel's own visible patches (linear interpolation in time)",
-    "same_time": "the visible parcels at the same time patch (mean)",
-    "ridge": "ridge on the visible tokens (fitted on training windows)",
-}
+def _resume(run: Run) -> None:
+    if run.cfg.resume and run.checkpoint.exists():
+        state = load_checkpoint(run.checkpoint)
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.step, run.history = int(state["step"]), json.loads(state["history"])
+    elif run.cfg.resume and run.rank == 0:
+        print(f"no checkpoint at {run.checkpoint}: starting from step 0")
 
 
-def recon_table(metrics: dict) -> str:
-    """Markdown: model and baselines at the run's own mask ratio and at the common one."""
-    cols = [("val", "val, own mask ratio"), ("val_common", f"val, common mask {COMMON_MASK_RATIO:g}"),
-            ("test", "test, own mask ratio"), ("test_common", f"test, common mask {COMMON_MASK_RATIO:g}")]
-    cols = [(k, h) for k, h in cols if f"{k}_r2" in metrics]
-    fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
-    rows = [f"| predictor | {' | '.join(h for _, h in cols)} |", "|---" * (len(cols) + 1) + "|",
-            f"| **BrainLM** | {' | '.join(fmt(metrics.get(f'{k}_r2')) for k, _ in cols)} |"]
-    for name, words in BASELINE_WORDS.items():
-        rows.append(f"| {words} | {' | '.join(fmt(metrics.get(f'{k}_r2_{name}')) for k, _ in cols)} |")
-    rows.append(f"| gain over the best baseline | "
-                f"{' | '.join(fmt(metrics.get(f'{k}_r2_gain')) for k, _ in cols)} |")
-    return "\n".join(rows) + "\n"
+def _batches(run: Run):
+    """Micro-batches from the current step on, epoch after epoch (a resumed run starts
+    mid-epoch exactly where the uninterrupted one was)."""
+    from torch.utils.data import DataLoader
+
+    cfg = run.cfg
+    while True:
+        epoch = run.step // run.steps_per_epoch
+        run.sampler.set_epoch(epoch)
+        run.train_ds.set_epoch(epoch)
+        skip = (run.step % run.steps_per_epoch) * run.micro * cfg.grad_accum
+        loader = DataLoader(run.train_ds, batch_size=run.micro,
+                            sampler=_ResumeSampler(run.sampler, skip), num_workers=cfg.workers,
+                            pin_memory=run.device.type == "cuda", drop_last=True,
+                            persistent_workers=False)
+        for batch in loader:
+            if run.step // run.steps_per_epoch != epoch:
+                break  # the epoch's last full step is done: the leftover windows are dropped
+            yield epoch, batch
 
 
-def encoder_table(metrics: dict, cfg: PretrainConfig) -> str:
-    """Markdown: the probe and network checks of the frozen encoder (empty if none ran)."""
-    lines = []
-    for name in ("probe_r2", "probe_roc_auc"):
-        if name in metrics:
-            lines.append(f"| linear probe of {cfg.probe_target} ({name[6:]}, test subjects, 95 % "
-                         f"CI) | {metrics[name]:.3f} [{metrics[name + '_low']:.3f}, "
-                         f"{metrics[name + '_high']:.3f}]; training-mean/majority "
-                         f"{metrics[name + '_floor']:.3f} |")
-    if "ari_model" in metrics:
-        lines.append(f"| zero-shot networks (ARI vs known networks) | model "
-                     f"{metrics['ari_model']:.3f}; flat-input control "
-                     f"{metrics['ari_flat_input']:.3f}; raw FC {metrics['ari_fc']:.3f} |")
-    if not lines:
-        return ""
-    return ("## As a frozen encoder\n| check | result |\n|---|---|\n" + "\n".join(lines)
-            + "\n")
+def train_step(run: Run, batches, coords, length: int):
+    """One optimiser step over grad_accum micro-batches; (loss, grad norm) stay on the device."""
+    import torch.distributed as dist
+
+    cfg, world = run.cfg, run.world
+    loss_sum = torch.zeros((), device=run.device)
+    for m in range(cfg.grad_accum):
+        _, batch = next(batches)
+        x = batch["signal"].to(run.device, non_blocking=True)
+        noise = step_noise(cfg.seed, run.step, m, run.micro, length, run.rank, world)
+        if run.device.type == "cuda":
+            noise = noise.pin_memory()
+        noise = noise.to(run.device, non_blocking=True)
+        sync = m == cfg.grad_accum - 1 or world == 1
+        with run.train_model.no_sync() if (world > 1 and not sync) else nullcontext():
+            with run.autocast():
+                loss = run.train_model(x, coords, noise=noise).loss / cfg.grad_accum
+            loss.backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if world > 1:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    run.step += 1
+    return loss_sum, grad_norm
 
 
-def verdict(metrics: dict) -> str:
-    gain = metrics.get("val_r2_gain")
-    if gain is None:
-        return ""
-    best = BASELINE_WORDS.get(metrics.get("val_best_baseline"), "the best baseline")
-    if gain > 0:
-        return (f"**The model beats every baseline** (R^2 gain {gain:+.4f} over {best}).")
-    return (f"**The model has not learned yet**: it does not beat {best} (R^2 gain {gain:+.4f}); "
-            "whatever its loss says, it knows no more than that baseline.")
+def train(run: Run, tracker) -> dict:
+    """The step loop up to max_steps (or stop_after more steps): history, periodic
+    validation and checkpoints. Returns the last evaluation (empty if none ran)."""
+    from tqdm.auto import tqdm
+
+    cfg, model = run.cfg, run.model
+    bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not cfg.progress or run.rank != 0,
+               desc=f"pretrain {cfg.profile} mask {cfg.mask_ratio:g}", dynamic_ncols=True)
+    coords = torch.as_tensor(run.store.coords, device=run.device)
+    length = run.store.n_parcels * (cfg.window // cfg.patch_size)
+    stop_at = cfg.max_steps if cfg.stop_after is None else min(cfg.max_steps,
+                                                                 run.step + cfg.stop_after)
+    last_eval, ridges, pending = {}, {}, []  # ridges: mask ratio -> fitted ridge baseline
+    batches = _batches(run)
+    model.train()
+    t0, windows_done = time.perf_counter(), 0
+    while run.step < stop_at:
+        loss, grad_norm = train_step(run, batches, coords, length)
+        step = run.step
+        windows_done += cfg.batch_size
+        pending.append((step, loss, grad_norm, run.scheduler.get_last_lr()[0]))
+        bar.update(1)
+        eval_due = step % cfg.eval_every == 0 or step == cfg.max_steps
+        ckpt_due = step % cfg.ckpt_every == 0 or step == stop_at
+        # every rank settles at the same steps, so all stop together on a bad loss
+        if len(pending) >= LOG_EVERY or eval_due or ckpt_due:
+            records, problem = settle(pending, cfg.lr)  # the only wait for the device
+            pending.clear()
+            run.history.extend(records)
+            tracker.metrics_steps([(r["step"], {k: v for k, v in r.items() if k != "step"})
+                                   for r in records])
+            if problem:
+                raise ConfigError(problem)
+            rate = windows_done / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", win_s=f"{rate:.1f}")
+        if run.rank == 0 and eval_due:
+            last_eval = evaluate(model, run.store, cfg, run.device, run.autocast, ridges)
+            val = numeric_metrics(last_eval)
+            run.history[-1].update(val)
+            tracker.metrics(val, step=step)
+        if run.rank == 0 and ckpt_due:
+            save_checkpoint(run.checkpoint, model, run.optimizer, run.scheduler, step,
+                            run.history)
+    bar.close()
+    return {**last_eval, "ridges": ridges}
 
 
-def model_card(model, store, cfg: PretrainConfig, metrics: dict, scaler_hash: str) -> str:
-    c = model.config
-    n_params = sum(p.numel() for p in model.parameters())
-    splits = store.meta.get("splits", {})
-    split_rows = "\n".join(f"| {s} | {v['subjects']} | {v['recordings']} |"
-                           for s, v in splits.items())
-    return f"""---
-library_name: transformers
-license: apache-2.0
-tags: [brainlm, fmri, masked-autoencoder]
----
-# BrainLM ({cfg.profile}, mask ratio {cfg.mask_ratio:g})
+def pretrain(cfg: PretrainConfig, tracker=None) -> dict:
+    """Build the run, train it, and when it reaches max_steps score it (validation, then the
+    held-out test split once) and write the model folder. `tracker`: the job's MLflow run
+    (`tracking.job_run`); None tracks nothing."""
+    import torch.distributed as dist
 
-Masked-autoencoder transformer pretrained on parcellated fMRI with the `brainlm` package.
+    from ..tracking import Tracker
 
-```python
-from brainlm.model.modeling import BrainLMForPretraining
-model = BrainLMForPretraining.from_pretrained("<this folder>")
-emb = model.embed(windows)  # windows: float32 [batch, {store.n_parcels}, {c.window}], scaled with scaler.safetensors
-```
-
-## Shape
-| | |
-|---|---|
-| parameters | {n_params:,} |
-| tokens | {store.n_parcels} parcels x {c.num_patches} patches of {c.patch_size} timepoints |
-| encoder | {c.hidden_size} wide, {c.num_hidden_layers} layers, {c.num_attention_heads} heads, MLP {c.intermediate_size} |
-| decoder | {c.decoder_hidden_size} wide, {c.decoder_num_hidden_layers} layers, {c.decoder_num_attention_heads} heads, MLP {c.decoder_intermediate_size} |
-| masking | {c.mask_strategy}, ratio {c.mask_ratio:g}{f", future patches {c.future_patches}" if c.mask_strategy == "future" else ""} |
-
-## Data
-| split | subjects | recordings |
-|---|---|---|
-{split_rows}
-
-Atlas {store.meta.get("atlas")} (hash `{store.meta.get("atlas_hash")}`), TR {store.tr:g} s,
-store `{store.path}`. Inputs must be scaled with `scaler.safetensors` (sha256 `{scaler_hash[:16]}`),
-fitted on the training subjects only; the parcel coordinates are saved in `config.json`.
-
-## Training
-{cfg.max_steps} steps, batch {cfg.batch_size}, AdamW (lr {cfg.lr:.2e} = base x batch / 256,
-weight decay {cfg.weight_decay}), cosine schedule with warmup, gradient clipping {cfg.clip_grad}, seed {cfg.seed}.
-
-## Validation (deterministic windows, fixed masks)
-R^2 per parcel over the masked values, averaged over parcels (not clipped), for this model and
-for baselines that see the same visible patches of the same windows under the same masks.
-{verdict(metrics)}
-
-{recon_table(metrics)}
-Reconstruction MSE (masked patches) {metrics.get("val_mse", float("nan")):.4f}; final training
-loss {metrics.get("train_loss", float("nan")):.4f}.
-
-{encoder_table(metrics, cfg)}
-## Licence
-Code: Apache-2.0. These weights were trained on the data named above: their use is bound by
-that data's terms. Upstream BrainLM's released weights are CC BY-NC-ND 4.0; this model does
-not contain them.
-"""
+    tracker = tracker or Tracker("pretrain", enabled=False)
+    run = build_run(cfg)
+    tracker.params({"lr": cfg.lr, "n_parameters": sum(p.numel() for p in run.model.parameters()),
+                    "atlas_hash": run.model.config.atlas_hash})
+    last_eval = train(run, tracker)
+    ridges = last_eval.pop("ridges")
+    result = {"step": run.step, "finished": run.step >= cfg.max_steps, "history": run.history}
+    if run.rank == 0 and run.step >= cfg.max_steps:
+        if not last_eval:
+            last_eval = evaluate(run.model, run.store, cfg, run.device, run.autocast, ridges)
+        if len(run.store.recordings("test")):  # the held-out check, once, at the end
+            held_out = evaluate(run.model, run.store, cfg, run.device, run.autocast, ridges,
+                                split="test")
+            last_eval = {**last_eval, **{k: v for k, v in held_out.items()
+                                         if k.startswith("test_")}}
+        write_outputs(run.model, run.store, cfg, Path(cfg.out), run.history, last_eval,
+                      tracker)
+        result["metrics"] = numeric_metrics(last_eval)
+    if run.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result

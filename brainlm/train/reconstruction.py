@@ -8,12 +8,19 @@ less. Every predictor here sees exactly what the model sees (the visible patches
 and is scored by one `R2Meter` with the model's R^2 definition.
 
 Shapes: windows x [B, P, T] (scaled), token masks m [B, P, N] (True = masked, N = T / patch);
-every predictor returns [B, P, T] (only its masked entries are scored).
+every predictor returns [B, P, T] (only its masked entries are scored). The per-step mask noise
+and the reconstruction plot (model beside its best baseline) live here too.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
+
+from ..errors import ConfigError
+from ..fileio import save_figure
 
 BASELINES = ("zero", "parcel_mean", "parcel_interp", "same_time", "ridge")
 
@@ -164,3 +171,62 @@ def predict_baselines(x: torch.Tensor, m: torch.Tensor,
     if ridge is not None:
         preds["ridge"] = ridge.predict(x, m, preds)
     return preds
+
+
+def step_noise(seed: int, step: int, micro: int, batch: int, length: int, rank: int, world: int):
+    """Mask noise for this rank's share of the global batch [batch, length] at a step."""
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, micro])
+                                          .generate_state(1)[0]))
+    noise = torch.rand(batch * world, length, generator=g)
+    return noise[rank::world]
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def r2_per_parcel(x: np.ndarray, recon: np.ndarray) -> np.ndarray:
+    """[P]: 1 - SSE / SST around each parcel's mean (nan where the parcel is constant)."""
+    x = np.asarray(x, np.float64)
+    sse = ((x - recon) ** 2).sum(1)
+    sst = ((x - x.mean(1, keepdims=True)) ** 2).sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(sst > 0, 1.0 - sse / sst, np.nan)
+
+
+def plot_reconstruction(x, recon, path, parcels=(0, 1, 2, 3), names=None, mask=None,
+                        baseline=None, baseline_name: str = "baseline") -> Path:
+    """PNG of input vs reconstruction for a few parcels. With `mask` [P, T] (True where the
+    value was predicted) only predicted spans are drawn and they are shaded; `baseline` [P, T]
+    draws a baseline's prediction of the same patches beside the model's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x, recon = np.asarray(x), np.asarray(recon)
+    if x.shape != recon.shape or x.ndim != 2:
+        raise ConfigError(f"x {x.shape} and recon {recon.shape} must be the same [parcels, time]")
+    parcels = [int(p) for p in parcels]
+    if not parcels or not all(0 <= p < x.shape[0] for p in parcels):
+        raise ConfigError(f"parcels {parcels} must be between 0 and {x.shape[0] - 1}")
+    r2 = r2_per_parcel(x, recon)
+    r2_base = None if baseline is None else r2_per_parcel(x, np.asarray(baseline))
+    t = np.arange(x.shape[1])
+    fig, axes = plt.subplots(len(parcels), 1, figsize=(10, 1.8 * len(parcels)), sharex=True,
+                             squeeze=False)
+    for ax, p in zip(axes[:, 0], parcels):
+        ax.plot(t, x[p], color="0.3", lw=1, label="input")
+        shown = recon[p] if mask is None else np.where(mask[p], recon[p], np.nan)
+        ax.plot(t, shown, color="C3", lw=1.1, label="reconstruction")
+        if baseline is not None:
+            base = baseline[p] if mask is None else np.where(mask[p], baseline[p], np.nan)
+            ax.plot(t, base, color="C0", lw=0.9, ls="--", label=baseline_name)
+        if mask is not None:
+            ax.fill_between(t, x[p].min(), x[p].max(), where=mask[p], color="C3", alpha=0.08)
+        label = names[p] if names is not None else f"parcel {p}"
+        score = f"R2 {r2[p]:.2f}" if r2_base is None else f"R2 {r2[p]:.2f} / {r2_base[p]:.2f}"
+        ax.set_ylabel(f"{label}\n{score}", fontsize=8)
+    axes[0, 0].legend(loc="upper right", fontsize=8)
+    axes[-1, 0].set_xlabel("timepoint (every value predicted while masked)" if mask is None
+                           else "timepoint (masked patches shaded)")
+    return save_figure(fig, path)

@@ -1,0 +1,198 @@
+"""A job's settings from the command line or from its params.yaml block, built from its config
+dataclass: the dataclass holds each setting's one default and type, an `Option` names the
+setting once for both places (`--batch-size` on the command line is `batch_size:` in
+params.yaml) and carries the help text and the bounds checked on the way in."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Option:
+    path: str  # field of the config; "settings.target_tr" for a nested dataclass's field
+    flag: str | None = None  # default: --<field-name-with-dashes>
+    help: str = ""
+    choices: tuple | None = None
+    low: float | None = None  # inclusive bounds, checked for flags and params.yaml alike
+    high: float | None = None
+    positive: bool = False  # > 0 (a float) or >= 1 (an int)
+    parse: typing.Callable | None = None  # text -> value, for tuples and the like
+
+    @property
+    def name(self) -> str:
+        return (self.flag or "--" + self.path.rsplit(".", 1)[-1].replace("_", "-"))[2:]
+
+    @property
+    def key(self) -> str:
+        """The params.yaml key: the flag without dashes, `no-` dropped."""
+        name = self.name[3:] if self.name.startswith("no-") else self.name
+        return name.replace("-", "_")
+
+
+def _field(cls, path: str):
+    """(field, resolved type) of a dotted path through nested config dataclasses."""
+    head, _, rest = path.partition(".")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if head not in fields:
+        raise KeyError(f"{cls.__name__} has no field '{head}'")
+    kind = typing.get_type_hints(cls)[head]
+    if rest:
+        return _field(kind, rest)
+    return fields[head], kind
+
+
+def default(cls, path: str):
+    """The dataclass default of a field (MISSING when it has none)."""
+    f, _ = _field(cls, path)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _base_type(kind):
+    """int for `int | None`, Path for `Path | None`, ..."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, getattr(__import__("types"), "UnionType")):
+        return args[0] if len(args) == 1 else str
+    return typing.get_origin(kind) or kind
+
+
+def check(option: Option, value, where: str = ""):
+    """`value` checked against the option's choices and bounds, or a ConfigError naming it
+    (`where`: the params.yaml key; argparse names the flag itself)."""
+    if value is None:
+        return value
+    problem = None
+    if option.choices and value not in option.choices:
+        problem = f"'{value}' is not one of {', '.join(map(str, option.choices))}"
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        low = (1 if isinstance(value, int) else None) if option.positive else option.low
+        if isinstance(value, float) and not math.isfinite(value):
+            problem = f"{value} is not a finite number"
+        elif option.positive and isinstance(value, float) and not value > 0:
+            problem = f"{value:g} must be > 0"
+        elif low is not None and value < low:
+            problem = f"{value:g} must be >= {low:g}"
+        elif option.high is not None and value > option.high:
+            problem = f"{value:g} must be <= {option.high:g}"
+    if problem:
+        raise ConfigError(f"{where}: {problem}" if where else problem)
+    return value
+
+
+def _converter(option: Option, kind):
+    base = _base_type(kind)
+
+    def convert(text):
+        if option.parse is not None:
+            value = option.parse(text)
+        elif base is bool:
+            value = bool(text)
+        elif base in (int, float, str, Path):
+            try:
+                value = base(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"'{text}' is not {'an integer' if base is int else 'a number'}") from None
+        else:
+            value = text
+        try:
+            return check(option, value)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
+
+
+def add_arguments(parser, cls, options: list[Option]) -> None:
+    """One flag per option, its default and type from `cls`."""
+    for option in options:
+        f, kind = _field(cls, option.path)
+        value = default(cls, option.path)
+        dest = option.path
+        if _base_type(kind) is bool:
+            action = "store_false" if option.name.startswith("no-") else "store_true"
+            parser.add_argument(f"--{option.name}", dest=dest, action=action, help=option.help,
+                                default=value)
+            continue
+        extra = {"nargs": "+"} if _base_type(kind) is list else {}
+        shown = "" if value in (dataclasses.MISSING, None, "") or "default" in option.help \
+            else f" (default {_show(value)})"
+        parser.add_argument(f"--{option.name}", dest=dest, type=_converter(option, kind),
+                            required=value is dataclasses.MISSING,
+                            default=None if value is dataclasses.MISSING else value,
+                            choices=None, help=option.help + shown, **extra)
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def build(cls, values: dict, fixed: dict | None = None):
+    """A config from {dotted path: value} (nested dataclasses assembled from their fields)."""
+    values = {**values, **(fixed or {})}
+    top, nested = {}, {}
+    for path, value in values.items():
+        head, _, rest = path.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            top[head] = value
+    hints = typing.get_type_hints(cls)
+    for head, inner in nested.items():
+        top[head] = build(hints[head], inner)
+    return cls(**top)
+
+
+def from_args(cls, options: list[Option], args, fixed: dict | None = None):
+    return build(cls, {o.path: getattr(args, o.path) for o in options}, fixed)
+
+
+def from_block(cls, options: list[Option], block: dict | None, where: str,
+               fixed: dict | None = None):
+    """A config from a params.yaml block, whose keys are the options' keys."""
+    by_key = {o.key: o for o in options}
+    values = {}
+    for key, value in (block or {}).items():
+        if key not in by_key:
+            raise ConfigError(f"params.yaml {where}: unknown setting '{key}' (known: "
+                              f"{', '.join(sorted(by_key))})")
+        option = by_key[key]
+        _, kind = _field(cls, option.path)
+        base = _base_type(kind)
+        if base is tuple and isinstance(value, list):
+            value = tuple(value)
+        elif base is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif base is Path and isinstance(value, str):
+            value = Path(value)
+        values[option.path] = check(option, value, f"params.yaml {where}.{key}")
+    return build(cls, values, fixed)
+
+
+# ---------------------------------------------------------------------------- parsers
+
+
+def fractions(text: str) -> tuple:
+    try:
+        parts = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not three comma-separated numbers") from None
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"'{text}' needs three values: train,val,test")
+    return parts
+
+
+def names(text: str) -> tuple:
+    return tuple(c.strip() for c in text.split(",") if c.strip())

@@ -1,0 +1,156 @@
+"""What a finished pretraining run leaves behind: the save_pretrained folder with scaler,
+metrics, history, reconstruction plot and a model card (a README.md that says plainly whether
+the model beats its baselines)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import PretrainConfig
+from .scoring import COMMON_MASK_RATIO, encoder_yardstick, numeric_metrics
+
+def write_outputs(model, store, cfg: PretrainConfig, out: Path, history, last_eval, tracker):
+    """save_pretrained folder + scaler + model card + metrics/history + reconstruction plot."""
+    import shutil
+
+    from ..fileio import sha256_file, write_bytes_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    shutil.copyfile(store.path / "scaler.safetensors", out / "scaler.safetensors")
+    metrics = {k: v for k, v in last_eval.items() if k.startswith(("val_", "test_"))}
+    metrics.update(encoder_yardstick(model, store, cfg))
+    metrics.update(step=history[-1]["step"], train_loss=history[-1]["loss"])
+    write_bytes_atomic(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+    write_bytes_atomic(out / "history.json", json.dumps(history).encode())
+    names = store.parcels["name"].tolist()
+    if last_eval.get("example") is not None:
+        from .reconstruction import plot_reconstruction
+
+        x, recon, base, mask = last_eval["example"]
+        plot_reconstruction(x, recon, out / "reconstruction.png", names=names, mask=mask,
+                            baseline=base, baseline_name=f"{last_eval['val_best_baseline']} "
+                                                         "(best baseline)")
+    card = model_card(model, store, cfg, metrics, sha256_file(out / "scaler.safetensors"))
+    write_bytes_atomic(out / "README.md", card.encode())
+    logged = history[-1]  # the last evaluation step's numbers are in MLflow already
+    tracker.metrics({k: v for k, v in numeric_metrics(metrics).items() if k not in logged},
+                    step=metrics["step"])
+    tracker.tags({"best_baseline": str(metrics.get("val_best_baseline")),
+                  "learned": str(metrics.get("val_r2_gain", float("nan")) > 0)})
+    tracker.artifacts(out, "model")
+
+
+BASELINE_WORDS = {
+    "zero": "zero (the training median)",
+    "parcel_mean": "the parcel's own visible patches (mean)",
+    "parcel_interp": "the parcel's own visible patches (linear interpolation in time)",
+    "same_time": "the visible parcels at the same time patch (mean)",
+    "ridge": "ridge on the visible tokens (fitted on training windows)",
+}
+
+
+def recon_table(metrics: dict) -> str:
+    """Markdown: model and baselines at the run's own mask ratio and at the common one."""
+    cols = [("val", "val, own mask ratio"), ("val_common", f"val, common mask {COMMON_MASK_RATIO:g}"),
+            ("test", "test, own mask ratio"), ("test_common", f"test, common mask {COMMON_MASK_RATIO:g}")]
+    cols = [(k, h) for k, h in cols if f"{k}_r2" in metrics]
+    fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+    rows = [f"| predictor | {' | '.join(h for _, h in cols)} |", "|---" * (len(cols) + 1) + "|",
+            f"| **BrainLM** | {' | '.join(fmt(metrics.get(f'{k}_r2')) for k, _ in cols)} |"]
+    for name, words in BASELINE_WORDS.items():
+        rows.append(f"| {words} | {' | '.join(fmt(metrics.get(f'{k}_r2_{name}')) for k, _ in cols)} |")
+    rows.append(f"| gain over the best baseline | "
+                f"{' | '.join(fmt(metrics.get(f'{k}_r2_gain')) for k, _ in cols)} |")
+    return "\n".join(rows) + "\n"
+
+
+def encoder_table(metrics: dict, cfg: PretrainConfig) -> str:
+    """Markdown: the probe and network checks of the frozen encoder (empty if none ran)."""
+    lines = []
+    for name in ("probe_r2", "probe_roc_auc"):
+        if name in metrics:
+            lines.append(f"| linear probe of {cfg.probe_target} ({name[6:]}, test subjects, 95 % "
+                         f"CI) | {metrics[name]:.3f} [{metrics[name + '_low']:.3f}, "
+                         f"{metrics[name + '_high']:.3f}]; training-mean/majority "
+                         f"{metrics[name + '_floor']:.3f} |")
+    if "ari_model" in metrics:
+        lines.append(f"| zero-shot networks (ARI vs known networks) | model "
+                     f"{metrics['ari_model']:.3f}; flat-input control "
+                     f"{metrics['ari_flat_input']:.3f}; raw FC {metrics['ari_fc']:.3f} |")
+    if not lines:
+        return ""
+    return ("## As a frozen encoder\n| check | result |\n|---|---|\n" + "\n".join(lines)
+            + "\n")
+
+
+def verdict(metrics: dict) -> str:
+    gain = metrics.get("val_r2_gain")
+    if gain is None:
+        return ""
+    best = BASELINE_WORDS.get(metrics.get("val_best_baseline"), "the best baseline")
+    if gain > 0:
+        return (f"**The model beats every baseline** (R^2 gain {gain:+.4f} over {best}).")
+    return (f"**The model has not learned yet**: it does not beat {best} (R^2 gain {gain:+.4f}); "
+            "whatever its loss says, it knows no more than that baseline.")
+
+
+def model_card(model, store, cfg: PretrainConfig, metrics: dict, scaler_hash: str) -> str:
+    c = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    splits = store.meta.get("splits", {})
+    split_rows = "\n".join(f"| {s} | {v['subjects']} | {v['recordings']} |"
+                           for s, v in splits.items())
+    return f"""---
+library_name: transformers
+license: apache-2.0
+tags: [brainlm, fmri, masked-autoencoder]
+---
+# BrainLM ({cfg.profile}, mask ratio {cfg.mask_ratio:g})
+
+Masked-autoencoder transformer pretrained on parcellated fMRI with the `brainlm` package.
+
+```python
+from brainlm.model.modeling import BrainLMForPretraining
+model = BrainLMForPretraining.from_pretrained("<this folder>")
+emb = model.embed(windows)  # windows: float32 [batch, {store.n_parcels}, {c.window}], scaled with scaler.safetensors
+```
+
+## Shape
+| | |
+|---|---|
+| parameters | {n_params:,} |
+| tokens | {store.n_parcels} parcels x {c.num_patches} patches of {c.patch_size} timepoints |
+| encoder | {c.hidden_size} wide, {c.num_hidden_layers} layers, {c.num_attention_heads} heads, MLP {c.intermediate_size} |
+| decoder | {c.decoder_hidden_size} wide, {c.decoder_num_hidden_layers} layers, {c.decoder_num_attention_heads} heads, MLP {c.decoder_intermediate_size} |
+| masking | {c.mask_strategy}, ratio {c.mask_ratio:g}{f", future patches {c.future_patches}" if c.mask_strategy == "future" else ""} |
+
+## Data
+| split | subjects | recordings |
+|---|---|---|
+{split_rows}
+
+Atlas {store.meta.get("atlas")} (hash `{store.meta.get("atlas_hash")}`), TR {store.tr:g} s,
+store `{store.path}`. Inputs must be scaled with `scaler.safetensors` (sha256 `{scaler_hash[:16]}`),
+fitted on the training subjects only; the parcel coordinates are saved in `config.json`.
+
+## Training
+{cfg.max_steps} steps, batch {cfg.batch_size}, AdamW (lr {cfg.lr:.2e} = base x batch / 256,
+weight decay {cfg.weight_decay}), cosine schedule with warmup, gradient clipping {cfg.clip_grad}, seed {cfg.seed}.
+
+## Validation (deterministic windows, fixed masks)
+R^2 per parcel over the masked values, averaged over parcels (not clipped), for this model and
+for baselines that see the same visible patches of the same windows under the same masks.
+{verdict(metrics)}
+
+{recon_table(metrics)}
+Reconstruction MSE (masked patches) {metrics.get("val_mse", float("nan")):.4f}; final training
+loss {metrics.get("train_loss", float("nan")):.4f}.
+
+{encoder_table(metrics, cfg)}
+## Licence
+Code: Apache-2.0. These weights were trained on the data named above: their use is bound by
+that data's terms. Upstream BrainLM's released weights are CC BY-NC-ND 4.0; this model does
+not contain them.
+"""

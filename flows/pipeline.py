@@ -1,6 +1,7 @@
 """Prefect flows over the pipeline stages: orchestration only, the work is brainlm's.
 
-Each flow calls the same `brainlm.stages` functions as `dvc repro` and `brainlm stage`.
+Each flow runs the same jobs (`brainlm.jobs.run_stage`) as `dvc repro` and `brainlm stage`,
+tracked the same way.
 `preprocess` maps one task per recording (retries; cached by the input file's hash and the
 settings, so a second run skips unchanged recordings) before assembling the store; the tasks
 run in threads, or on a Dask cluster through prefect-dask (`dask=`).
@@ -12,13 +13,11 @@ import hashlib
 import json
 import os
 import sys
-from pathlib import Path
 
 from prefect import flow, get_run_logger, task, unmapped
 
 from brainlm.errors import ConfigError
-from brainlm.fileio import sha256_file
-from brainlm.stages import load_params, preprocess_config, preprocess_done, run_stage
+from brainlm.jobs import load_params, run_stage
 
 DASK_ADDRESS_ENV = "BRAINLM_DASK_ADDRESS"
 
@@ -34,12 +33,19 @@ def _pickle_by_value() -> None:
 _pickle_by_value()
 
 
-def _recording_key(context, parameters) -> str:
-    """Cache key: sha256 of the recording file + parcellation settings + atlas."""
+def _recording_key(context, parameters) -> str | None:
+    """Cache key: sha256 of the recording file + parcellation settings + atlas + TR.
+
+    The file is hashed once per run: `plan.source_hash` keeps the hash in the task's plan,
+    where the task finds it and hands it to the brainlm cache instead of hashing again. None
+    (no caching) when the file cannot be read: the task then runs and says why."""
     plan, index = parameters["plan"], parameters["index"]
+    source_hash = plan.source_hash(index)
+    if source_hash is None:
+        return None
     rec = plan.recordings[index]
     settings = json.dumps(parameters["settings"].key(), sort_keys=True)
-    return hashlib.sha256(f"{sha256_file(rec.path)}|{settings}|{plan.atlas.hash}|"
+    return hashlib.sha256(f"{source_hash}|{settings}|{plan.atlas.hash}|"
                           f"{rec.tr}".encode()).hexdigest()
 
 
@@ -59,12 +65,21 @@ def _dask_worker() -> str | None:
 @task(retries=2, retry_delay_seconds=2, cache_key_fn=_recording_key, persist_result=True,
       result_serializer="json", task_run_name="parcellate-{index}")
 def parcellate(plan, index: int, settings) -> dict:
-    """The parcellation goes to the brainlm cache (plan.cache_dir, the flow's), the task
-    result only says how it went and where it ran."""
+    """The parcellation goes to the brainlm cache (plan.cache_dir, the flow's); the task
+    result says how it went, where it ran and the sha256 of the file it parcellated.
+
+    The result is persisted as JSON for Prefect's cache, so it carries no array: the flow
+    gets the parcellation from the brainlm cache entry for that hash (an .npy, no pickle),
+    without touching the input file. The flow derives the entry's key from the hash and its
+    own settings rather than taking a path from the result: a result cached by an earlier
+    run then cannot hand back an entry computed with another confounds table or cache
+    version, and the thresholds that are in no key are checked again, as before."""
     from brainlm.data.pipeline import parcellate_one
 
     _, result, problem = parcellate_one(plan, index, settings)
-    return {"index": index, "problem": problem, "pid": os.getpid(), "worker": _dask_worker()}
+    return {"index": index, "problem": problem,
+            "source_hash": result.source_hash if result is not None else None,
+            "pid": os.getpid(), "worker": _dask_worker()}
 
 
 def task_runner(dask: str | None, workers: int = 1):
@@ -129,24 +144,30 @@ def preprocess(params_path: str = "params.yaml", dask: str | None = None) -> dic
 def _preprocess_recordings(params_path: str) -> dict:
     """The work of `preprocess`, a subflow because a flow's task runner is fixed when it is
     defined: `preprocess` picks the runner, this flow runs under it."""
-    from brainlm.data.pipeline import assemble, parcellate_one, plan_preprocess
+    return run_stage("preprocess", load_params(params_path), parcellate=_parcellate_tasks)
 
-    params = load_params(params_path)
-    root = Path(params["root"])
-    cfg = preprocess_config(params, root)
-    plan = plan_preprocess(cfg)
+
+def _parcellate_tasks(plan, settings) -> tuple[dict, dict]:
+    """The preprocess job's parcellation step as one Prefect task per recording: (results,
+    problems), each parcellation read from the brainlm cache entry its task names."""
+    from brainlm.data.pipeline import collect_parcellated
+
     outcomes = [f.result() for f in parcellate.map(unmapped(plan), plan.todo,
-                                                     unmapped(cfg.settings))]
+                                                     unmapped(settings))]
     where = sorted({o.get("worker") or f"pid {o.get('pid')}" for o in outcomes})
     get_run_logger().info("%d recordings parcellated by %s (a cached one names the run that "
                           "computed it)", len(outcomes), ", ".join(where) or "none")
-    results, problems = {}, dict(plan.problems)
+    results, problems = {}, {}
     for outcome in outcomes:
-        if outcome["problem"] is not None:
-            problems[outcome["index"]] = outcome["problem"]
-        else:  # parcellated already: this reads the brainlm cache
-            results[outcome["index"]] = parcellate_one(plan, outcome["index"], cfg.settings)[1]
-    return preprocess_done(root, assemble(cfg, plan, results, problems))
+        index, problem = outcome["index"], outcome["problem"]
+        if problem is None:  # parcellated already: its entry in the brainlm cache
+            _, result, problem = collect_parcellated(plan, index, settings,
+                                                     outcome.get("source_hash"))
+        if problem is None:
+            results[index] = result
+        else:
+            problems[index] = problem
+    return results, problems
 
 
 @task

@@ -202,7 +202,7 @@ def test_failed_write_leaves_previous_store_whole(tmp_path, atlas, painter, atla
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--tr", "-1"], "must be > 0"),
+    (["--tr", "-1"], "--tr: -1 must be >= 0.05"),
     (["--workers", "0"], "must be >= 1"),
     (["--split", "0.5,0.5"], "three values"),
     (["--split", "0.9,0.9,0.1"], "summing to 1"),

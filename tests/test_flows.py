@@ -28,7 +28,7 @@ def harness(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def micro_repo(tmp_path_factory, atlas_spec):
-    from brainlm.stages import load_params, run_stage
+    from brainlm.jobs import load_params, run_stage
 
     root = tmp_path_factory.mktemp("flowrepo")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -41,23 +41,32 @@ def micro_repo(tmp_path_factory, atlas_spec):
 
 
 def test_preprocess_flow_maps_recordings_and_caches_by_file_hash(harness, micro_repo,
-                                                                 monkeypatch):
+                                                                 monkeypatch, tmp_path):
     from brainlm.data import pipeline
     from flows.pipeline import preprocess
+    from tests.test_pipeline_reads import count_opens, opens_of
 
+    monkeypatch.setenv("BRAINLM_CACHE_DIR", str(tmp_path / "cache"))  # a cold brainlm cache
     calls = []
     real = pipeline.parcellate_one
     monkeypatch.setattr(pipeline, "parcellate_one",
                         lambda plan, i, s: calls.append(i) or real(plan, i, s))
     params = str(micro_repo / "params.yaml")
-    first = preprocess(params)
+    inputs = sorted((micro_repo / "data").rglob("*_bold.nii.gz"))
+    assert len(inputs) == 10
+    with count_opens() as opened:
+        first = preprocess(params)
     n = first["recordings_kept"]
     assert n == 10 and (micro_repo / "processed" / "manifest.parquet").is_file()
-    assert len(calls) == 2 * n  # one task per recording, then the assembly reads them back
+    assert len(calls) == n  # one task per recording; the assembly takes what they returned
+    # each file is hashed once for the task's cache key, then parcellated in one pass
+    assert opens_of(opened, inputs) == {p.name: 2 for p in inputs}
     calls.clear()
-    second = preprocess(params)
+    with count_opens() as opened:
+        second = preprocess(params)
     assert second == first
-    assert len(calls) == n  # the tasks were cached: only the assembly's reads remain
+    assert calls == []  # the tasks were cached; their parcellations come from the brainlm cache
+    assert opens_of(opened, inputs) == {p.name: 1 for p in inputs}  # hashed for the key only
     assert (micro_repo / "metrics" / "preprocess.json").is_file()
 
 
@@ -77,7 +86,7 @@ def test_stage_flows_run_the_same_code_as_dvc(harness, micro_repo):
 @pytest.fixture(scope="module")
 def dask_repo(tmp_path_factory, atlas_spec):
     """A cohort of its own (other seed: no task cache shared with micro_repo), 2 workers."""
-    from brainlm.stages import load_params, run_stage
+    from brainlm.jobs import load_params, run_stage
 
     root = tmp_path_factory.mktemp("daskrepo")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

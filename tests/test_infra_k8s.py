@@ -273,7 +273,7 @@ def test_torchrun_job_is_consistent():
     data = volumes[mounts["/mnt/brainlm"]]
     assert data["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
     assert "ReadWriteMany" in pvc["spec"]["accessModes"]
-    assert args.data.startswith("/mnt/brainlm/") and args.out.startswith("/mnt/brainlm/")
+    assert str(args.data).startswith("/mnt/brainlm/") and str(args.out).startswith("/mnt/brainlm/")
     assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
     assert container["envFrom"] == [{"secretRef": {"name": "brainlm-env"}}]
     assert pod["securityContext"]["runAsUser"] == _dockerfile_uid()

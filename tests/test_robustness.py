@@ -221,4 +221,4 @@ def test_synth_replaces_its_own_output_only(tmp_path, atlas_spec, capsys):
     assert main(["synth", "--out", str(tmp_path / "mine"), "--subjects", "1"]) == 2
     assert main(["synth", "--out", str(tmp_path / "t"), "--tr", "100"]) == 2
     err = capsys.readouterr().err
-    assert "not a brainlm synthetic dataset" in err and "--tr 100 s is out of range" in err
+    assert "not a brainlm synthetic dataset" in err and "--tr: 100 must be <= 10" in err

@@ -125,6 +125,20 @@ class Plan:
     warnings: list
     cache_dir: Path
     started: float
+    source_hashes: dict = field(default_factory=dict)  # index -> sha256 of its file, if known
+
+    def source_hash(self, index: int) -> str | None:
+        """sha256 of recording `index`'s file, computed once per plan and kept (a Prefect
+        task's cache key and the brainlm cache then share one read); None when it cannot be
+        read (parcellating it says why)."""
+        if index not in self.source_hashes:
+            from .source import hash_file
+
+            try:
+                self.source_hashes[index] = hash_file(self.recordings[index].path)[0]
+            except OSError:
+                return None
+        return self.source_hashes[index]
 
     @property
     def todo(self) -> list[int]:
@@ -157,10 +171,26 @@ def plan_preprocess(cfg: PreprocessConfig) -> Plan:
 
 
 def parcellate_one(plan: Plan, index: int, settings: ParcellationSettings):
-    """(index, Parcellated or None, problem or None): one recording, errors as reasons."""
+    """(index, Parcellated or None, problem or None): one recording, errors as reasons. A
+    hash of its file already in `plan.source_hashes` is used, not computed again."""
+    return _outcome(plan, index, settings, plan.source_hashes.get(index))
+
+
+def collect_parcellated(plan: Plan, index: int, settings: ParcellationSettings,
+                        source_hash: str | None):
+    """(index, Parcellated or None, problem or None) of a recording a task has parcellated
+    into plan.cache_dir: its entry, found from `source_hash` (the file's sha256 the task
+    used) under these settings without reading the file, thresholds checked again. Where the
+    entry is missing (a worker that could not write this cache) or the hash unknown, the
+    recording is parcellated here."""
+    return _outcome(plan, index, settings, source_hash)
+
+
+def _outcome(plan: Plan, index: int, settings: ParcellationSettings, source_hash: str | None):
     rec = plan.recordings[index]
     try:
-        return index, parcellate_recording(rec, plan.atlas, settings, plan.cache_dir), None
+        return index, parcellate_recording(rec, plan.atlas, settings, plan.cache_dir,
+                                           source_hash=source_hash), None
     except InputError as exc:
         return index, None, exc.problem
     except BrainLMError as exc:

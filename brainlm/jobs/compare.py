@@ -13,7 +13,7 @@ NAME = "compare"
 class CompareConfig:
     models: Path  # holds pretrain-<ratio>/ folders
     out: Path
-    mask_ratios: tuple = ()
+    mask_ratios: tuple  # params.yaml's
 
 
 Config = CompareConfig

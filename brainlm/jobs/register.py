@@ -14,9 +14,9 @@ NAME = "register"
 @dataclass
 class RegisterConfig:
     root: Path  # the project: models/, runs/, processed/
-    mask_ratios: tuple = ()
-    finetune_mask_ratio: float = 0.75
-    metric: str = "r2"
+    mask_ratios: tuple  # params.yaml's: every pretrained model is registered
+    finetune_mask_ratio: float  # params.yaml's: the pretrained model that competes
+    metric: str = "r2"  # the fine-tuned model's test metric (results.json)
     higher_is_better: bool = True
 
 

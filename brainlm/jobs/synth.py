@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.parcellate import ParcellationSettings
+from ..data.pipeline import PreprocessConfig
 from .options import Option
 
 NAME = "synth"
@@ -20,7 +21,7 @@ class SynthConfig:
     timepoints: int = 400
     tr: float = ParcellationSettings.target_tr
     seed: int = 0
-    atlas: str = "A424"
+    atlas: str = PreprocessConfig.atlas
     voxel_size: float = 4.0  # mm: the atlas grid or a multiple of it
 
 

@@ -1,0 +1,115 @@
+"""Tables beside or instead of images: already-parcellated time series and fMRIPrep confounds.
+
+Both readers take the file's bytes when the caller has them (read once, and hashed from the
+same bytes for the parcellation cache) and parse those; should that fail they parse the file
+itself, so an unreadable table is refused in the words it always was.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from .nifti import describe_error
+
+_MISSING = {"", "n/a", "na", "nan", "NaN", "NA", "N/A"}
+_BYTES_SUFFIXES = (".npy", ".tsv", ".csv")  # names whose parse does not depend on the name
+
+
+def read_timeseries_table(path, n_parcels: int, data: bytes | None = None
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """An already-parcellated time x parcels table (TSV/CSV/NPY) -> ([P, T], coverage).
+
+    Whole-NaN columns are parcels without coverage (XCP-D writes them so); scattered NaNs are
+    an error. `data`: the file's content, when already read.
+    """
+    path = Path(path)
+    if data is not None and not path.name.endswith(_BYTES_SUFFIXES):
+        data = None  # e.g. .tsv.gz: pandas infers the compression from the name
+    try:
+        table = _parse_table(path, io.BytesIO(data) if data is not None else path)
+    except InputError:
+        raise
+    except Exception as exc:
+        if data is not None:
+            return read_timeseries_table(path, n_parcels)
+        raise InputError(path, f"unreadable time-series table ({describe_error(exc)})") from None
+    table = np.asarray(table, dtype=np.float64)
+    if table.ndim != 2:
+        raise InputError(path, f"expected a 2-D time x parcels table, got shape {table.shape}")
+    if table.shape[1] != n_parcels:
+        if table.shape[0] == n_parcels:
+            raise InputError(path, f"shape {table.shape} looks like parcels x time; expected "
+                                   f"time x parcels ({n_parcels} columns)")
+        raise InputError(path, f"{table.shape[1]} columns but the coordinates list "
+                               f"{n_parcels} parcels")
+    bad = ~np.isfinite(table)
+    empty = bad.all(axis=0)
+    scattered = bad[:, ~empty].sum()
+    if scattered:
+        raise InputError(path, f"{int(scattered)} NaN/Inf values inside "
+                               f"{int(bad[:, ~empty].any(axis=0).sum())} parcel columns")
+    signals = np.where(bad, 0.0, table).T.astype(np.float32)
+    return signals, ~empty & (signals.std(axis=1) > 0)
+
+
+def _parse_table(path: Path, content):
+    import pandas as pd
+
+    if path.name.endswith(".npy"):
+        return np.load(content, allow_pickle=False)
+    sep = "\t" if path.name.endswith(".tsv") else ","
+    raw = pd.read_csv(content, sep=sep, header=None, dtype=str, keep_default_na=False)
+    return _numeric_table(raw, path)
+
+
+def _numeric_table(raw, path: Path) -> np.ndarray:
+    """Text cells -> float [rows, cols]. The first row is a header when it holds any
+    non-number, or when it is exactly 0..C-1 or 1..C (column labels written as numbers)."""
+    import pandas as pd
+
+    first = pd.to_numeric(raw.iloc[0], errors="coerce")
+    n_cols = raw.shape[1]
+    labels = first.to_numpy()
+    is_header = (first.isna().any() and not raw.iloc[0].isin(_MISSING).all()) or \
+        np.array_equal(labels, np.arange(n_cols)) or np.array_equal(labels, np.arange(1, n_cols + 1))
+    body = raw.iloc[1:] if is_header else raw
+    missing = body.isin(_MISSING)
+    values = body.apply(pd.to_numeric, errors="coerce")
+    text = values.isna() & ~missing
+    if text.to_numpy().any():
+        r, c = np.argwhere(text.to_numpy())[0]
+        raise InputError(path, f"non-numeric value {body.iat[r, c]!r} in row {r + 1 + is_header}, "
+                               f"column {c + 1} ({int(text.to_numpy().sum())} such cells)")
+    return values.to_numpy(np.float64)
+
+
+def read_confounds(path: Path | None, columns: tuple[str, ...], source: Path, n_t: int,
+                   data: bytes | None = None):
+    """The `columns` of fMRIPrep's confounds table for recording `source` [n_t, k], or None
+    when no regression is asked for. `data`: the table's content, when already read."""
+    import pandas as pd
+
+    if not columns:
+        return None
+    if path is None:
+        raise InputError(source, "confound regression asked for, but no "
+                                 "*_desc-confounds_timeseries.tsv beside it")
+    try:
+        table = pd.read_csv(io.BytesIO(data) if data is not None else path, sep="\t",
+                            na_values=["n/a"])
+    except Exception as exc:
+        if data is not None:
+            return read_confounds(path, columns, source, n_t)
+        raise InputError(source, f"unreadable confounds table {path.name} ({exc})") from None
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise InputError(source, f"confounds table {path.name} lacks columns: "
+                                 f"{', '.join(missing)}")
+    if len(table) != n_t:
+        raise InputError(source, f"confounds table {path.name} has {len(table)} rows for "
+                                 f"{n_t} volumes")
+    return table[list(columns)].fillna(0.0).to_numpy(np.float64)

@@ -85,8 +85,8 @@ def test_every_params_block_builds_its_job_config(profile, tmp_path):
     params = load_params(tmp_path / "params.yaml")
     for name in JOBS:
         mod = job(name)
-        if name in ("tune",):
-            continue  # its study key hashes the store and the model: built in test_dvc
+        if name == "tune":
+            continue  # its study key hashes the store and the model: checked below
         cfg = mod.from_params(params, tmp_path, 0.75) if name == "pretrain" else \
             mod.from_params(params, tmp_path)
         assert isinstance(cfg, mod.Config)
@@ -95,6 +95,17 @@ def test_every_params_block_builds_its_job_config(profile, tmp_path):
     assert pre.max_steps == raw[profile]["pretrain"]["max_steps"]
     ft = job("finetune").from_params(params, tmp_path)
     assert ft.model == tmp_path / "models" / f"pretrain-{raw['finetune_mask_ratio']:g}"
+
+
+def test_tune_stage_config_keeps_the_params_study_name(tmp_path, monkeypatch):
+    from brainlm.jobs import tune
+
+    monkeypatch.setattr(tune, "study_key", lambda cfg, params: "k")
+    params = load_params(ROOT / "params.yaml")
+    cfg = tune.from_params(params, tmp_path)
+    assert cfg.study == f"{params['tune']['study']}-k"
+    assert cfg.n_trials == params["tune"]["n_trials"] and cfg.total
+    assert cfg.base.out == tmp_path / "runs" / "tune" and cfg.base.lr == params["finetune"]["lr"]
 
 
 def test_command_line_and_params_give_the_same_config(tmp_path):

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..train.config import FinetuneConfig
 from . import finetune as finetune_job
 from .options import Option
@@ -49,10 +50,12 @@ def from_params(params: dict, root: Path) -> TuneConfig:
     from . import block
     from .options import from_block
 
-    base = dataclasses.replace(finetune_job.from_params(params, root, out="tune"))
+    base = finetune_job.from_params(params, root, out="tune")
+    settings = block(params, NAME)
+    if not settings.get("study"):
+        raise ConfigError("params.yaml tune: 'study' (the study's name) is missing")
     cfg = from_block(TuneConfig, [o for o in OPTIONS if not o.path.startswith("base.")],
-                     block(params, NAME), NAME, fixed={"base": base, "total": True,
-                                                       "study": "finetune"})
+                     settings, NAME, fixed={"base": base, "total": True})
     return dataclasses.replace(cfg, study=f"{cfg.study}-{study_key(cfg, params)}")
 
 

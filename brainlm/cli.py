@@ -149,7 +149,8 @@ def _cmd_job(args) -> int:
 
     from .jobs.options import from_args
 
-    _quiet_transformers()
+    if args.command in ("pretrain", "finetune", "tune"):
+        _quiet_transformers()
     mod = importlib.import_module(f".jobs.{JOB_COMMANDS[args.command][0]}", __package__)
     mod.run(from_args(mod.Config, mod.OPTIONS, args), tags={"brainlm.caller": "cli"})
     return 0

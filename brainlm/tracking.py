@@ -7,6 +7,7 @@ code calls the same methods either way, so tracking never decides whether a run 
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -71,16 +72,18 @@ def flat_params(config, prefix: str = "") -> dict:
 
 @contextmanager
 def job_run(job: str, run_name: str, config, tags: dict | None = None,
-            parent: Tracker | None = None, enabled: bool = True, uri: str | None = None):
+            parent: Tracker | None = None, enabled: bool = True, uri: str | None = None,
+            out=None):
     """One MLflow run of one job, whoever calls it (the command line, `brainlm stage`, DVC,
     a Prefect flow): experiment `job`, the config as params, `brainlm.job` and the caller's
     `tags`; FAILED when the body raises. With `parent` (an Optuna study's run), a child run in
-    the parent's experiment and store."""
+    the parent's experiment and store. `out`: the folder the job writes (default: the
+    config's `out` or `data`), which decides the default store (`resolve_uri`)."""
     if parent is not None:
         tracker = Tracker(parent.experiment, run_name=run_name, uri=parent.uri,
                           enabled=parent.active, parent=parent.run_id)
     else:
-        out = getattr(config, "out", None) or getattr(config, "data", None)
+        out = out or getattr(config, "out", None) or getattr(config, "data", None)
         tracker = Tracker(job, run_name=run_name, uri=uri or resolve_uri(out), enabled=enabled)
     try:
         tracker.params(flat_params(config))
@@ -90,6 +93,15 @@ def job_run(job: str, run_name: str, config, tags: dict | None = None,
         tracker.end("FAILED")  # a crashed run must not stay RUNNING in MLflow
         raise
     tracker.end()
+
+
+_CREDENTIALS = re.compile(r"(://[^/:@\s]+:)[^@\s]+@")
+MAX_PARAM = 6000  # MLflow's limit on a param value
+
+
+def _param_text(value) -> str:
+    text = _CREDENTIALS.sub(r"\1***@", str(value))
+    return text if len(text) <= MAX_PARAM else text[:MAX_PARAM - 20] + f"... ({len(text)} chars)"
 
 
 class Tracker:
@@ -106,15 +118,16 @@ class Tracker:
 
         self._mlflow = mlflow
         mlflow.set_tracking_uri(self.uri)
+        nested = parent is not None or mlflow.active_run() is not None  # a caller's run
         self.run_id = mlflow.start_run(experiment_id=experiment_id(mlflow, experiment),
                                        run_name=run_name, parent_run_id=parent,
-                                       nested=parent is not None).info.run_id
+                                       nested=nested).info.run_id
 
     def params(self, params: dict) -> None:
+        """Logged as text: credentials in URLs masked, values cut at MLflow's length limit
+        (a long --input list must not stop the run)."""
         if self.active:
-            flat = {k: (str(v) if isinstance(v, (list, tuple, dict, Path)) else v)
-                    for k, v in params.items()}
-            self._mlflow.log_params(flat)
+            self._mlflow.log_params({k: _param_text(v) for k, v in params.items()})
 
     def metrics(self, metrics: dict, step: int) -> None:
         self.metrics_steps([(step, metrics)])

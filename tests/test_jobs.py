@@ -232,3 +232,22 @@ def test_the_library_imports_no_orchestrator():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             for name in names:
                 assert name.split(".")[0] not in ("prefect", "dvc"), f"{path}: imports {name}"
+
+
+def test_tracked_params_hide_passwords_fit_mlflow_and_nest_under_a_callers_run(tmp_path):
+    import mlflow
+
+    from brainlm.tracking import MAX_PARAM, job_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = {"storage": "postgresql://brainlm:s3cret@db:5432/optuna",
+              "inputs": [f"/data/sub-{i:04d}_bold.nii.gz" for i in range(600)]}
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_name="caller") as caller:
+        with job_run("tune", "study", config, uri=uri) as tracker:
+            run_id = tracker.run_id
+    run = mlflow.MlflowClient(uri).get_run(run_id)
+    assert run.data.params["storage"] == "postgresql://brainlm:***@db:5432/optuna"
+    assert len(run.data.params["inputs"]) <= MAX_PARAM and "chars)" in run.data.params["inputs"]
+    assert run.data.tags["mlflow.parentRunId"] == caller.info.run_id
+    assert run.info.status == "FINISHED" and mlflow.active_run() is None

@@ -43,6 +43,10 @@ __all__ = ["CACHE_VERSION", "LabelOperator", "NiftiInfo", "Parcellated", "Parcel
 CACHE_VERSION = "1"
 
 
+ENGINES = ("fast", "nilearn")
+STANDARDIZE = ("psc", "zscore", "none")
+
+
 @dataclass(frozen=True)
 class ParcellationSettings:
     target_tr: float = 0.735

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BrainLMError, ConfigError, InputError
-from .parcellate import ParcellationSettings, parcellate_recording
+from .parcellate import ENGINES, STANDARDIZE, ParcellationSettings, parcellate_recording
 from .split import SPLITS, assign_splits
 
 
@@ -46,10 +46,11 @@ class PreprocessConfig:
             raise ConfigError(f"input TR {self.input_tr} s is out of range (0.05-30 s)")
         if self.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
-        if s.engine not in ("fast", "nilearn"):
-            raise ConfigError(f"engine '{s.engine}' must be 'fast' or 'nilearn'")
-        if s.standardize not in ("psc", "zscore", "none"):
-            raise ConfigError(f"standardize '{s.standardize}' must be psc, zscore or none")
+        if s.engine not in ENGINES:
+            raise ConfigError(f"engine '{s.engine}' must be one of {', '.join(ENGINES)}")
+        if s.standardize not in STANDARDIZE:
+            raise ConfigError(f"standardize '{s.standardize}' must be one of "
+                              f"{', '.join(STANDARDIZE)}")
         if s.min_timepoints < 1:
             raise ConfigError(f"window/min timepoints must be >= 1, got {s.min_timepoints}")
         assign_splits([], self.fractions)  # checks the fractions

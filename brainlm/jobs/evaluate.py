@@ -41,7 +41,8 @@ def run(cfg: EvaluateConfig, tags: dict | None = None) -> dict:
     from ..evaluate import evaluate_run
     from ..tracking import job_run
 
-    with job_run(NAME, f"evaluate-{Path(cfg.run).name}", cfg, tags) as tracker:
+    out = cfg.out or Path(cfg.run) / "evaluation"
+    with job_run(NAME, f"evaluate-{Path(cfg.run).name}", cfg, tags, out=out) as tracker:
         result = evaluate_run(cfg.run, cfg.out, n_boot=cfg.n_boot, seed=cfg.seed)
         values = {f"{r['method']}_{r['metric']}": r["value"] for r in result["rows"]}
         tracker.summary(values)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..train.config import FinetuneConfig
+from ..train.config import MODES, POOLINGS, TASKS, FinetuneConfig
 from .options import Option
 
 NAME = "finetune"
@@ -15,9 +15,9 @@ OPTIONS = [
     Option("data", help="store folder"),
     Option("out"),
     Option("target", help="phenotype column (participants.tsv)"),
-    Option("task", help="regression, classification or forecast"),
-    Option("mode", help="probe (frozen encoder) or full"),
-    Option("pooling", help="cls or mean"),
+    Option("task", choices=TASKS),
+    Option("mode", choices=MODES, help="probe: frozen encoder; full: all layers"),
+    Option("pooling", choices=POOLINGS),
     Option("epochs", positive=True),
     Option("batch_size", positive=True),
     Option("lr", positive=True),

@@ -127,10 +127,13 @@ def add_arguments(parser, cls, options: list[Option]) -> None:
         extra = {"nargs": "+"} if _base_type(kind) is list else {}
         shown = "" if value in (dataclasses.MISSING, None, "") or "default" in option.help \
             else f" (default {_show(value)})"
+        if option.choices:
+            shown = f" ({', '.join(map(str, option.choices))})" + shown
         parser.add_argument(f"--{option.name}", dest=dest, type=_converter(option, kind),
                             required=value is dataclasses.MISSING,
                             default=None if value is dataclasses.MISSING else value,
-                            choices=None, help=option.help + shown, **extra)
+                            metavar=option.name.upper().replace("-", "_"),
+                            help=option.help + shown, **extra)
 
 
 def _show(value) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..data.parcellate import ENGINES, STANDARDIZE
 from ..data.pipeline import PreprocessConfig
 from .options import Option, fractions, names
 
@@ -20,8 +21,8 @@ OPTIONS = [
     Option("workers", help="parallel processes", positive=True),
     Option("settings.min_timepoints", "--window",
            "model window; shorter recordings are quarantined", positive=True),
-    Option("settings.engine", help="fast or nilearn (the reference)"),
-    Option("settings.standardize", help="psc, zscore or none"),
+    Option("settings.engine", choices=ENGINES, help="nilearn: the reference"),
+    Option("settings.standardize", choices=STANDARDIZE),
     Option("settings.detrend", "--no-detrend"),
     Option("settings.high_pass", help="Hz", positive=True),
     Option("settings.low_pass", help="Hz", positive=True),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..train.config import PretrainConfig
+from ..train.config import MASK_STRATEGIES, PRECISIONS, PROBE_TASKS, PretrainConfig
 from .options import Option
 
 NAME = "pretrain"
@@ -17,7 +17,7 @@ OPTIONS = [
     Option("out", help="output: a save_pretrained folder"),
     Option("profile", help="model size: tiny, 13m, 111m or 650m"),
     Option("mask_ratio", low=0.0, high=1.0),
-    Option("mask_strategy", help="random, parcel or future"),
+    Option("mask_strategy", choices=MASK_STRATEGIES),
     Option("future_patches", positive=True),
     Option("max_steps", positive=True),
     Option("batch_size", help="global batch", positive=True),
@@ -40,15 +40,15 @@ OPTIONS = [
     Option("stop_after", help="leave after this many steps (resume later with --resume)",
            positive=True),
     Option("compile", help="torch.compile the model"),
-    Option("attention_kernel", help="auto, flash, cudnn, efficient or math: pin PyTorch's "
-           "attention kernel (default: PyTorch picks)"),
+    Option("attention_kernel", help="pin PyTorch's attention kernel (model.attention."
+           "SDPA_KERNELS; default: PyTorch picks)"),
     Option("grad_checkpointing"),
     Option("probe_target", help="a phenotype: score the finished encoder by a linear probe "
            "of it"),
-    Option("probe_task", help="regression or classification"),
+    Option("probe_task", choices=PROBE_TASKS),
     Option("networks_truth", help="network per parcel (ground_truth.json or a table): "
            "zero-shot ARI"),
-    Option("precision", help="auto, fp32 or bf16"),
+    Option("precision", choices=PRECISIONS, help="auto: bf16 autocast on CUDA, fp32 on CPU"),
     Option("device"),
     Option("progress", "--no-progress"),
 ]

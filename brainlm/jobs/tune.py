@@ -28,7 +28,7 @@ class TuneConfig:
     total: bool = False  # n_trials is the study's size (a pipeline stage) or this worker's
     worker: int = 0
     timeout: float | None = None  # seconds
-    seed: int = 0  # the sampler's
+    seed: int = 0  # the search's: the sampler's and every trial's
 
 
 Config = TuneConfig
@@ -40,10 +40,9 @@ OPTIONS = [dataclasses.replace(o, path=f"base.{o.path}") for o in finetune_job.B
     Option("total", help="n_trials is the study's size: run only the trials still missing"),
     Option("worker", help="this worker's number (0, 1, ...)", low=0),
     Option("timeout", help="seconds", positive=True),
-    Option("seed", help="the sampler's seed"),
+    Option("seed", help="the search's seed: the sampler's and every trial's"),
 ]
-NOT_OPTIONS = {"base.seed": "trials vary settings, not seeds", "base.progress": "trials are "
-               "quiet"}
+NOT_OPTIONS = {"base.seed": "set by seed", "base.progress": "trials are quiet"}
 
 
 def from_params(params: dict, root: Path) -> TuneConfig:
@@ -90,11 +89,12 @@ def run(cfg: TuneConfig, tags: dict | None = None) -> dict:
     summary = {"study_name": cfg.study, "n_trials": cfg.n_trials, "seed": cfg.seed,
                "target": cfg.base.target, "task": cfg.base.task, "mode": cfg.base.mode,
                "worker": cfg.worker}
-    with job_run(NAME, cfg.study, cfg, {"optuna.study_name": cfg.study, **(tags or {})}) \
-            as tracker:
+    with job_run(NAME, cfg.study, cfg, {"optuna.study_name": cfg.study, **(tags or {})},
+                 out=cfg.base.out) as tracker:
         tracker.params({k: v for k, v in summary.items() if k not in ("n_trials", "seed",
                                                                       "worker")})
-        result = tune(dataclasses.replace(cfg.base, progress=False), cfg.n_trials, cfg.study,
+        base = dataclasses.replace(cfg.base, seed=cfg.seed, progress=False)
+        result = tune(base, cfg.n_trials, cfg.study,
                       storage=cfg.storage, seed=cfg.seed, out=Path(cfg.base.out),
                       timeout=cfg.timeout, worker=cfg.worker, total=cfg.total,
                       tracker=tracker)

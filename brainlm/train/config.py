@@ -14,6 +14,16 @@ from ..errors import ConfigError
 BASE_LR = {"tiny": 0.192, "13m": 4e-3, "111m": 1.2e-3, "650m": 6e-4}
 
 
+MASK_STRATEGIES = ("random", "parcel", "future")
+PRECISIONS = ("auto", "fp32", "bf16")
+PROBE_TASKS = ("regression", "classification")
+
+
+def _one_of(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} '{value}' must be one of {', '.join(allowed)}")
+
+
 @dataclass
 class PretrainConfig:
     data: Path
@@ -67,8 +77,9 @@ class PretrainConfig:
         if self.attention_kernel not in SDPA_KERNELS:
             raise ConfigError(f"attention kernel '{self.attention_kernel}' must be one of "
                               f"{', '.join(SDPA_KERNELS)}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"precision '{self.precision}' must be auto, fp32 or bf16")
+        _one_of("precision", self.precision, PRECISIONS)
+        _one_of("mask strategy", self.mask_strategy, MASK_STRATEGIES)
+        _one_of("probe task", self.probe_task, PROBE_TASKS)
         for name in ("eval_every", "ckpt_every", "windows_per_recording", "eval_windows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -82,6 +93,8 @@ class PretrainConfig:
 
 
 TASKS = ("regression", "classification", "forecast")
+MODES = ("probe", "full")
+POOLINGS = ("cls", "mean")
 
 
 @dataclass
@@ -108,14 +121,11 @@ class FinetuneConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        if self.task not in TASKS:
-            raise ConfigError(f"task '{self.task}' must be one of {', '.join(TASKS)}")
+        _one_of("task", self.task, TASKS)
         if self.task != "forecast" and not self.target:
             raise ConfigError(f"--target is needed for {self.task}")
-        if self.mode not in ("probe", "full"):
-            raise ConfigError(f"mode '{self.mode}' must be probe or full")
-        if self.pooling not in ("cls", "mean"):
-            raise ConfigError(f"pooling '{self.pooling}' must be cls or mean")
+        _one_of("mode", self.mode, MODES)
+        _one_of("pooling", self.pooling, POOLINGS)
         if not 0 < self.layer_decay <= 1:
             raise ConfigError(f"layer_decay {self.layer_decay} must be in (0, 1]")
         if not 0 <= self.head_dropout < 1:

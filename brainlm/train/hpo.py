@@ -227,6 +227,8 @@ def _trial(trial, cfg: FinetuneConfig, parent) -> float:
             child.summary({"best_val_loss": value, "epochs_run": meta["epochs_run"],
                            **({"value": value} if math.isfinite(value) else {})})
             child.tags({"optuna.state": "COMPLETE" if math.isfinite(value) else "FAIL"})
+            if not math.isfinite(value):
+                child.end("FAILED")
     if pruned is not None:
         raise pruned
     return value  # NaN: Optuna records a FAIL and carries on

@@ -10,7 +10,8 @@ from pathlib import Path
 from .config import PretrainConfig
 from .scoring import COMMON_MASK_RATIO, encoder_yardstick, numeric_metrics
 
-def write_outputs(model, store, cfg: PretrainConfig, out: Path, history, last_eval, tracker):
+def write_outputs(model, store, cfg: PretrainConfig, out: Path, history, last_eval, tracker,
+                  logged=()):
     """save_pretrained folder + scaler + model card + metrics/history + reconstruction plot."""
     import shutil
 
@@ -34,7 +35,7 @@ def write_outputs(model, store, cfg: PretrainConfig, out: Path, history, last_ev
                                                          "(best baseline)")
     card = model_card(model, store, cfg, metrics, sha256_file(out / "scaler.safetensors"))
     write_bytes_atomic(out / "README.md", card.encode())
-    logged = history[-1]  # the last evaluation step's numbers are in MLflow already
+    # `logged`: what this run's tracker has at the last step already (each metric once a step)
     tracker.metrics({k: v for k, v in numeric_metrics(metrics).items() if k not in logged},
                     step=metrics["step"])
     tracker.tags({"best_baseline": str(metrics.get("val_best_baseline")),

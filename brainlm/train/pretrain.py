@@ -330,6 +330,7 @@ def pretrain(cfg: PretrainConfig, tracker=None) -> dict:
                     "atlas_hash": run.model.config.atlas_hash})
     last_eval = train(run, tracker)
     ridges = last_eval.pop("ridges")
+    logged = set(numeric_metrics(last_eval))  # by this invocation, at its last step
     result = {"step": run.step, "finished": run.step >= cfg.max_steps, "history": run.history}
     if run.rank == 0 and run.step >= cfg.max_steps:
         if not last_eval:
@@ -340,7 +341,7 @@ def pretrain(cfg: PretrainConfig, tracker=None) -> dict:
             last_eval = {**last_eval, **{k: v for k, v in held_out.items()
                                          if k.startswith("test_")}}
         write_outputs(run.model, run.store, cfg, Path(cfg.out), run.history, last_eval,
-                      tracker)
+                      tracker, logged)
         result["metrics"] = numeric_metrics(last_eval)
     if run.world > 1:
         dist.barrier()

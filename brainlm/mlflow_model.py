@@ -14,6 +14,11 @@ P = the parcel coordinates saved in config.json, T = the model's window), given 
 
 Output: a DataFrame with one row per window and columns `cls_0 .. cls_{H-1}` (the CLS
 embedding; `params={"pooling": "mean"}` gives `mean_0 ..` instead, the mean of the patch tokens).
+
+A registered fine-tuned model (artifact "finetune", the run folder) answers its task instead
+(`brainlm.predictor`): the rows of "signal" are whole recordings [P, T >= window], unscaled
+(`params={"scaled": True}` for recordings already scaled), and the output is `prediction`
+(+ `proba_<class>`) or `forecast` per recording, what `brainlm evaluate` scored.
 """
 
 from __future__ import annotations
@@ -24,10 +29,8 @@ import pandas as pd  # already loaded by mlflow.pyfunc; needed for the type hint
 BATCH = 64  # windows per forward pass: bounds memory for large requests
 
 
-def _windows(model_input):
-    """"signal" rows -> float32 array [N, P, T]; a clear error for anything else."""
-    import numpy as np
-
+def _rows(model_input) -> list:
+    """The "signal" entries of a DataFrame, records or a dict; a clear error otherwise."""
     if isinstance(model_input, list):  # records: [{"signal": window}, ...]
         model_input = pd.DataFrame(model_input)
     if isinstance(model_input, pd.DataFrame):
@@ -40,6 +43,28 @@ def _windows(model_input):
         rows = model_input["signal"]
     else:
         raise ValueError(f"expected a DataFrame or dict with 'signal', got {type(model_input)}")
+    return rows
+
+
+def _recordings(model_input) -> list:
+    """"signal" rows -> a list of [P, T] arrays (recordings may differ in length)."""
+    import numpy as np
+
+    rows = _rows(model_input)
+    try:
+        out = [np.asarray(r, dtype=np.float64) for r in rows]
+    except ValueError as exc:
+        raise ValueError(f"'signal' must hold [P, T] recordings of numbers: {exc}") from None
+    if len(out) == 1 and out[0].ndim == 3:  # one batch given as a single array
+        out = list(out[0])
+    return out
+
+
+def _windows(model_input):
+    """"signal" rows -> float32 array [N, P, T]; a clear error for anything else."""
+    import numpy as np
+
+    rows = _rows(model_input)
     try:
         if isinstance(rows, list):  # rows may hold arrays or nested lists
             rows = [np.asarray(w, dtype=np.float32) for w in rows] if rows else []
@@ -56,33 +81,24 @@ def _windows(model_input):
 
 
 class BrainLMPyfunc(mlflow.pyfunc.PythonModel):
-    """Window -> embedding. Heavy imports (torch, transformers) happen in `load_context`."""
+    """Window -> embedding, or recording -> a fine-tuned run's answer. Heavy imports (torch,
+    transformers) happen in `load_context`."""
 
     def load_context(self, context):
         import torch
 
         from brainlm.model import load_model
 
+        self.task = None
+        if "finetune" in context.artifacts:  # a registered fine-tuning run answers its task
+            from brainlm.predictor import FinetunedModel
+
+            self.task = FinetunedModel(context.artifacts["finetune"],
+                                       pretrained=context.artifacts["model"])
+            return
         self.model = load_model(context.artifacts["model"])
-        if "finetune" in context.artifacts:  # registered fine-tuning run: its encoder, if tuned
-            self._load_finetuned_encoder(context.artifacts["finetune"])
         coords = getattr(self.model.config, "parcel_coords", None)
         self.coords = None if coords is None else torch.as_tensor(coords, dtype=torch.float32)
-
-    def _load_finetuned_encoder(self, run_dir):
-        """`mode: full` runs save the tuned encoder as `encoder.*` in finetuned.safetensors;
-        probe runs save only the head and the pretrained encoder is already the right one."""
-        from pathlib import Path
-
-        from safetensors.torch import load_file
-
-        weights = Path(run_dir) / "finetuned.safetensors"
-        if not weights.is_file():
-            return
-        state = {k[len("encoder."):]: v for k, v in load_file(str(weights)).items()
-                 if k.startswith("encoder.")}
-        if state:
-            self.model.load_state_dict(state)
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
         """The hint is what the loaded pyfunc passes after its schema check (it also silences
@@ -92,6 +108,9 @@ class BrainLMPyfunc(mlflow.pyfunc.PythonModel):
 
         from brainlm.model import embed_windows
 
+        if self.task is not None:
+            return self.task.predict(_recordings(model_input),
+                                     scaled=bool((params or {}).get("scaled", False)))
         pooling = (params or {}).get("pooling", "cls")
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling {pooling!r} must be 'cls' or 'mean'")

@@ -129,9 +129,10 @@ def _our_model_config(folder: Path) -> dict:
     return config
 
 
-def _signature_and_example(config: dict):
+def _signature_and_example(config: dict, finetune: dict | None = None):
     """One zero window [P, T] as the input example; the schema types windows as nested double
-    arrays (JSON numbers arrive as float64, which a float32 schema would refuse)."""
+    arrays (JSON numbers arrive as float64, which a float32 schema would refuse). A fine-tuned
+    run (`finetune`: its finetune.json) takes whole unscaled recordings and answers its task."""
     import numpy as np
     import pandas as pd
     from mlflow.models import ModelSignature
@@ -140,11 +141,22 @@ def _signature_and_example(config: dict):
 
     p, t, h = len(config["parcel_coords"]), int(config["window"]), int(config["hidden_size"])
     example = pd.DataFrame({"signal": [np.zeros((p, t)).tolist()]})
-    signature = ModelSignature(
-        inputs=Schema([ColSpec(Array(Array(DataType.double)), "signal")]),
-        outputs=Schema([ColSpec(DataType.float, f"cls_{i}") for i in range(h)]),
-        params=ParamSchema([ParamSpec("pooling", DataType.string, "cls")]))
-    return signature, example
+    inputs = Schema([ColSpec(Array(Array(DataType.double)), "signal")])
+    if finetune is None:
+        return ModelSignature(
+            inputs=inputs, outputs=Schema([ColSpec(DataType.float, f"cls_{i}")
+                                           for i in range(h)]),
+            params=ParamSchema([ParamSpec("pooling", DataType.string, "cls")])), example
+    task, classes = finetune["config"]["task"], finetune.get("classes")
+    if task == "forecast":
+        outputs = [ColSpec(Array(Array(DataType.double)), "forecast")]
+    elif classes:
+        outputs = [ColSpec(DataType.string, "prediction")] + [
+            ColSpec(DataType.double, f"proba_{c}") for c in classes]
+    else:
+        outputs = [ColSpec(DataType.double, "prediction")]
+    return ModelSignature(inputs=inputs, outputs=Schema(outputs), params=ParamSchema(
+        [ParamSpec("scaled", DataType.boolean, False)])), example
 
 
 def _requirements() -> list[str]:
@@ -181,12 +193,12 @@ def _run(run_id: str | None, run_name: str):
 
 
 def _log_pyfunc(name: str, config: dict, artifacts: dict, run_id, version_tags: dict,
-                run_metrics: dict, description: str | None):
+                run_metrics: dict, description: str | None, finetune: dict | None = None):
     """Log the pyfunc over `artifacts` into a run, register it, tag the new version."""
     import mlflow
 
     _use_tracking_uri()
-    signature, example = _signature_and_example(config)
+    signature, example = _signature_and_example(config, finetune)
     package = Path(__file__).resolve().parent
     with _run(run_id, f"register-{name}") as run:
         mlflow.set_tags({k: v for k, v in version_tags.items() if k.startswith("lineage.")})
@@ -249,11 +261,11 @@ def log_finetuned(run_dir, target: str | None = None, name: str | None = None,
     """Register a fine-tuning run folder (finetune.json, finetuned.safetensors, predictions)
     as a new version of `brainlm-<target>` (`brainlm-forecast` for forecasting).
 
-    The served pyfunc is the embedding model of `brainlm/mlflow_model.py` over the pretrained
-    folder the run started from (`pretrained`, default finetune.json's "model"); the whole run
-    folder travels as the extra artifact "finetune", and when the run fine-tuned the encoder
-    (`mode: full`) the pyfunc loads those encoder weights, so embeddings match the run. The
-    task head is not served: its outputs come from the run's predictions.
+    The served pyfunc (`brainlm/mlflow_model.py`) answers the run's task with
+    `brainlm.predictor`: the pretrained folder the run started from (`pretrained`, default
+    finetune.json's "model") and the whole run folder (artifact "finetune": head, tuned
+    encoder for `mode: full`, the training data's scaler) travel with it; its input is
+    unscaled recordings, its output the prediction per recording.
 
     Version tags: lineage, `config.*`, `finetune.*` (task, mode, pooling, target), and
     `metric.<m>` (+ `metric.<m>.low/high`) for the brainlm rows of evaluation/results.json
@@ -290,7 +302,8 @@ def log_finetuned(run_dir, target: str | None = None, name: str | None = None,
                     **{f"metric.{k}": v for k, v in metrics.items()}, **ci, **(tags or {})}
     report = run_dir / "evaluation" / "results.md"
     return _log_pyfunc(name, config, {"model": model_folder, "finetune": run_dir}, run_id,
-                       version_tags, metrics, report.read_text() if report.is_file() else None)
+                       version_tags, metrics, report.read_text() if report.is_file() else None,
+                       finetune=meta)
 
 
 # ---------------------------------------------------------------------------- promotion

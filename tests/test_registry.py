@@ -164,7 +164,8 @@ def test_log_pretrained_refuses_folders_it_cannot_serve(store, tmp_path):
 
 
 def test_log_finetuned_serves_the_tuned_encoder(registered, pretrained, tmp_path):
-    """A `mode: full` run: the registered pyfunc must embed with the run's encoder."""
+    """A `mode: full` run: the registered pyfunc answers the task (the head over the run's
+    tuned encoder, in the target's units), not with embeddings."""
     import pandas as pd
     from safetensors.torch import save_file
 
@@ -173,10 +174,12 @@ def test_log_finetuned_serves_the_tuned_encoder(registered, pretrained, tmp_path
     (run / "evaluation").mkdir(parents=True)
     (run / "finetune.json").write_text(json.dumps({
         "config": {"task": "regression", "mode": "full", "pooling": "cls", "target": "age"},
-        "best_val_loss": 0.9, "window": 40, "model": str(folder)}))
+        "best_val_loss": 0.9, "window": 40, "model": str(folder), "classes": None,
+        "target_mean": 50.0, "target_std": 10.0}))
+    head_w = torch.linspace(-1, 1, 64)[None]
     tuned = {k: v + 0.01 for k, v in model.state_dict().items()}
     save_file({f"encoder.{k}": v.contiguous() for k, v in tuned.items()}
-              | {"head.linear.weight": torch.zeros(1, 64), "head.linear.bias": torch.zeros(1)},
+              | {"head.linear.weight": head_w, "head.linear.bias": torch.full((1,), 0.5)},
               str(run / "finetuned.safetensors"))
     (run / "evaluation" / "results.json").write_text(json.dumps([
         {"method": "brainlm", "metric": "r2", "value": 0.31, "low": 0.1, "high": 0.5},
@@ -195,18 +198,22 @@ def test_log_finetuned_serves_the_tuned_encoder(registered, pretrained, tmp_path
     assert float(mv.tags["metric.r2.low"]) == pytest.approx(0.1)
     assert mv.tags["finetune.mode"] == "full"
     assert mv.description.startswith("| method | r2 |")
-    x = windows(3, seed=2)
-    out = mlflow.pyfunc.load_model("models:/brainlm-age/1").predict(
-        pd.DataFrame({"signal": list(x)}))
+    x = windows(3, seed=2)  # three recordings of one window each, already scaled
+    loaded = mlflow.pyfunc.load_model("models:/brainlm-age/1")
+    assert [c.name for c in loaded.metadata.get_output_schema().inputs] == ["prediction"]
+    out = loaded.predict(pd.DataFrame({"signal": list(x)}), params={"scaled": True})
     from brainlm.model.modeling import BrainLMForPretraining
 
     tuned_model = BrainLMForPretraining(model.config).eval()
     tuned_model.load_state_dict(tuned)
     with torch.no_grad():
-        expected = tuned_model.embed(torch.from_numpy(x))["cls"].numpy()
-        untuned = model.embed(torch.from_numpy(x))["cls"].numpy()
-    np.testing.assert_allclose(out.to_numpy(), expected, rtol=1e-5, atol=1e-6)
-    assert not np.allclose(out.to_numpy(), untuned, atol=1e-4)
+        def age(m):
+            return ((m.embed(torch.from_numpy(x))["cls"] @ head_w.T)[:, 0] + 0.5) * 10 + 50
+
+        expected, untuned = age(tuned_model).numpy(), age(model).numpy()
+    assert list(out.columns) == ["prediction"]
+    np.testing.assert_allclose(out["prediction"].to_numpy(), expected, rtol=1e-5, atol=1e-4)
+    assert not np.allclose(out["prediction"].to_numpy(), untuned, atol=1e-3)
 
 
 # ---------------------------------------------------------------------------- promotion

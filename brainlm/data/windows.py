@@ -32,13 +32,19 @@ def prepare_target(rows, target: str, task: str, where: str):
 
 
 def window_batches(store, rows, window: int, stride: int, batch_size: int):
-    """Sliding windows of the given recordings: yields (x [b, P, window] float32, rec_index).
-    The last window of a recording ends at its last timepoint, whatever the stride."""
+    """Sliding windows of the given recordings of a store: yields (x [b, P, window] float32,
+    rec_index). The last window of a recording ends at its last timepoint, whatever the
+    stride."""
+    return sliding_batches((store.load(row) for _, row in rows.iterrows()), window, stride,
+                           batch_size)
+
+
+def sliding_batches(recordings, window: int, stride: int, batch_size: int):
+    """`window_batches` over [P, T] arrays (what a served model is given)."""
     import torch
 
     batch, owners = [], []
-    for i, (_, row) in enumerate(rows.iterrows()):
-        x = store.load(row)
+    for i, x in enumerate(recordings):
         starts = list(range(0, x.shape[1] - window + 1, stride))
         if starts[-1] != x.shape[1] - window:
             starts.append(x.shape[1] - window)

@@ -313,11 +313,17 @@ def _config_json(cfg: FinetuneConfig) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
 
 
-def _save_weights(out: Path, head, model, full: bool) -> None:
-    """finetuned.safetensors: the head as `head.*`, the tuned encoder as `encoder.*` (full)."""
+def _save_weights(out: Path, head, model, full: bool, store) -> None:
+    """finetuned.safetensors: the head as `head.*`, the tuned encoder as `encoder.*` (full);
+    beside it the store's scaler, so the run can score unscaled recordings (`predictor`)."""
+    import shutil
+
     from safetensors.torch import save_file
 
     from ..fileio import atomic_path
+
+    with atomic_path(out / "scaler.safetensors") as tmp:
+        shutil.copyfile(Path(store) / "scaler.safetensors", tmp)
 
     state = {f"head.{k}": v.contiguous() for k, v in head.state_dict().items()}
     if full:
@@ -333,7 +339,7 @@ def _write_outputs(cfg, model, head, splits, preds, classes, mu, sd, meta):
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    _save_weights(out, head, model, cfg.mode == "full")
+    _save_weights(out, head, model, cfg.mode == "full", cfg.data)
     rows = []
     for split in ("val", "test"):
         r = splits[split]
@@ -447,5 +453,5 @@ def _write_forecast(run: _Run, head, predict, meta: dict) -> None:
             arrays[f"{split}_subject"] = subjects
     with atomic_path(out / "forecast.npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    _save_weights(out, head, run.model, run.cfg.mode == "full")
+    _save_weights(out, head, run.model, run.cfg.mode == "full", run.cfg.data)
     write_bytes_atomic(out / "finetune.json", json.dumps(meta, indent=2, default=str).encode())

@@ -1,0 +1,151 @@
+"""A fine-tuned model as a function of recordings: what the registered pyfunc, `mlflow models
+serve` and `brainlm predict` answer with.
+
+Input: parcellated recordings [P, T] in the model's parcel order, unscaled (the scaler the
+training data was scaled with is applied here) or already scaled (`scaled=True`). Each
+recording is cut into the windows `brainlm evaluate` scores (stride = window, the last one
+ending at the recording's end) and the head's outputs are averaged per recording, exactly as
+the fine-tuning run predicted its test subjects:
+- regression: `prediction` (in the target's units);
+- classification: `prediction` (the most probable class) and `proba_<class>` per class;
+- forecast: `forecast`, the next `horizon` timepoints [P, horizon] after the recording's last
+  `window - horizon` (in the input's units).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError
+
+BATCH = 32  # windows per forward pass
+
+
+class FinetunedModel:
+    """Encoder (the tuned one for `mode: full`), head, scaler and target coding of a run."""
+
+    def __init__(self, run_dir, pretrained=None):
+        import torch
+
+        from .model import load_model
+        from .train.finetune import ForecastHead, Head
+
+        run_dir = Path(run_dir)
+        try:
+            self.meta = json.loads((run_dir / "finetune.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{run_dir}: not a fine-tuning run (finetune.json: {exc})") from None
+        cfg = self.meta["config"]
+        self.task, self.pooling = cfg["task"], cfg.get("pooling", "cls")
+        folder = Path(pretrained or self.meta["model"])
+        self.model = load_model(folder)
+        state = _load_weights(run_dir / "finetuned.safetensors")
+        encoder = {k[8:]: v for k, v in state.items() if k.startswith("encoder.")}
+        if encoder:
+            self.model.load_state_dict(encoder)
+        width = self.model.config.hidden_size
+        self.window = int(self.meta.get("window") or self.model.config.window)
+        self.classes = self.meta.get("classes")
+        if self.task == "forecast":
+            self.horizon = int(self.meta["horizon"])
+            self.head = ForecastHead(width, self.horizon)
+        else:
+            self.head = Head(width, len(self.classes) if self.classes else 1, 0.0)
+        self.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+        self.head.eval()
+        self.coords = torch.as_tensor(self.model.config.parcel_coords, dtype=torch.float32)
+        scaler = run_dir / "scaler.safetensors"
+        self._scaler_path = scaler if scaler.is_file() else folder / "scaler.safetensors"
+        self._scaler = None
+
+    @property
+    def scaler(self):
+        """The training data's scaler (read on first use: scaled input never needs it)."""
+        if self._scaler is None:
+            from .data.scale import RobustScaler
+
+            try:
+                self._scaler = RobustScaler.load(self._scaler_path)
+            except Exception as exc:  # missing or unreadable: name the file
+                raise ConfigError(f"{self._scaler_path}: cannot read the scaler the model was "
+                                  f"trained with ({exc}); give scaled recordings") from None
+        return self._scaler
+
+    @property
+    def n_parcels(self) -> int:
+        return len(self.coords)
+
+    def _recordings(self, recordings, scaled: bool) -> list[np.ndarray]:
+        need = self.window - self.horizon if self.task == "forecast" else self.window
+        out = []
+        for i, x in enumerate(recordings):
+            x = np.asarray(x, dtype=np.float64)
+            if x.ndim != 2 or x.shape[0] != self.n_parcels or x.shape[1] < need:
+                raise ConfigError(f"recording {i}: shape {list(x.shape)}; this model takes "
+                                  f"[{self.n_parcels} parcels, >= {need} timepoints] in its "
+                                  "atlas's parcel order")
+            if not np.isfinite(x).all():
+                raise ConfigError(f"recording {i}: NaN or infinite values")
+            out.append(x.astype(np.float32) if scaled else self.scaler.transform(x))
+        return out
+
+    def predict(self, recordings, scaled: bool = False):
+        """recordings: a list of [P, T] arrays -> a DataFrame, one row per recording."""
+        import pandas as pd
+
+        xs = self._recordings(recordings, scaled)
+        if self.task == "forecast":
+            return pd.DataFrame({"forecast": [self._forecast(x, scaled).tolist() for x in xs]})
+        p = self.window_outputs(xs)
+        if self.classes:
+            out = pd.DataFrame({f"proba_{c}": p[:, k] for k, c in enumerate(self.classes)})
+            out.insert(0, "prediction", [self.classes[int(k)] for k in p.argmax(1)])
+            return out
+        return pd.DataFrame({"prediction": p[:, 0] * self.meta["target_std"]
+                             + self.meta["target_mean"]})
+
+    def window_outputs(self, xs: list) -> np.ndarray:
+        """Per recording: the head's outputs averaged over its windows (class probabilities,
+        or the standardized target) [n, outputs]."""
+        import torch
+
+        from .data.windows import sliding_batches
+        from .model import embed_windows
+
+        n_out = len(self.classes) if self.classes else 1
+        sums, counts = np.zeros((len(xs), n_out)), np.zeros(len(xs))
+        with torch.no_grad():
+            for x, owner in sliding_batches(xs, self.window, self.window, BATCH):
+                out = self.head(embed_windows(self.model, x, self.coords)[self.pooling]).float()
+                out = out.softmax(-1) if self.classes else out
+                np.add.at(sums, owner, out.numpy())
+                np.add.at(counts, owner, 1)
+        return sums / np.maximum(counts, 1)[:, None]
+
+    def _forecast(self, x: np.ndarray, scaled: bool) -> np.ndarray:
+        """The next `horizon` timepoints of every parcel from the last window - horizon."""
+        import torch
+
+        ctx = self.window - self.horizon
+        ps = self.model.config.patch_size
+        window = np.zeros((self.n_parcels, self.window), np.float32)
+        window[:, :ctx] = x[:, -ctx:]
+        n_ctx = ctx // ps
+        ids = (torch.arange(self.n_parcels)[:, None] * (self.window // ps)
+               + torch.arange(n_ctx)[None]).reshape(1, -1)
+        with torch.no_grad():
+            hidden = self.model.encode(torch.from_numpy(window)[None], self.coords, ids)
+            y = self.head(hidden[:, 1:], self.n_parcels)[0].float().numpy()
+        return y if scaled else self.scaler.inverse_transform(y)
+
+
+def _load_weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (OSError, ValueError, RuntimeError) as exc:  # missing, truncated, not safetensors
+        raise ConfigError(f"{path}: cannot read the fine-tuned weights ({exc})") from None

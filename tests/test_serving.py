@@ -1,0 +1,155 @@
+"""Registered fine-tuned models answer their task: through `models:/` and through
+`mlflow models serve`, on unscaled recordings, with what the fine-tuning run predicted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.helpers import age_effect_setup
+from brainlm import registry
+from brainlm.data.store import BrainStore
+from brainlm.train.finetune import FinetuneConfig, finetune
+
+P, T = 10, 120
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A store, three fine-tuning runs on it (regression, classification, forecast), each
+    registered in a fresh SQLite registry."""
+    root = age_effect_setup(tmp_path_factory.mktemp("serve"), 20, T, P)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    base = dict(model=root / "model", data=root / "store", epochs=2, batch_size=8,
+                progress=False)
+    out = {}
+    try:
+        for name, kw in {"age": dict(target="age"),
+                         "group": dict(target="group", task="classification"),
+                         "forecast": dict(task="forecast", horizon=10, mode="full",
+                                          windows_per_recording=1)}.items():
+            run = root / name
+            finetune(FinetuneConfig(out=run, **base, **kw))
+            out[name] = (run, registry.log_finetuned(run, repo_root=root))
+        yield root, uri, out
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def _test_recordings(root: Path):
+    """The test split's recordings as the user has them (the raw tables, unscaled, [P, T]),
+    and as the store holds them (scaled)."""
+    store = BrainStore(root / "store")
+    rows = store.recordings("test")
+    raw = [np.load(Path(p)).T for p in rows["source_path"]]
+    return rows, raw, [np.asarray(store.load(r)) for _, r in rows.iterrows()]
+
+
+def test_regression_model_predicts_what_the_run_predicted(runs):
+    root, _, out = runs
+    run, version = out["age"]
+    rows, raw, scaled = _test_recordings(root)
+    expected = pd.read_parquet(run / "predictions.parquet").set_index("recording_id").loc[
+        rows["recording_id"], "y_pred"].to_numpy()
+    model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
+    got = model.predict(pd.DataFrame({"signal": [x.tolist() for x in raw]}))
+    assert list(got.columns) == ["prediction"]
+    np.testing.assert_allclose(got["prediction"].to_numpy(), expected, rtol=1e-4, atol=1e-3)
+    again = model.predict(pd.DataFrame({"signal": [x.tolist() for x in scaled]}),
+                          params={"scaled": True})
+    np.testing.assert_allclose(again["prediction"].to_numpy(), expected, rtol=1e-6, atol=1e-6)
+    assert np.ptp(expected) > 0  # different recordings, different answers
+
+
+def test_classification_model_gives_labels_and_probabilities(runs):
+    root, _, out = runs
+    run, version = out["group"]
+    rows, raw, _ = _test_recordings(root)
+    expected = pd.read_parquet(run / "predictions.parquet").set_index("recording_id").loc[
+        rows["recording_id"]]
+    got = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}").predict(
+        pd.DataFrame({"signal": [x.tolist() for x in raw]}))
+    assert list(got.columns) == ["prediction", "proba_old", "proba_young"]
+    assert got["prediction"].tolist() == expected["y_pred"].astype(str).tolist()
+    for c in ("old", "young"):
+        np.testing.assert_allclose(got[f"proba_{c}"], expected[f"proba_{c}"], atol=1e-4)
+
+
+def test_forecast_model_predicts_the_next_timepoints(runs):
+    """The first test window's context as a recording: the forecast the run scored for it."""
+    root, _, out = runs
+    run, version = out["forecast"]
+    _, _, scaled = _test_recordings(root)
+    window, horizon = 40, 10
+    expected = np.load(run / "forecast.npz")["test_pred"][0]  # [P, horizon]
+    got = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}").predict(
+        pd.DataFrame({"signal": [scaled[0][:, :window - horizon].tolist()]}),
+        params={"scaled": True})
+    forecast = np.asarray(got["forecast"][0])
+    assert forecast.shape == (P, horizon)
+    np.testing.assert_allclose(forecast, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_wrong_recordings_get_one_clear_message(runs):
+    from brainlm.errors import ConfigError
+    from brainlm.predictor import FinetunedModel
+
+    run, _ = runs[2]["age"]
+    model = FinetunedModel(run)
+    with pytest.raises(ConfigError, match=r"recording 0: shape \[9, 120\].*\[10 parcels"):
+        model.predict([np.zeros((9, 120))])
+    with pytest.raises(ConfigError, match=r"recording 1: shape \[10, 20\]"):
+        model.predict([np.zeros((10, 120)), np.zeros((10, 20))])
+    bad = np.zeros((10, 120))
+    bad[0, 0] = np.nan
+    with pytest.raises(ConfigError, match="recording 0: NaN"):
+        model.predict([bad])
+
+
+def test_mlflow_models_serve_answers_with_the_same_predictions(runs, tmp_path):
+    """`mlflow models serve -m models:/brainlm-age/1 --env-manager local` and a real HTTP
+    request, as a user would send it."""
+    import urllib.request
+
+    from tests.services import free_port, stop, wait_for_http
+
+    root, uri, out = runs
+    run, version = out["age"]
+    rows, raw, _ = _test_recordings(root)
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen(
+        ["mlflow", "models", "serve", "-m", f"models:/{version.name}/{version.version}",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/ping", proc=server, timeout=120,
+                      log=tmp_path / "serve.log")
+        body = json.dumps({"dataframe_records": [{"signal": x.tolist()} for x in raw]}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+    finally:
+        stop(server)
+        log.close()
+    got = [row["prediction"] for row in answer["predictions"]]
+    expected = pd.read_parquet(run / "predictions.parquet").set_index("recording_id").loc[
+        rows["recording_id"], "y_pred"].to_numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)

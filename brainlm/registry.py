@@ -241,6 +241,7 @@ def log_pretrained(folder, name: str = "brainlm-pretrain", run_id: str | None = 
                     **{f"metric.{k}": v for k, v in metrics.items()}}
     if (folder / "scaler.safetensors").is_file():
         version_tags["scaler.sha256"] = sha256_file(folder / "scaler.safetensors")
+    version_tags[FINGERPRINT] = pretrained_fingerprint(folder)
     version_tags.update(tags or {})
     readme = folder / "README.md"
     return _log_pyfunc(name, config, {"model": folder}, run_id, version_tags, metrics,
@@ -280,7 +281,7 @@ def log_finetuned(run_dir, target: str | None = None, name: str | None = None,
         target = run_target or task
     elif task != "forecast" and target != run_target:
         raise ConfigError(f"{run_dir}: the run fine-tuned on {run_target!r}, not {target!r}")
-    name = name or "brainlm-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", str(target)).strip("-")
+    name = name or finetuned_name(run_dir, target)
     model_folder = Path(pretrained or meta.get("model") or "").resolve()
     config = _our_model_config(model_folder)
     metrics = {}
@@ -299,11 +300,65 @@ def log_finetuned(run_dir, target: str | None = None, name: str | None = None,
                     **{f"finetune.{k}": cfg.get(k) for k in ("task", "mode", "pooling", "target")
                        if cfg.get(k) is not None},
                     "finetune.pretrained": str(model_folder),
-                    **{f"metric.{k}": v for k, v in metrics.items()}, **ci, **(tags or {})}
+                    **{f"metric.{k}": v for k, v in metrics.items()}, **ci,
+                    FINGERPRINT: finetuned_fingerprint(run_dir, model_folder), **(tags or {})}
     report = run_dir / "evaluation" / "results.md"
     return _log_pyfunc(name, config, {"model": model_folder, "finetune": run_dir}, run_id,
                        version_tags, metrics, report.read_text() if report.is_file() else None,
                        finetune=meta)
+
+
+# ---------------------------------------------------------------------------- unchanged models
+
+FINGERPRINT = "fingerprint"  # version tag: sha256 over the files that make the model
+
+
+def fingerprint(files) -> str:
+    """sha256 over the names and contents of `files` (missing ones count as absent)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in map(Path, files):
+        h.update(f"{path.name}:{sha256_file(path) if path.is_file() else MISSING};".encode())
+    return h.hexdigest()
+
+
+def pretrained_fingerprint(folder) -> str:
+    """Weights, scaler and config: what a registered pretrained model serves."""
+    folder = Path(folder)
+    return fingerprint([folder / n for n in ("model.safetensors", "scaler.safetensors",
+                                             "config.json")])
+
+
+def finetuned_fingerprint(run_dir, pretrained=None) -> str:
+    """The run's head (and tuned encoder), scaler and predictions, and the encoder it started
+    from; not its evaluation (a new bootstrap of the same model is the same model)."""
+    run_dir = Path(run_dir)
+    meta = _read_json(run_dir / "finetune.json", "a fine-tuning run")
+    folder = Path(pretrained or meta.get("model") or "")
+    return fingerprint([run_dir / "finetuned.safetensors", run_dir / "scaler.safetensors",
+                        run_dir / "predictions.parquet", run_dir / "forecast.npz",
+                        folder / "model.safetensors"])
+
+
+def finetuned_name(run_dir, target: str | None = None) -> str:
+    """`brainlm-<target>` (`brainlm-forecast` for forecasting): the registered model's name."""
+    cfg = _read_json(Path(run_dir) / "finetune.json", "a fine-tuning run").get("config", {})
+    target = target or cfg.get("target") or cfg.get("task")
+    return "brainlm-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", str(target)).strip("-")
+
+
+def find_version(name: str, fingerprint_: str, client=None):
+    """The newest version of `name` registered with this fingerprint, or None."""
+    client = _client(client)
+    found = client.search_model_versions(
+        f"name = '{name}' and tags.{FINGERPRINT} = '{fingerprint_}'")
+    return max(found, key=lambda v: int(v.version), default=None)
+
+
+def champion_version(name: str, client=None) -> str | None:
+    champion = _alias_version(_client(client), name, CHAMPION)
+    return None if champion is None else str(champion.version)
 
 
 # ---------------------------------------------------------------------------- promotion

@@ -99,6 +99,13 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
     assert "Running stage 'evaluate'" in changed
     for stage in ("preprocess", "validate", "pretrain@0.5", "tune", "finetune"):
         assert f"Running stage '{stage}'" not in changed, stage
+    # register ran again on the same models: no new version, and it says so
+    assert "Running stage 'register'" in changed
+    register = json.loads((root / "metrics" / "register.json").read_text())
+    assert {d["decision"] for d in register.values()} == {"unchanged"}
+    assert register["brainlm-age"]["champion_version"] == "1"
+    assert len(client.search_model_versions("name = 'brainlm-pretrain'")) == 2
+    assert len(client.search_model_versions("name = 'brainlm-age'")) == 1
 
     # code is a dependency: a change to the evaluation module reruns evaluate only ...
     evaluate_py = root / "brainlm" / "evaluate" / "metrics.py"

@@ -290,3 +290,19 @@ def test_registered_champion_loads_by_alias(registered, pretrained):
     out = mlflow.pyfunc.load_model("models:/brainlm-pretrain@champion").predict(
         {"signal": windows(1)[0].tolist()})
     assert out.shape == (1, 64)
+
+
+def test_an_unchanged_model_is_found_by_its_fingerprint(registered, pretrained, tmp_path):
+    import shutil
+
+    mv, _ = registered
+    folder, _ = pretrained
+    fp = registry.pretrained_fingerprint(folder)
+    assert mv.tags["fingerprint"] == fp
+    assert str(registry.find_version("brainlm-pretrain", fp).version) == str(mv.version)
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    assert registry.pretrained_fingerprint(copy) == fp  # content, not place
+    (copy / "scaler.safetensors").write_bytes(b"another scaler")
+    other = registry.pretrained_fingerprint(copy)
+    assert other != fp and registry.find_version("brainlm-pretrain", other) is None

@@ -52,9 +52,11 @@ def _split_hashes(root: Path) -> dict:
 
 
 def run(cfg: RegisterConfig, tags: dict | None = None) -> dict:
+    """Register what changed; an unchanged model (same fingerprint: weights, scaler, data)
+    keeps its version and gets the decision `unchanged`, so a rerun never churns versions."""
     import json
 
-    from ..registry import log_finetuned, log_pretrained, promote
+    from .. import registry
     from ..tracking import job_run
 
     root = Path(cfg.root)
@@ -62,25 +64,40 @@ def run(cfg: RegisterConfig, tags: dict | None = None) -> dict:
 
     def decide(name, version, metric, value, higher, on):
         try:
-            return promote(name, version, metric, value, higher, split=split[on])
+            return registry.promote(name, version, metric, value, higher, split=split[on])
         except ValueError as exc:  # the champion was scored on other subjects
             return {"decision": "not_comparable", "champion_version": None, "reason": str(exc)}
+
+    def unchanged(name, version):
+        return {"decision": "unchanged", "candidate_version": str(version.version),
+                "champion_version": registry.champion_version(name)}
 
     decisions = {}
     with job_run(NAME, "register", cfg, tags) as tracker:
         for r in cfg.mask_ratios:
             folder = root / "models" / f"pretrain-{r:g}"
-            version = log_pretrained(folder, repo_root=root, tags={"mask_ratio": str(r)})
-            if r == cfg.finetune_mask_ratio:
-                val = json.loads((folder / "metrics.json").read_text())
-                decisions["brainlm-pretrain"] = decide("brainlm-pretrain", version.version,
-                                                       "val_r2", val["val_r2"], True, "val")
-        rows = json.loads((root / "runs" / "evaluation" / "results.json").read_text())
-        value = next(r["value"] for r in rows if r["method"] == "brainlm"
-                     and r["metric"] == cfg.metric)
-        version = log_finetuned(root / "runs" / "finetune", repo_root=root)
-        decisions[version.name] = decide(version.name, version.version, cfg.metric, value,
-                                         cfg.higher_is_better, "test")
+            known = registry.find_version("brainlm-pretrain",
+                                          registry.pretrained_fingerprint(folder))
+            version = known or registry.log_pretrained(folder, repo_root=root,
+                                                       tags={"mask_ratio": str(r)})
+            if r != cfg.finetune_mask_ratio:
+                continue
+            val = json.loads((folder / "metrics.json").read_text())
+            decisions["brainlm-pretrain"] = unchanged("brainlm-pretrain", known) if known \
+                else decide("brainlm-pretrain", version.version, "val_r2", val["val_r2"], True,
+                            "val")
+        run_dir = root / "runs" / "finetune"
+        name = registry.finetuned_name(run_dir)
+        known = registry.find_version(name, registry.finetuned_fingerprint(run_dir))
+        if known:
+            decisions[name] = unchanged(name, known)
+        else:
+            rows = json.loads((root / "runs" / "evaluation" / "results.json").read_text())
+            value = next(r["value"] for r in rows if r["method"] == "brainlm"
+                         and r["metric"] == cfg.metric)
+            version = registry.log_finetuned(run_dir, repo_root=root)
+            decisions[name] = decide(name, version.version, cfg.metric, value,
+                                     cfg.higher_is_better, "test")
         values = {k: {"decision": d["decision"], "champion_version": str(d["champion_version"])}
                   for k, d in decisions.items()}
         tracker.tags({f"decision.{k}": v["decision"] for k, v in values.items()})

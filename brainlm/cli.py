@@ -32,13 +32,18 @@ JOB_COMMANDS = {
              "as postgresql://user@host/optuna, or journal:///shared/path/optuna.log) and each "
              "its own --worker number. The finetune options are the base configuration the "
              "search varies."),
+    "predict": ("predict", "score new recordings with a fine-tuned model (folder or models:/)",
+                "NIfTI or parcellated tables -> predictions.parquet, with the model's atlas, "
+                "settings and scaler (refused on another atlas, TR or parcel count), and a "
+                "drift report: parcels whose scaled median or IQR moved from training's 0 and "
+                "1 beyond the tolerances."),
     "evaluate": ("evaluate", "score a fine-tuning run beside baselines",
                  "Test-split metrics with subject-level bootstrap CIs, beside FC + linear, "
                  "raw-ROI MLP (or persistence, parcel mean, linear AR for forecasting) fitted "
                  "on the same training recordings."),
 }
 COMMANDS = ("synth", "preprocess", "stage", "validate", "pretrain", "finetune", "tune",
-            "evaluate", "analyze", "perturb", "embed")
+            "evaluate", "predict", "analyze", "perturb", "embed")
 
 
 def _positive_int(text: str) -> int:

@@ -58,7 +58,7 @@ class FinetunedModel:
         self.head.eval()
         self.coords = torch.as_tensor(self.model.config.parcel_coords, dtype=torch.float32)
         scaler = run_dir / "scaler.safetensors"
-        self._scaler_path = scaler if scaler.is_file() else folder / "scaler.safetensors"
+        self.scaler_path = scaler if scaler.is_file() else folder / "scaler.safetensors"
         self._scaler = None
 
     @property
@@ -68,9 +68,9 @@ class FinetunedModel:
             from .data.scale import RobustScaler
 
             try:
-                self._scaler = RobustScaler.load(self._scaler_path)
+                self._scaler = RobustScaler.load(self.scaler_path)
             except Exception as exc:  # missing or unreadable: name the file
-                raise ConfigError(f"{self._scaler_path}: cannot read the scaler the model was "
+                raise ConfigError(f"{self.scaler_path}: cannot read the scaler the model was "
                                   f"trained with ({exc}); give scaled recordings") from None
         return self._scaler
 

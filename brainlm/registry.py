@@ -245,7 +245,7 @@ def log_pretrained(folder, name: str = "brainlm-pretrain", run_id: str | None = 
     version_tags.update(tags or {})
     readme = folder / "README.md"
     return _log_pyfunc(name, config, {"model": folder}, run_id, version_tags, metrics,
-                       readme.read_text() if readme.is_file() else None)
+                       model_card_text(readme.read_text()) if readme.is_file() else None)
 
 
 def _config_tags(config: dict) -> dict:
@@ -359,6 +359,43 @@ def find_version(name: str, fingerprint_: str, client=None):
 def champion_version(name: str, client=None) -> str | None:
     champion = _alias_version(_client(client), name, CHAMPION)
     return None if champion is None else str(champion.version)
+
+
+def training_run(experiment: str, fingerprint_: str, client=None) -> str | None:
+    """The finished run of `experiment` that made the model with this fingerprint (the
+    pretrain and finetune jobs tag it), so its version's source run is the one with its loss
+    curves; None when this store never saw that run (then the register run is the source)."""
+    client = _client(client)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], max_results=1,
+                              filter_string=f"tags.{FINGERPRINT} = '{fingerprint_}' and "
+                                            "attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+def hold_back(name: str, version, decision: str, reason: str, client=None) -> dict:
+    """A candidate that may not become champion (below its baseline): the `challenger`, with
+    the decision and reason tagged on the version; the champion stays."""
+    client = _client(client)
+    version = str(version)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    for key, value in (("promotion.decision", decision), ("promotion.reason", reason)):
+        client.set_model_version_tag(name, version, key, value[:5000])
+    return {"decision": decision, "champion_version": champion_version(name, client),
+            "candidate_version": version, "reason": reason}
+
+
+def model_card_text(readme: str) -> str:
+    """A model card as a version description: without its YAML front matter (Hugging Face
+    metadata, which MLflow would show as text)."""
+    if readme.startswith("---\n"):
+        end = readme.find("\n---", 4)
+        if end != -1:
+            return readme[end + 4:].lstrip("\n")
+    return readme
 
 
 # ---------------------------------------------------------------------------- promotion

@@ -81,8 +81,23 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
     assert {r.data.params["attention_kernel"] for r in runs} == {"math"}
 
     register = json.loads((root / "metrics" / "register.json").read_text())
-    assert register["brainlm-pretrain"]["decision"] == "promoted"  # the first champion
-    assert register["brainlm-age"]["decision"] == "promoted"
+    assert set(register) == {"brainlm-pretrain@0.5", "brainlm-pretrain@0.75", "brainlm-age"}
+    # honest promotion: a champion beats its baseline; below it, the challenger
+    for r in (0.5, 0.75):
+        m = json.loads((root / "models" / f"pretrain-{r:g}" / "metrics.json").read_text())
+        decision = register[f"brainlm-pretrain@{r:g}"]["decision"]
+        assert (decision == "below_baseline") == (m["val_common_r2_gain"] <= 0), (r, decision)
+    rows = json.loads((root / "runs" / "evaluation" / "results.json").read_text())
+    r2 = {r["method"]: r["value"] for r in rows if r["metric"] == "r2"}
+    beats = r2["brainlm"] > r2["fc_linear"]
+    assert register["brainlm-age"]["decision"] == ("promoted" if beats else "below_baseline")
+    age = client.get_model_version_by_alias("brainlm-age", "champion" if beats else "challenger")
+    assert str(age.version) == "1" and age.tags["promotion.decision"] == \
+        register["brainlm-age"]["decision"]
+    # lineage: the version's source run is the fine-tuning run, with its loss curve
+    source = client.get_run(age.tags["source_run_id"])
+    assert client.get_experiment(source.info.experiment_id).name == "finetune"
+    assert client.get_metric_history(source.info.run_id, "val_loss")
 
     again = sh("dvc", "repro")
     assert "Running stage" not in again  # a second repro does nothing
@@ -103,7 +118,6 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
     assert "Running stage 'register'" in changed
     register = json.loads((root / "metrics" / "register.json").read_text())
     assert {d["decision"] for d in register.values()} == {"unchanged"}
-    assert register["brainlm-age"]["champion_version"] == "1"
     assert len(client.search_model_versions("name = 'brainlm-pretrain'")) == 2
     assert len(client.search_model_versions("name = 'brainlm-age'")) == 1
 

@@ -54,7 +54,9 @@ def _leaves(cls, prefix: str = "") -> set:
 
 @pytest.mark.parametrize("name", list(JOB_COMMANDS))
 def test_every_setting_is_a_flag_with_the_dataclass_default(name):
-    mod = job(name)
+    import importlib
+
+    mod = importlib.import_module(f"brainlm.jobs.{JOB_COMMANDS[name][0]}")
     paths = {o.path for o in mod.OPTIONS}
     fields = _leaves(mod.Config)
     assert fields - paths == set(mod.NOT_OPTIONS), "settings without a flag"

@@ -153,3 +153,50 @@ def test_mlflow_models_serve_answers_with_the_same_predictions(runs, tmp_path):
     expected = pd.read_parquet(run / "predictions.parquet").set_index("recording_id").loc[
         rows["recording_id"], "y_pred"].to_numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_brainlm_predict_scores_a_new_cohort_and_reports_drift(runs, tmp_path, capsys):
+    """`brainlm predict` on the raw tables: the model's preprocessing and scaler, the run's
+    predictions for the recordings it saw; a cohort with 3x the amplitude is flagged."""
+    import shutil
+
+    from brainlm.cli import main
+
+    root, _, out = runs
+    run, version = out["age"]
+    argv = ["predict", "--model", str(run), "--atlas", "A424", "--coords",
+            str(root / "coords.tsv"), "--input-tr", "0.735", "--cache-dir", str(tmp_path / "c")]
+    assert main(argv + ["--input", str(root / "raw"), "--out", str(tmp_path / "p.parquet")]) == 0
+    got = pd.read_parquet(tmp_path / "p.parquet").set_index("recording_id")
+    assert len(got) == 20 and {"subject", "source_path", "prediction"} <= set(got.columns)
+    ran = pd.read_parquet(run / "predictions.parquet").set_index("recording_id")
+    np.testing.assert_allclose(got.loc[ran.index, "prediction"], ran["y_pred"], rtol=1e-4,
+                               atol=1e-3)
+    report = json.loads((tmp_path / "p.report.json").read_text())
+    assert report["recordings"] == 20 and report["drift"]["drifted_parcels"] == []
+
+    louder = tmp_path / "louder"
+    louder.mkdir()
+    for f in (root / "raw").glob("*.npy"):
+        x = np.load(f)
+        np.save(louder / f.name, x.mean(0) + 3 * (x - x.mean(0)))
+    shutil.copy(root / "raw" / "participants.tsv", louder)
+    capsys.readouterr()
+    assert main(argv + ["--input", str(louder), "--out", str(tmp_path / "l.parquet")]) == 0
+    report = json.loads((tmp_path / "l.report.json").read_text())
+    assert report["drift"]["drifted_parcels"] == list(range(P))  # every IQR tripled
+    assert "parcels drifted from the training distribution" in capsys.readouterr().err
+
+
+def test_brainlm_predict_refuses_a_model_without_a_head(runs, tmp_path, capsys):
+    from brainlm.cli import main
+
+    root, _, _ = runs
+    registry.log_pretrained(root / "model", repo_root=root)
+    assert main(["predict", "--model", "models:/brainlm-pretrain/1", "--input",
+                 str(root / "raw"), "--out", str(tmp_path / "x.parquet")]) == 2
+    assert "without a head" in capsys.readouterr().err
+    assert main(["predict", "--model", "models:/brainlm-nothing@champion", "--input",
+                 str(root / "raw"), "--out", str(tmp_path / "x.parquet")]) == 2
+    assert "cannot load the registered model" in capsys.readouterr().err
+    assert not (tmp_path / "x.parquet").exists()

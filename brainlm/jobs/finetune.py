@@ -60,6 +60,9 @@ def run(cfg: FinetuneConfig, tags: dict | None = None) -> dict:
             {"val_loss": float(loss)}, step=epoch))
         values = {"best_val_loss": meta["best_val_loss"], "epochs_run": meta["epochs_run"]}
         tracker.summary(values)
+        from ..registry import FINGERPRINT, finetuned_fingerprint
+
+        tracker.tags({FINGERPRINT: finetuned_fingerprint(cfg.out)})
     print(f"brainlm finetune: {cfg.task} {cfg.target or ''} ({cfg.mode}), "
           f"{meta['epochs_run']} epochs, best val loss {meta['best_val_loss']:.4f} -> {cfg.out}")
     return values

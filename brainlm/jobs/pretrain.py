@@ -87,6 +87,10 @@ def run(cfg: PretrainConfig, tags: dict | None = None) -> dict:
     with job_run(NAME, f"{cfg.profile}-mask{cfg.mask_ratio:g}", cfg, tags,
                  enabled=rank0) as tracker:
         result = pretrain(cfg, tracker)
+        if result.get("metrics"):  # the model this run made: the registry finds the run by it
+            from ..registry import FINGERPRINT, pretrained_fingerprint
+
+            tracker.tags({FINGERPRINT: pretrained_fingerprint(cfg.out)})
     m = result.get("metrics")
     if m and rank0:
         words = "beats every baseline" if m["val_r2_gain"] > 0 else "HAS NOT LEARNED YET"

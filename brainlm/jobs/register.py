@@ -1,7 +1,18 @@
 """Job `register`: the pipeline's pretrained and fine-tuned models into the MLflow registry,
-each promoted to `champion` only if it beats the current one on the same subjects (the
-pretrained model of the fine-tuned mask ratio on validation R^2, the fine-tuned model on the
-params' test metric)."""
+each promoted to `champion` only if it is comparable with the champion and beats it, and beats
+its baseline.
+
+- Every mask ratio's pretrained model is a candidate for `brainlm-pretrain`, on one yardstick:
+  validation R^2 at the common mask (the same masks for every ratio); it must also beat the best
+  reconstruction baseline there (gain > 0).
+- The fine-tuned model competes on the params' test metric; it must also beat FC + linear on
+  the same test subjects.
+- Comparable means the same atlas, target, task and subjects (a key of them is tagged on each
+  version); otherwise the decision is `not_comparable` and the champion stays. A model below its
+  baseline is the `challenger` with decision `below_baseline` (`gate: false` turns this off).
+- An unchanged model (same fingerprint) keeps its version: decision `unchanged`.
+- A version's source run is the run that trained it, when this store has it.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +29,7 @@ class RegisterConfig:
     finetune_mask_ratio: float  # params.yaml's: the pretrained model that competes
     metric: str = "r2"  # the fine-tuned model's test metric (results.json)
     higher_is_better: bool = True
+    gate: bool = True  # a champion must beat its baseline too
 
 
 Config = RegisterConfig
@@ -28,12 +40,12 @@ def from_params(params: dict, root: Path) -> RegisterConfig:
     from . import block, shared
 
     reg = block(params, NAME)
-    unknown = set(reg) - {"metric", "higher_is_better"}
+    unknown = set(reg) - {"metric", "higher_is_better", "gate"}
     if unknown:
         from ..errors import ConfigError
 
         raise ConfigError(f"params.yaml register: unknown setting(s) {', '.join(sorted(unknown))}"
-                          " (known: higher_is_better, metric)")
+                          " (known: gate, higher_is_better, metric)")
     return RegisterConfig(root=root, mask_ratios=tuple(float(r) for r in
                                                        shared(params, "mask_ratios")),
                           finetune_mask_ratio=float(shared(params, "finetune_mask_ratio")),
@@ -51,54 +63,87 @@ def _split_hashes(root: Path) -> dict:
         for s in ("val", "test")}
 
 
-def run(cfg: RegisterConfig, tags: dict | None = None) -> dict:
-    """Register what changed; an unchanged model (same fingerprint: weights, scaler, data)
-    keeps its version and gets the decision `unchanged`, so a rerun never churns versions."""
+def _key(*parts) -> str:
+    """What two scores must share to be compared (atlas, target, task, subjects)."""
+    import hashlib
+
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+def _candidate(name, version, metric, value, higher, key, baseline, gate):
+    """Promote, hold back below the baseline, or keep the champion when not comparable."""
+    from .. import registry
+
+    if gate and baseline is not None and not (value > baseline if higher else value < baseline):
+        return registry.hold_back(name, version.version, "below_baseline",
+                                  f"{metric} {value:.4g} does not beat its baseline "
+                                  f"({baseline:.4g})")
+    try:
+        return registry.promote(name, version.version, metric, value, higher, split=key)
+    except ValueError as exc:  # the champion was scored on other subjects, atlas or target
+        return {"decision": "not_comparable",
+                "champion_version": registry.champion_version(name), "reason": str(exc)}
+
+
+def _pretrained(cfg: RegisterConfig, root: Path, split: dict) -> dict:
+    """Every mask ratio's model, in params order, on the common-mask yardstick."""
     import json
 
     from .. import registry
+
+    out = {}
+    for r in cfg.mask_ratios:
+        folder = root / "models" / f"pretrain-{r:g}"
+        fp = registry.pretrained_fingerprint(folder)
+        known = registry.find_version("brainlm-pretrain", fp)
+        if known:
+            out[f"brainlm-pretrain@{r:g}"] = {
+                "decision": "unchanged", "candidate_version": str(known.version),
+                "champion_version": registry.champion_version("brainlm-pretrain")}
+            continue
+        version = registry.log_pretrained(folder, repo_root=root, tags={"mask_ratio": str(r)},
+                                          run_id=registry.training_run("pretrain", fp))
+        m = json.loads((folder / "metrics.json").read_text())
+        atlas = json.loads((folder / "config.json").read_text()).get("atlas_hash")
+        out[f"brainlm-pretrain@{r:g}"] = _candidate(
+            "brainlm-pretrain", version, "val_common_r2", m["val_common_r2"], True,
+            _key(atlas, "common-mask", split["val"]), m["val_common_r2_best_baseline"],
+            cfg.gate)
+    return out
+
+
+def _finetuned(cfg: RegisterConfig, root: Path, split: dict) -> dict:
+    import json
+
+    from .. import registry
+
+    run_dir = root / "runs" / "finetune"
+    name = registry.finetuned_name(run_dir)
+    fp = registry.finetuned_fingerprint(run_dir)
+    known = registry.find_version(name, fp)
+    if known:
+        return {name: {"decision": "unchanged", "candidate_version": str(known.version),
+                       "champion_version": registry.champion_version(name)}}
+    rows = json.loads((root / "runs" / "evaluation" / "results.json").read_text())
+    score = {r["method"]: r["value"] for r in rows if r["metric"] == cfg.metric}
+    meta = json.loads((run_dir / "finetune.json").read_text())["config"]
+    atlas = json.loads((root / "processed" / "store.json").read_text()).get("atlas_hash")
+    version = registry.log_finetuned(run_dir, repo_root=root,
+                                     run_id=registry.training_run("finetune", fp))
+    return {name: _candidate(name, version, cfg.metric, score["brainlm"], cfg.higher_is_better,
+                             _key(atlas, meta.get("target"), meta.get("task"), split["test"]),
+                             score.get("fc_linear"), cfg.gate)}
+
+
+def run(cfg: RegisterConfig, tags: dict | None = None) -> dict:
     from ..tracking import job_run
 
     root = Path(cfg.root)
     split = _split_hashes(root)
-
-    def decide(name, version, metric, value, higher, on):
-        try:
-            return registry.promote(name, version, metric, value, higher, split=split[on])
-        except ValueError as exc:  # the champion was scored on other subjects
-            return {"decision": "not_comparable", "champion_version": None, "reason": str(exc)}
-
-    def unchanged(name, version):
-        return {"decision": "unchanged", "candidate_version": str(version.version),
-                "champion_version": registry.champion_version(name)}
-
-    decisions = {}
     with job_run(NAME, "register", cfg, tags) as tracker:
-        for r in cfg.mask_ratios:
-            folder = root / "models" / f"pretrain-{r:g}"
-            known = registry.find_version("brainlm-pretrain",
-                                          registry.pretrained_fingerprint(folder))
-            version = known or registry.log_pretrained(folder, repo_root=root,
-                                                       tags={"mask_ratio": str(r)})
-            if r != cfg.finetune_mask_ratio:
-                continue
-            val = json.loads((folder / "metrics.json").read_text())
-            decisions["brainlm-pretrain"] = unchanged("brainlm-pretrain", known) if known \
-                else decide("brainlm-pretrain", version.version, "val_r2", val["val_r2"], True,
-                            "val")
-        run_dir = root / "runs" / "finetune"
-        name = registry.finetuned_name(run_dir)
-        known = registry.find_version(name, registry.finetuned_fingerprint(run_dir))
-        if known:
-            decisions[name] = unchanged(name, known)
-        else:
-            rows = json.loads((root / "runs" / "evaluation" / "results.json").read_text())
-            value = next(r["value"] for r in rows if r["method"] == "brainlm"
-                         and r["metric"] == cfg.metric)
-            version = registry.log_finetuned(run_dir, repo_root=root)
-            decisions[name] = decide(name, version.version, cfg.metric, value,
-                                     cfg.higher_is_better, "test")
+        decisions = {**_pretrained(cfg, root, split), **_finetuned(cfg, root, split)}
         values = {k: {"decision": d["decision"], "champion_version": str(d["champion_version"])}
                   for k, d in decisions.items()}
-        tracker.tags({f"decision.{k}": v["decision"] for k, v in values.items()})
+        tracker.tags({"decision." + k.replace("@", ":"): v["decision"]  # MLflow: no '@'
+                      for k, v in values.items()})
     return values

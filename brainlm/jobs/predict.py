@@ -1,0 +1,158 @@
+"""Job `predict`: a fine-tuned model (a run folder or `models:/NAME@ALIAS`) scores a new cohort.
+
+The recordings (4-D NIfTI or parcellated tables) go through the same preprocessing as the
+training data: parcellated with the model's atlas and settings, scaled with the model's scaler
+(refused, with the reason, on another atlas, TR or parcel count). Before predicting, the scaled
+cohort is compared with the training distribution: on training data every parcel's median is 0
+and IQR 1 after scaling, so a parcel whose pooled median or IQR moved beyond the tolerances has
+drifted; the drift is written in the report beside the predictions and said as a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError
+from .options import Option
+
+NAME = "predict"
+METRICS = None  # not a pipeline stage
+
+
+@dataclass
+class PredictConfig:
+    model: str  # a fine-tuning run folder, or models:/NAME@ALIAS (or /VERSION)
+    inputs: list
+    out: Path  # predictions .parquet; the report beside it
+    atlas: str | None = None  # default: the atlas the model was trained on
+    input_tr: float | None = None  # else header or JSON sidecar
+    coords: Path | None = None  # parcel coordinates for already-parcellated tables
+    participants: Path | None = None
+    median_tol: float = 0.5  # |pooled median| of a scaled parcel beyond this: drift
+    iqr_tol: float = 0.5  # |pooled IQR - 1| beyond this: drift
+    workers: int = 1
+    cache_dir: Path | None = None
+    allow_fallback_atlas: bool = False
+
+
+Config = PredictConfig
+OPTIONS = [
+    Option("model", help="fine-tuning run folder or models:/NAME@ALIAS"),
+    Option("inputs", "--input", "recordings: folder(s) or files (NIfTI or tables)"),
+    Option("out", help="predictions .parquet (the drift report beside it, .report.json)"),
+    Option("atlas", help="default: the model's"),
+    Option("input_tr", help="override the TR of the inputs", low=0.05, high=30),
+    Option("coords", help="parcel coordinates for already-parcellated tables"),
+    Option("participants", help="phenotype table (default: participants.tsv beside the "
+           "inputs)"),
+    Option("median_tol", positive=True),
+    Option("iqr_tol", positive=True),
+    Option("workers", positive=True),
+    Option("cache_dir", help="parcellation cache (default: the user cache)"),
+    Option("allow_fallback_atlas", help="use the offline generated atlas when A424 cannot be "
+           "found"),
+]
+NOT_OPTIONS: dict = {}
+
+
+def load_finetuned(model: str):
+    """A `predictor.FinetunedModel` from a run folder or a registered model URI."""
+    if str(model).startswith("models:/"):
+        import mlflow
+
+        from ..registry import _use_tracking_uri
+
+        _use_tracking_uri()
+        try:
+            loaded = mlflow.pyfunc.load_model(str(model))
+        except Exception as exc:  # unknown name/alias, unreachable registry
+            raise ConfigError(f"{model}: cannot load the registered model ({exc})") from None
+        task = getattr(loaded.unwrap_python_model(), "task", None)
+        if task is None:
+            raise ConfigError(f"{model} is a pretrained model without a head: it embeds, it "
+                              "does not predict (register a fine-tuning run)")
+        return task
+    from ..predictor import FinetunedModel
+
+    return FinetunedModel(model)
+
+
+def drift(xs: list[np.ndarray], median_tol: float, iqr_tol: float) -> dict:
+    """Pooled median and IQR per parcel of scaled recordings against training's 0 and 1."""
+    pooled = np.concatenate(xs, axis=1)
+    q25, median, q75 = np.percentile(pooled, [25, 50, 75], axis=1)
+    iqr = q75 - q25
+    moved = (np.abs(median) > median_tol) | (np.abs(iqr - 1) > iqr_tol)
+    return {"median_tol": median_tol, "iqr_tol": iqr_tol, "n_parcels": int(len(median)),
+            "drifted_parcels": [int(i) for i in np.flatnonzero(moved)],
+            "median": [round(float(v), 4) for v in median],
+            "iqr": [round(float(v), 4) for v in iqr]}
+
+
+def _preprocess(cfg: PredictConfig, model, folder: Path):
+    """The cohort as the training data were made: a temporary store scaled with the model's
+    scaler (whose atlas, TR and settings it checks)."""
+    from ..data.parcellate import ParcellationSettings
+    from ..data.pipeline import PreprocessConfig, run_preprocess
+    from ..data.store import BrainStore
+
+    scaler = model.scaler
+    settings = dict(scaler.meta.get("settings") or {})
+    settings.pop("target_tr", None)
+    if "confounds" in settings:
+        settings["confounds"] = tuple(settings["confounds"])
+    summary = run_preprocess(PreprocessConfig(
+        inputs=[Path(p) for p in cfg.inputs], out=folder,
+        atlas=cfg.atlas or scaler.meta.get("atlas") or "A424",
+        settings=ParcellationSettings(target_tr=float(scaler.meta["tr"]),
+                                      min_timepoints=model.window, **settings),
+        input_tr=cfg.input_tr, participants=cfg.participants, coords=cfg.coords,
+        fractions=(1.0, 0.0, 0.0), workers=cfg.workers, cache_dir=cfg.cache_dir,
+        scaler=model.scaler_path, allow_fallback_atlas=cfg.allow_fallback_atlas,
+        progress=False))
+    return summary, BrainStore(folder)
+
+
+def run(cfg: PredictConfig, tags: dict | None = None) -> dict:
+    import json
+    import tempfile
+
+    from ..fileio import atomic_path, write_bytes_atomic
+    from ..tracking import job_run
+
+    if not cfg.inputs:
+        raise ConfigError("predict: no --input recordings")
+    out = Path(cfg.out)
+    with job_run(NAME, f"predict-{out.stem}", cfg, tags) as tracker, \
+            tempfile.TemporaryDirectory(prefix="brainlm-predict-") as tmp:
+        model = load_finetuned(cfg.model)
+        summary, store = _preprocess(cfg, model, Path(tmp) / "store")
+        rows = store.recordings()
+        xs = [np.asarray(store.load(r)) for _, r in rows.iterrows()]
+        report = {"model": str(cfg.model), "recordings": len(xs),
+                  "quarantined": [{"path": p, "reason": r} for p, r in summary.quarantined],
+                  "drift": drift(xs, cfg.median_tol, cfg.iqr_tol)}
+        table = model.predict(xs, scaled=True)
+        table.insert(0, "source_path", rows["source_path"].to_numpy())
+        table.insert(0, "subject", rows["subject"].to_numpy())
+        table.insert(0, "recording_id", rows["recording_id"].to_numpy())
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as path:
+            table.to_parquet(path, index=False)
+        write_bytes_atomic(out.with_suffix(".report.json"),
+                           json.dumps(report, indent=2).encode())
+        n_drift = len(report["drift"]["drifted_parcels"])
+        values = {"recordings": len(xs), "quarantined": len(summary.quarantined),
+                  "drifted_parcels": n_drift}
+        tracker.summary(values)
+    if n_drift:
+        warnings.warn(f"{n_drift} of {report['drift']['n_parcels']} parcels drifted from the "
+                      f"training distribution (median beyond {cfg.median_tol} or IQR beyond "
+                      f"1 +/- {cfg.iqr_tol} after scaling): see {out.with_suffix('.report.json')}")
+    print(f"brainlm predict: {len(xs)} recordings ({len(summary.quarantined)} quarantined) -> "
+          f"{out}")
+    return values

@@ -154,7 +154,7 @@ def _cmd_job(args) -> int:
 
     from .jobs.options import from_args
 
-    if args.command in ("pretrain", "finetune", "tune"):
+    if args.command in ("pretrain", "finetune", "tune", "predict"):
         _quiet_transformers()
     mod = importlib.import_module(f".jobs.{JOB_COMMANDS[args.command][0]}", __package__)
     mod.run(from_args(mod.Config, mod.OPTIONS, args), tags={"brainlm.caller": "cli"})

@@ -185,6 +185,8 @@ def test_brainlm_predict_scores_a_new_cohort_and_reports_drift(runs, tmp_path, c
     assert main(argv + ["--input", str(louder), "--out", str(tmp_path / "l.parquet")]) == 0
     report = json.loads((tmp_path / "l.report.json").read_text())
     assert report["drift"]["drifted_parcels"] == list(range(P))  # every IQR tripled
+    assert report["drift"]["suite"] == "drift_from_training" and not report["drift"]["success"]
+    assert report["drift"]["iqr_moved"] == list(range(P)) and report["drift"]["median_moved"] == []
     assert "parcels drifted from the training distribution" in capsys.readouterr().err
 
 

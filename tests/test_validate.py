@@ -87,3 +87,19 @@ def test_leaked_subject_wrong_parcel_count_and_short_window(store, tmp_path, cap
     assert "subjects: expect_column_values_to_be_between(n_splits)" in err
     assert "recordings: expect_column_values_to_be_between(n_parcels)" in err
     assert "recordings: expect_column_values_to_be_between(n_timepoints)" in err
+
+
+def test_drift_suite_flags_moved_medians_and_iqrs_per_parcel():
+    """Scaled training data have median 0 and IQR 1 per parcel; the GX drift suite names the
+    parcels of a new cohort that moved (a shifted one, a louder one) and passes the rest."""
+    from brainlm.data.validate import drift_check
+
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((4, 500)) / 1.349 for _ in range(3)]  # IQR 1 per parcel
+    for x in xs:
+        x[0] += 2.0
+        x[1] *= 3.0
+    report = drift_check(xs, median_tol=0.5, iqr_tol=0.5)
+    assert report["median_moved"] == [0] and report["iqr_moved"] == [1]
+    assert report["drifted_parcels"] == [0, 1] and not report["success"]
+    assert drift_check([x[2:] for x in xs], 0.5, 0.5)["success"]

@@ -157,3 +157,42 @@ def validate_store(store_path, out_dir=None, thresholds: Thresholds | None = Non
         raise ValidationFailed(f"{store_path}: {len(failures)} expectation(s) failed:\n  "
                                + "\n  ".join(failures) + f"\nData Docs: {docs}")
     return summary
+
+
+def drift_check(xs: list, median_tol: float, iqr_tol: float) -> dict:
+    """New scaled recordings against the training distribution, as a GX suite: after scaling,
+    training data have median 0 and IQR 1 in every parcel, so the pooled median and IQR of a
+    new cohort's parcel beyond the tolerances is drift. Returns the per-parcel statistics and
+    the parcels each expectation flagged (an ephemeral context: nothing is written)."""
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+    import pandas as pd
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    pooled = np.concatenate([np.asarray(x, np.float64) for x in xs], axis=1)
+    q25, median, q75 = np.percentile(pooled, [25, 50, 75], axis=1)
+    stats = pd.DataFrame({"parcel": np.arange(len(median)), "median": median,
+                          "iqr": q75 - q25})
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    batch = context.data_sources.add_pandas("cohort").add_dataframe_asset(
+        "parcels").add_batch_definition_whole_dataframe("whole")
+    suite = context.suites.add(gx.ExpectationSuite(name="drift_from_training"))
+    for column, lo, hi in (("median", -median_tol, median_tol), ("iqr", 1 - iqr_tol,
+                                                                  1 + iqr_tol)):
+        suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column=column, min_value=lo,
+                                                                max_value=hi))
+    result = context.validation_definitions.add(gx.ValidationDefinition(
+        name="drift", data=batch, suite=suite)).run(
+        batch_parameters={"dataframe": stats},
+        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["parcel"]})
+    flagged = {r.expectation_config.kwargs["column"]: sorted(
+        int(u["parcel"]) for u in r.result.get("unexpected_index_list") or [])
+        for r in result.results}
+    return {"suite": "drift_from_training", "success": bool(result.success),
+            "median_tol": median_tol, "iqr_tol": iqr_tol, "n_parcels": int(len(median)),
+            "median_moved": flagged.get("median", []), "iqr_moved": flagged.get("iqr", []),
+            "drifted_parcels": sorted(set(flagged.get("median", []))
+                                      | set(flagged.get("iqr", []))),
+            "median": [round(float(v), 4) for v in median],
+            "iqr": [round(float(v), 4) for v in q75 - q25]}

@@ -3,9 +3,10 @@
 The recordings (4-D NIfTI or parcellated tables) go through the same preprocessing as the
 training data: parcellated with the model's atlas and settings, scaled with the model's scaler
 (refused, with the reason, on another atlas, TR or parcel count). Before predicting, the scaled
-cohort is compared with the training distribution: on training data every parcel's median is 0
-and IQR 1 after scaling, so a parcel whose pooled median or IQR moved beyond the tolerances has
-drifted; the drift is written in the report beside the predictions and said as a warning.
+cohort is compared with the training distribution by a Great Expectations suite
+(`data.validate.drift_check`): on training data every parcel's median is 0 and IQR 1 after
+scaling, so a parcel whose pooled median or IQR moved beyond the tolerances has drifted; the
+drift is written in the report beside the predictions and said as a warning.
 """
 
 from __future__ import annotations
@@ -81,18 +82,6 @@ def load_finetuned(model: str):
     return FinetunedModel(model)
 
 
-def drift(xs: list[np.ndarray], median_tol: float, iqr_tol: float) -> dict:
-    """Pooled median and IQR per parcel of scaled recordings against training's 0 and 1."""
-    pooled = np.concatenate(xs, axis=1)
-    q25, median, q75 = np.percentile(pooled, [25, 50, 75], axis=1)
-    iqr = q75 - q25
-    moved = (np.abs(median) > median_tol) | (np.abs(iqr - 1) > iqr_tol)
-    return {"median_tol": median_tol, "iqr_tol": iqr_tol, "n_parcels": int(len(median)),
-            "drifted_parcels": [int(i) for i in np.flatnonzero(moved)],
-            "median": [round(float(v), 4) for v in median],
-            "iqr": [round(float(v), 4) for v in iqr]}
-
-
 def _preprocess(cfg: PredictConfig, model, folder: Path):
     """The cohort as the training data were made: a temporary store scaled with the model's
     scaler (whose atlas, TR and settings it checks)."""
@@ -121,6 +110,7 @@ def run(cfg: PredictConfig, tags: dict | None = None) -> dict:
     import json
     import tempfile
 
+    from ..data.validate import drift_check
     from ..fileio import atomic_path, write_bytes_atomic
     from ..tracking import job_run
 
@@ -135,7 +125,7 @@ def run(cfg: PredictConfig, tags: dict | None = None) -> dict:
         xs = [np.asarray(store.load(r)) for _, r in rows.iterrows()]
         report = {"model": str(cfg.model), "recordings": len(xs),
                   "quarantined": [{"path": p, "reason": r} for p, r in summary.quarantined],
-                  "drift": drift(xs, cfg.median_tol, cfg.iqr_tol)}
+                  "drift": drift_check(xs, cfg.median_tol, cfg.iqr_tol)}
         table = model.predict(xs, scaled=True)
         table.insert(0, "source_path", rows["source_path"].to_numpy())
         table.insert(0, "subject", rows["subject"].to_numpy())

@@ -228,3 +228,37 @@ def test_dask_runner_choice_and_a_clear_error_without_prefect_dask(monkeypatch):
     with pytest.raises(ConfigError, match=r"pip install 'brainlm\[cluster\]'"):
         task_runner("local")
 
+
+
+def test_score_flow_predicts_a_folder_on_a_prefect_server(harness, tmp_path):
+    """The `score/folder` deployment's flow on a real (temporary) Prefect server: predictions,
+    the drift report and a markdown artifact; prefect.yaml's entrypoint loads it."""
+    import json
+
+    import pandas as pd
+    from prefect.flows import load_flow_from_entrypoint
+
+    from brainlm.train.finetune import FinetuneConfig, finetune
+    from flows.score import score
+    from tests.helpers import age_effect_setup
+
+    root = age_effect_setup(tmp_path / "cohort", 12, 80, 10)
+    finetune(FinetuneConfig(model=root / "model", data=root / "store", out=root / "run",
+                            target="age", epochs=2, batch_size=8, progress=False))
+    out = tmp_path / "scores" / "p.parquet"
+    result = score(model=str(root / "run"), folder=str(root / "raw"), out=str(out),
+                   options={"atlas": "A424", "coords": str(root / "coords.tsv"),
+                            "input_tr": 0.735, "cache_dir": str(tmp_path / "cache")})
+    assert result["recordings"] == 12 and result["drifted_parcels"] == []
+    assert len(pd.read_parquet(out)) == 12
+    assert json.loads(out.with_suffix(".report.json").read_text())["drift"]["success"]
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        artifact = client.read_latest_artifacts()
+    assert any(a.key == "score" and "Scored 12 recordings" in (a.data or "") for a in artifact)
+    deployment = next(d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())[
+        "deployments"] if d["name"] == "folder")
+    flow = load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"]))
+    assert flow.name == "score" and set(deployment["parameters"]) <= set(
+        flow.parameters.properties)

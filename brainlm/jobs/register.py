@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ConfigError
+
 NAME = "register"
 
 
@@ -42,8 +44,6 @@ def from_params(params: dict, root: Path) -> RegisterConfig:
     reg = block(params, NAME)
     unknown = set(reg) - {"metric", "higher_is_better", "gate"}
     if unknown:
-        from ..errors import ConfigError
-
         raise ConfigError(f"params.yaml register: unknown setting(s) {', '.join(sorted(unknown))}"
                           " (known: gate, higher_is_better, metric)")
     return RegisterConfig(root=root, mask_ratios=tuple(float(r) for r in
@@ -105,6 +105,11 @@ def _pretrained(cfg: RegisterConfig, root: Path, split: dict) -> dict:
                                           run_id=registry.training_run("pretrain", fp))
         m = json.loads((folder / "metrics.json").read_text())
         atlas = json.loads((folder / "config.json").read_text()).get("atlas_hash")
+        if "val_common_r2" not in m:  # no common-mask score (a parcel or future strategy)
+            out[f"brainlm-pretrain@{r:g}"] = {
+                "decision": "not_comparable", "reason": "no common-mask validation R^2",
+                "champion_version": registry.champion_version("brainlm-pretrain")}
+            continue
         out[f"brainlm-pretrain@{r:g}"] = _candidate(
             "brainlm-pretrain", version, "val_common_r2", m["val_common_r2"], True,
             _key(atlas, "common-mask", split["val"]), m["val_common_r2_best_baseline"],
@@ -126,6 +131,10 @@ def _finetuned(cfg: RegisterConfig, root: Path, split: dict) -> dict:
                        "champion_version": registry.champion_version(name)}}
     rows = json.loads((root / "runs" / "evaluation" / "results.json").read_text())
     score = {r["method"]: r["value"] for r in rows if r["metric"] == cfg.metric}
+    if "brainlm" not in score:
+        raise ConfigError(f"{root / 'runs' / 'evaluation' / 'results.json'}: no brainlm row "
+                          f"for register.metric '{cfg.metric}' (have: "
+                          f"{', '.join(sorted({r['metric'] for r in rows}))})")
     meta = json.loads((run_dir / "finetune.json").read_text())["config"]
     atlas = json.loads((root / "processed" / "store.json").read_text()).get("atlas_hash")
     version = registry.log_finetuned(run_dir, repo_root=root,

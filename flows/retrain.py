@@ -49,7 +49,21 @@ def retrain(repo: str = ".", refresh: bool = True) -> dict:
     out = reproduce(root)
     ran = [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
     logger.info("dvc repro ran: %s", ", ".join(ran) or "nothing (up to date)")
-    decisions = json.loads((root / "metrics" / "register.json").read_text())
+    decisions = decisions_now(root, ran)
     for model, d in decisions.items():
         logger.info("%s: %s (champion v%s)", model, d["decision"], d["champion_version"])
     return {"stages_run": ran, "decisions": decisions}
+
+
+def decisions_now(root: Path, ran: list[str]) -> dict:
+    """This run's registry decisions: metrics/register.json when the register stage ran;
+    otherwise nothing was decided, so every model is `unchanged` with the registry's current
+    champion (never the last run's stale "promoted")."""
+    from brainlm.registry import champion_version
+
+    decisions = json.loads((root / "metrics" / "register.json").read_text())
+    if "register" in ran:
+        return decisions
+    return {key: {"decision": "unchanged",
+                  "champion_version": str(champion_version(key.split("@")[0]))}
+            for key in decisions}

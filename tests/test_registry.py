@@ -306,3 +306,24 @@ def test_an_unchanged_model_is_found_by_its_fingerprint(registered, pretrained, 
     (copy / "scaler.safetensors").write_bytes(b"another scaler")
     other = registry.pretrained_fingerprint(copy)
     assert other != fp and registry.find_version("brainlm-pretrain", other) is None
+
+
+def test_a_nightly_run_that_ran_nothing_reports_the_registry_not_stale_words(
+        registered, tmp_path):
+    """flows/retrain: when dvc repro ran no register stage, the decisions are `unchanged` with
+    the registry's current champion, whatever the last register.json said."""
+    from flows.retrain import decisions_now
+
+    mv, _ = registered
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias("brainlm-pretrain", "champion", str(mv.version))
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "register.json").write_text(json.dumps({
+        "brainlm-pretrain@0.75": {"decision": "promoted", "champion_version": "99"},
+        "brainlm-age": {"decision": "promoted", "champion_version": "7"}}))
+    now = decisions_now(tmp_path, ran=[])
+    assert now["brainlm-pretrain@0.75"] == {"decision": "unchanged",
+                                            "champion_version": str(mv.version)}
+    assert now["brainlm-age"] == {"decision": "unchanged", "champion_version": "None"}
+    assert decisions_now(tmp_path, ran=["evaluate", "register"])["brainlm-age"][
+        "decision"] == "promoted"

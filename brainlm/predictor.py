@@ -114,28 +114,25 @@ class FinetunedModel:
 
         from .data.windows import sliding_batches
         from .model import embed_windows
+        from .train.finetune import average_outputs
 
-        n_out = len(self.classes) if self.classes else 1
-        sums, counts = np.zeros((len(xs), n_out)), np.zeros(len(xs))
         with torch.no_grad():
-            for x, owner in sliding_batches(xs, self.window, self.window, BATCH):
-                out = self.head(embed_windows(self.model, x, self.coords)[self.pooling]).float()
-                out = out.softmax(-1) if self.classes else out
-                np.add.at(sums, owner, out.numpy())
-                np.add.at(counts, owner, 1)
-        return sums / np.maximum(counts, 1)[:, None]
+            batches = ((self.head(embed_windows(self.model, x, self.coords)[self.pooling]), owner)
+                       for x, owner in sliding_batches(xs, self.window, self.window, BATCH))
+            return average_outputs(batches, len(xs), len(self.classes) if self.classes else 1,
+                                   self.classes)
 
     def _forecast(self, x: np.ndarray, scaled: bool) -> np.ndarray:
         """The next `horizon` timepoints of every parcel from the last window - horizon."""
         import torch
 
+        from .train.finetune import context_ids
+
         ctx = self.window - self.horizon
-        ps = self.model.config.patch_size
         window = np.zeros((self.n_parcels, self.window), np.float32)
         window[:, :ctx] = x[:, -ctx:]
-        n_ctx = ctx // ps
-        ids = (torch.arange(self.n_parcels)[:, None] * (self.window // ps)
-               + torch.arange(n_ctx)[None]).reshape(1, -1)
+        ids = context_ids(self.n_parcels, self.window, self.model.config.patch_size,
+                          self.horizon)
         with torch.no_grad():
             hidden = self.model.encode(torch.from_numpy(window)[None], self.coords, ids)
             y = self.head(hidden[:, 1:], self.n_parcels)[0].float().numpy()

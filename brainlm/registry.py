@@ -241,7 +241,8 @@ def log_pretrained(folder, name: str = "brainlm-pretrain", run_id: str | None = 
                     **{f"metric.{k}": v for k, v in metrics.items()}}
     if (folder / "scaler.safetensors").is_file():
         version_tags["scaler.sha256"] = sha256_file(folder / "scaler.safetensors")
-    version_tags[FINGERPRINT] = pretrained_fingerprint(folder)
+    # a caller that looked the model up already passes its fingerprint: hash the weights once
+    version_tags[FINGERPRINT] = (tags or {}).get(FINGERPRINT) or pretrained_fingerprint(folder)
     version_tags.update(tags or {})
     readme = folder / "README.md"
     return _log_pyfunc(name, config, {"model": folder}, run_id, version_tags, metrics,
@@ -301,7 +302,8 @@ def log_finetuned(run_dir, target: str | None = None, name: str | None = None,
                        if cfg.get(k) is not None},
                     "finetune.pretrained": str(model_folder),
                     **{f"metric.{k}": v for k, v in metrics.items()}, **ci,
-                    FINGERPRINT: finetuned_fingerprint(run_dir, model_folder), **(tags or {})}
+                    FINGERPRINT: (tags or {}).get(FINGERPRINT)
+                    or finetuned_fingerprint(run_dir, model_folder), **(tags or {})}
     report = run_dir / "evaluation" / "results.md"
     return _log_pyfunc(name, config, {"model": model_folder, "finetune": run_dir}, run_id,
                        version_tags, metrics, report.read_text() if report.is_file() else None,

@@ -96,8 +96,6 @@ def _converter(option: Option, kind):
     def convert(text):
         if option.parse is not None:
             value = option.parse(text)
-        elif base is bool:
-            value = bool(text)
         elif base in (int, float, str, Path):
             try:
                 value = base(text)
@@ -116,10 +114,10 @@ def _converter(option: Option, kind):
 def add_arguments(parser, cls, options: list[Option]) -> None:
     """One flag per option, its default and type from `cls`."""
     for option in options:
-        f, kind = _field(cls, option.path)
+        _, kind = _field(cls, option.path)
         value = default(cls, option.path)
         dest = option.path
-        if _base_type(kind) is bool:
+        if _base_type(kind) is bool:  # a switch: no value to convert
             action = "store_false" if option.name.startswith("no-") else "store_true"
             parser.add_argument(f"--{option.name}", dest=dest, action=action, help=option.help,
                                 default=value)

@@ -101,8 +101,9 @@ def _pretrained(cfg: RegisterConfig, root: Path, split: dict) -> dict:
                 "decision": "unchanged", "candidate_version": str(known.version),
                 "champion_version": registry.champion_version("brainlm-pretrain")}
             continue
-        version = registry.log_pretrained(folder, repo_root=root, tags={"mask_ratio": str(r)},
-                                          run_id=registry.training_run("pretrain", fp))
+        version = registry.log_pretrained(
+            folder, repo_root=root, tags={"mask_ratio": str(r), registry.FINGERPRINT: fp},
+            run_id=registry.training_run("pretrain", fp))
         m = json.loads((folder / "metrics.json").read_text())
         atlas = json.loads((folder / "config.json").read_text()).get("atlas_hash")
         if "val_common_r2" not in m:  # no common-mask score (a parcel or future strategy)
@@ -137,7 +138,7 @@ def _finetuned(cfg: RegisterConfig, root: Path, split: dict) -> dict:
                           f"{', '.join(sorted({r['metric'] for r in rows}))})")
     meta = json.loads((run_dir / "finetune.json").read_text())["config"]
     atlas = json.loads((root / "processed" / "store.json").read_text()).get("atlas_hash")
-    version = registry.log_finetuned(run_dir, repo_root=root,
+    version = registry.log_finetuned(run_dir, repo_root=root, tags={registry.FINGERPRINT: fp},
                                      run_id=registry.training_run("finetune", fp))
     return {name: _candidate(name, version, cfg.metric, score["brainlm"], cfg.higher_is_better,
                              _key(atlas, meta.get("target"), meta.get("task"), split["test"]),

@@ -60,6 +60,25 @@ def embed(model, x: torch.Tensor, coords: torch.Tensor, pooling: str) -> torch.T
     return embed_windows(model, x, coords)[pooling]
 
 
+def context_ids(n_parcels: int, window: int, patch_size: int, horizon: int) -> torch.Tensor:
+    """[1, P * n_ctx]: the tokens a forecast sees, every parcel's patches before the horizon
+    (tokens are parcel-major)."""
+    n_ctx = window // patch_size - horizon // patch_size
+    return (torch.arange(n_parcels)[:, None] * (window // patch_size)
+            + torch.arange(n_ctx)[None]).reshape(1, -1)
+
+
+def average_outputs(batches, n_recordings: int, n_out: int, classes) -> np.ndarray:
+    """Per recording: the head's outputs over its windows averaged [n, n_out] (class
+    probabilities when `classes`, else the standardized target). `batches`: (outputs, owner)."""
+    sums, counts = np.zeros((n_recordings, n_out)), np.zeros(n_recordings)
+    for out, owner in batches:
+        out = out.float().softmax(-1) if classes else out.float()
+        np.add.at(sums, owner, out.cpu().numpy())
+        np.add.at(counts, owner, 1)
+    return sums / np.maximum(counts, 1)[:, None]
+
+
 def layer_groups(model, head: nn.Module, lr: float, decay: float, weight_decay: float):
     """Parameter groups with lr * decay^(depth - layer): embeddings lowest, head highest.
     Layers are found by name (`blocks.N` ours, `layer(s).N` ViTMAE); decoders are left out."""
@@ -281,9 +300,6 @@ def _predict(run: _Run, head, rows, feats, classes):
     model, cfg = run.model, run.cfg
     head.eval()
     model.eval()
-    n_out = len(classes) if classes else 1
-    sums = np.zeros((len(rows), n_out))
-    counts = np.zeros(len(rows))
     with torch.no_grad():
         if feats is not None:
             f, owner = feats
@@ -292,11 +308,7 @@ def _predict(run: _Run, head, rows, feats, classes):
             batches = ((head(embed(model, x.to(run.device), run.coords, cfg.pooling)), owner)
                        for x, owner in window_batches(run.store, rows, run.window, run.window,
                                                       cfg.batch_size))
-        for out, owner in batches:
-            out = out.float().softmax(-1) if classes else out.float()
-            np.add.at(sums, owner, out.cpu().numpy())
-            np.add.at(counts, owner, 1)
-    return sums / np.maximum(counts, 1)[:, None]
+        return average_outputs(batches, len(rows), len(classes) if classes else 1, classes)
 
 
 def _val_loss(pred, target, classes) -> float:
@@ -372,11 +384,9 @@ def _forecast_setup(run: _Run):
     if cfg.horizon % ps or not ps <= cfg.horizon < run.window:
         raise ConfigError(f"horizon {cfg.horizon} must be a multiple of the patch size {ps} and "
                           f"shorter than the window {run.window}")
-    n_ctx = run.window // ps - cfg.horizon // ps
     head = ForecastHead(model.config.hidden_size, cfg.horizon).to(run.device)
     n_parcels = run.store.n_parcels
-    ids_ctx = (torch.arange(n_parcels)[:, None] * (run.window // ps)
-               + torch.arange(n_ctx)[None]).reshape(1, -1).to(run.device)
+    ids_ctx = context_ids(n_parcels, run.window, ps, cfg.horizon).to(run.device)
 
     def predict(x):
         hidden = model.encode(x, run.coords, ids_ctx.expand(x.shape[0], -1))

@@ -55,11 +55,13 @@ def _use_tracking_uri() -> None:
         def is_tracking_uri_set():
             return bool(os.environ.get("MLFLOW_TRACKING_URI"))
 
+    from .tracking import check_reachable
+
     if is_tracking_uri_set():
+        check_reachable(mlflow.get_tracking_uri())
         return
     uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    check_reachable(uri)  # also creates a SQLite store's folder
     mlflow.set_tracking_uri(uri)
 
 

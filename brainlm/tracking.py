@@ -40,6 +40,56 @@ def resolve_uri(out=None) -> str | None:
     return store_uri(root) if root is not None else None
 
 
+REACH_TIMEOUT = 10.0  # seconds to decide that a tracking server is not there
+_REACHED: set = set()
+
+
+def check_reachable(uri: str, timeout: float = REACH_TIMEOUT) -> None:
+    """Refuse, within `timeout` seconds and before any work, a tracking URI that cannot answer:
+    MLflow itself would retry a dead server for minutes with nothing printed. HTTP(S): the
+    server's /health must answer (any HTTP reply counts, except 401/403); database URIs: the
+    host's port must accept a connection; SQLite: the store's folder must be creatable and an
+    existing file must be a SQLite database. Checked once per process and URI."""
+    import socket
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from .errors import ConfigError
+
+    if not uri or uri in _REACHED:
+        return
+    shown = _CREDENTIALS.sub(r"\1***@", uri)
+    parts = urllib.parse.urlsplit(uri)
+    scheme = parts.scheme.split("+")[0].lower()
+    hint = "start it (./mlflow/server.sh), or unset MLFLOW_TRACKING_URI to use the project's store"
+    try:
+        if scheme in ("http", "https"):
+            try:
+                urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+            except urllib.error.HTTPError as exc:
+                if exc.code in (401, 403):
+                    raise ConfigError(f"tracking server {shown} refused the credentials (HTTP "
+                                      f"{exc.code}): set MLFLOW_TRACKING_USERNAME/PASSWORD or "
+                                      "MLFLOW_TRACKING_TOKEN") from None
+        elif scheme in ("postgresql", "mysql", "mssql") and parts.hostname:
+            default = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}[scheme]
+            socket.create_connection((parts.hostname, parts.port or default), timeout).close()
+        elif scheme == "sqlite":
+            path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if path.is_file() and path.stat().st_size:
+                    with open(path, "rb") as f:
+                        if f.read(16) != b"SQLite format 3\x00":
+                            raise ConfigError(f"tracking store {uri}: {path} is not a SQLite "
+                                              "database")
+    except (OSError, urllib.error.URLError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise ConfigError(f"tracking server {shown} is not reachable ({reason}): {hint}") from None
+    _REACHED.add(uri)
+
+
 def artifact_root(uri: str) -> str | None:
     """Artifacts beside a SQLite store (`<db folder>/artifacts`). MLflow's default for SQLite is
     ./mlruns under whatever the current folder happens to be; a server decides for itself."""
@@ -117,6 +167,7 @@ class Tracker:
         import mlflow
 
         self._mlflow = mlflow
+        check_reachable(self.uri)
         mlflow.set_tracking_uri(self.uri)
         nested = parent is not None or mlflow.active_run() is not None  # a caller's run
         self.run_id = mlflow.start_run(experiment_id=experiment_id(mlflow, experiment),

@@ -121,6 +121,20 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
     assert len(client.search_model_versions("name = 'brainlm-pretrain'")) == 2
     assert len(client.search_model_versions("name = 'brainlm-age'")) == 1
 
+    # back to n_boot 50: evaluate comes from DVC's run cache, but register.json is never
+    # restored from it (the first run's "promoted" would be stale); it matches the registry
+    params["demo"]["evaluate"]["n_boot"] = 50
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    restored = sh("dvc", "repro")
+    assert "Running stage 'evaluate'" not in restored and "'evaluate' is cached" in restored
+    assert "Running stage 'register'" in restored
+    register = json.loads((root / "metrics" / "register.json").read_text())
+    assert {d["decision"] for d in register.values()} == {"unchanged"}
+    for key, d in register.items():
+        aliases = {a: v.version for v in client.search_model_versions(
+            f"name = '{key.split('@')[0]}'") for a in v.aliases}
+        assert d["champion_version"] == str(aliases.get("champion")), (key, aliases)
+
     # code is a dependency: a change to the evaluation module reruns evaluate only ...
     evaluate_py = root / "brainlm" / "evaluate" / "metrics.py"
     evaluate_py.write_text(evaluate_py.read_text() + "\n# changed\n")
@@ -177,6 +191,19 @@ def test_prefect_deployment_retrain_nightly_completes(repo, tmp_path):
                       "--watch", "--watch-timeout", "500")
         assert "Completed" in out, out[-2000:]
         assert json.loads((root / "metrics" / "register.json").read_text())
+        # score/folder: the nightly's registered model predicts the raw cohort through the
+        # worker; the registry is this project's store, handed over as a job variable
+        scores = tmp_path / "scores" / "p.parquet"
+        store = json.dumps({"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"})
+        out = prefect("deployment", "run", "score/folder", "--param", "model=models:/brainlm-age/1",
+                      "--param", f"folder={root / 'data'}", "--param", f"out={scores}",
+                      "--job-variable", f"env={store}", "--watch", "--watch-timeout", "300")
+        assert "Completed" in out, out[-2000:]
+        import pandas as pd
+
+        assert len(pd.read_parquet(scores)) == MICRO["synth"]["subjects"]
+        assert json.loads(scores.with_suffix(".report.json").read_text())["model"] == \
+            "models:/brainlm-age/1"
     finally:
         for proc in (worker, server):
             if proc is not None:

@@ -121,8 +121,8 @@ def test_wrong_recordings_get_one_clear_message(runs):
 
 
 def test_mlflow_models_serve_answers_with_the_same_predictions(runs, tmp_path):
-    """`mlflow models serve -m models:/brainlm-age/1 --env-manager local` and a real HTTP
-    request, as a user would send it."""
+    """`mlflow models serve -m models:/brainlm-age@champion --env-manager local` and a real
+    HTTP request, as a user would send it."""
     import urllib.request
 
     from tests.services import free_port, stop, wait_for_http
@@ -130,12 +130,13 @@ def test_mlflow_models_serve_answers_with_the_same_predictions(runs, tmp_path):
     root, uri, out = runs
     run, version = out["age"]
     rows, raw, _ = _test_recordings(root)
+    mlflow.MlflowClient().set_registered_model_alias(version.name, "champion", version.version)
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(
-        ["mlflow", "models", "serve", "-m", f"models:/{version.name}/{version.version}",
+        ["mlflow", "models", "serve", "-m", f"models:/{version.name}@champion",
          "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -201,4 +202,58 @@ def test_brainlm_predict_refuses_a_model_without_a_head(runs, tmp_path, capsys):
     assert main(["predict", "--model", "models:/brainlm-nothing@champion", "--input",
                  str(root / "raw"), "--out", str(tmp_path / "x.parquet")]) == 2
     assert "cannot load the registered model" in capsys.readouterr().err
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_brainlm_predict_refuses_another_atlas_parcel_count_or_tr(runs, tmp_path, capsys):
+    """The model's preprocessing is the only one allowed: parcels from another atlas (other
+    coordinates) or of another count are refused with the scaler's reason; recordings whose
+    TR leaves less than one window at the model's TR are named, and nothing is written."""
+    import pandas as pd
+
+    from brainlm.cli import main
+
+    root, _, out = runs
+    run, _ = out["age"]
+    base = ["predict", "--model", str(run), "--atlas", "A424", "--cache-dir", str(tmp_path / "c"),
+            "--out", str(tmp_path / "x.parquet")]
+    coords = pd.read_csv(root / "coords.tsv", sep="\t")
+    (coords + 5).to_csv(tmp_path / "moved.tsv", sep="\t", index=False)
+    assert main(base + ["--input", str(root / "raw"), "--coords", str(tmp_path / "moved.tsv"),
+                        "--input-tr", "0.735"]) == 2
+    assert "scaler was fitted on atlas" in capsys.readouterr().err
+
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    for f in sorted((root / "raw").glob("*.npy"))[:3]:
+        np.save(fewer / f.name, np.load(f)[:, :P - 1])
+    coords.iloc[:P - 1].to_csv(tmp_path / "fewer.tsv", sep="\t", index=False)
+    assert main(base + ["--input", str(fewer), "--coords", str(tmp_path / "fewer.tsv"),
+                        "--input-tr", "0.735"]) == 2
+    assert f"scaler has {P} parcels, data have {P - 1}" in capsys.readouterr().err
+
+    assert main(base + ["--input", str(root / "raw"), "--coords", str(root / "coords.tsv"),
+                        "--input-tr", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "no recording could be processed" in err and "0.1 s" in err, err
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_brainlm_predict_names_an_unreachable_registry(runs, tmp_path, capsys, monkeypatch):
+    """A registry URI nobody answers at: one message naming it, at once (MLflow alone retries
+    for minutes), and no output."""
+    import time
+
+    from brainlm.cli import main
+    from tests.services import free_port
+
+    root, _, _ = runs
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    start = time.monotonic()
+    assert main(["predict", "--model", "models:/brainlm-age@champion", "--input",
+                 str(root / "raw"), "--out", str(tmp_path / "x.parquet")]) == 2
+    assert time.monotonic() - start < 30
+    err = capsys.readouterr().err
+    assert f"tracking server {dead} is not reachable" in err, err
     assert not (tmp_path / "x.parquet").exists()

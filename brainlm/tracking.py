@@ -98,14 +98,21 @@ def artifact_root(uri: str) -> str | None:
     return (Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
 
 
+# MLflow 3's UI opens an experiment on its GenAI traces page unless told it holds models
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def experiment_id(mlflow, name: str) -> str:
-    """Get or create an experiment whose artifacts live beside the tracking store."""
+    """Get or create an experiment whose artifacts live beside the tracking store, tagged as
+    model development so the UI opens it on its runs."""
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get(KIND_TAG) != KIND:
+            client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
         return exp.experiment_id
     return client.create_experiment(name, artifact_location=artifact_root(
-        mlflow.get_tracking_uri()))
+        mlflow.get_tracking_uri()), tags={KIND_TAG: KIND})
 
 
 def flat_params(config, prefix: str = "") -> dict:
@@ -207,6 +214,10 @@ class Tracker:
     def artifacts(self, folder, path: str | None = None) -> None:
         if self.active:
             self._mlflow.log_artifacts(str(folder), artifact_path=path)
+
+    def artifact(self, path, folder: str | None = None) -> None:
+        if self.active:
+            self._mlflow.log_artifact(str(path), artifact_path=folder)
 
     def tags(self, tags: dict) -> None:
         if self.active and tags:

@@ -18,7 +18,7 @@ MICRO = {
     "preprocess": {"tr": 0.735, "window": 40, "split": [0.6, 0.2, 0.2], "seed": 0, "workers": 1,
                    "standardize": "psc", "atlas": None},
     "validate": {"median_tol": 0.1, "iqr_tol": 0.2, "max_abs": 100.0},
-    "pretrain": {"profile": "tiny", "max_steps": 2, "batch_size": 4, "window": 40,
+    "pretrain": {"profile": "tiny", "max_steps": 4, "batch_size": 4, "window": 40,
                  "patch_size": 10, "eval_every": 2, "ckpt_every": 2, "windows_per_recording": 1,
                  "workers": 0, "seed": 0, "attention_kernel": "math"},
     "finetune": {"target": "age", "task": "regression", "mode": "probe", "epochs": 2,
@@ -39,17 +39,17 @@ def repo(tmp_path_factory, atlas_spec):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     micro = {k: dict(v) for k, v in MICRO.items()}
     micro["preprocess"]["atlas"] = atlas_spec
-    params.update(demo=micro, mask_ratios=[0.5, 0.75], finetune_mask_ratio=0.75)
+    params.update(demo=micro, mask_ratios=[0.2, 0.75, 0.9], finetune_mask_ratio=0.75)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(root / ".site"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}
 
-    def sh(*cmd):
+    def sh(*cmd, stdout_only=False):
         res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
         assert res.returncode == 0, f"{cmd}: {res.stdout[-2000:]}\n{res.stderr[-3000:]}"
-        return res.stdout + res.stderr
+        return res.stdout if stdout_only else res.stdout + res.stderr
 
     sh("git", "init", "-q")
     sh("dvc", "init", "-q")
@@ -62,11 +62,11 @@ def repo(tmp_path_factory, atlas_spec):
 def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
     root, sh = repo
     out = sh("dvc", "repro")
-    for stage in ("preprocess", "validate", "pretrain@0.5", "pretrain@0.75", "compare", "tune",
-                  "finetune", "evaluate", "register"):
+    for stage in ("preprocess", "validate", "pretrain@0.2", "pretrain@0.75", "pretrain@0.9",
+                  "compare", "tune", "finetune", "evaluate", "register"):
         assert f"Running stage '{stage}'" in out, stage
     rows = json.loads((root / "runs" / "compare" / "mask_ratios.json").read_text())
-    assert [r["mask_ratio"] for r in rows] == [0.5, 0.75]
+    assert [r["mask_ratio"] for r in rows] == [0.2, 0.75, 0.9]
     assert all(r["val_common_r2"] is not None for r in rows)
     assert (root / "data.dvc").is_file() and (root / "dvc.lock").is_file()
     metrics = sh("dvc", "metrics", "show")
@@ -77,13 +77,14 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("pretrain").experiment_id])
-    assert len(runs) == 2  # one per mask ratio, each with params.yaml's kernel
+    assert len(runs) == 3  # one per mask ratio, each with params.yaml's kernel
     assert {r.data.params["attention_kernel"] for r in runs} == {"math"}
 
     register = json.loads((root / "metrics" / "register.json").read_text())
-    assert set(register) == {"brainlm-pretrain@0.5", "brainlm-pretrain@0.75", "brainlm-age"}
+    assert set(register) == {"brainlm-pretrain@0.2", "brainlm-pretrain@0.75",
+                             "brainlm-pretrain@0.9", "brainlm-age"}
     # honest promotion: a champion beats its baseline; below it, the challenger
-    for r in (0.5, 0.75):
+    for r in (0.2, 0.75, 0.9):
         m = json.loads((root / "models" / f"pretrain-{r:g}" / "metrics.json").read_text())
         decision = register[f"brainlm-pretrain@{r:g}"]["decision"]
         assert (decision == "below_baseline") == (m["val_common_r2_gain"] <= 0), (r, decision)
@@ -99,6 +100,8 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
     assert client.get_experiment(source.info.experiment_id).name == "finetune"
     assert client.get_metric_history(source.info.run_id, "val_loss")
 
+    _plots_render(sh, 3)
+
     again = sh("dvc", "repro")
     assert "Running stage" not in again  # a second repro does nothing
     tuned = (root / "metrics" / "tune.json").read_text()
@@ -112,13 +115,13 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     changed = sh("dvc", "repro")
     assert "Running stage 'evaluate'" in changed
-    for stage in ("preprocess", "validate", "pretrain@0.5", "tune", "finetune"):
+    for stage in ("preprocess", "validate", "pretrain@0.2", "tune", "finetune"):
         assert f"Running stage '{stage}'" not in changed, stage
     # register ran again on the same models: no new version, and it says so
     assert "Running stage 'register'" in changed
     register = json.loads((root / "metrics" / "register.json").read_text())
     assert {d["decision"] for d in register.values()} == {"unchanged"}
-    assert len(client.search_model_versions("name = 'brainlm-pretrain'")) == 2
+    assert len(client.search_model_versions("name = 'brainlm-pretrain'")) == 3
     assert len(client.search_model_versions("name = 'brainlm-age'")) == 1
 
     # back to n_boot 50: evaluate comes from DVC's run cache, but register.json is never
@@ -140,7 +143,7 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
     evaluate_py.write_text(evaluate_py.read_text() + "\n# changed\n")
     changed = sh("dvc", "repro")
     assert "Running stage 'evaluate'" in changed
-    for stage in ("preprocess", "validate", "pretrain@0.5", "pretrain@0.75", "finetune"):
+    for stage in ("preprocess", "validate", "pretrain@0.2", "pretrain@0.75", "finetune"):
         assert f"Running stage '{stage}'" not in changed, stage
     # ... one to the model marks every stage that trains one, and nothing upstream
     modeling = root / "brainlm" / "model" / "modeling.py"
@@ -148,13 +151,41 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
     modeling.write_text(original + "\n# changed\n")
     (root / "brainlm" / "model" / "__pycache__").mkdir(exist_ok=True)
     status = sh("dvc", "status")
-    for stage in ("pretrain@0.5", "pretrain@0.75", "tune", "finetune"):
+    for stage in ("pretrain@0.2", "pretrain@0.75", "pretrain@0.9", "tune", "finetune"):
         assert f"{stage}:" in status, stage
     for stage in ("preprocess", "validate", "evaluate", "register"):
         assert f"{stage}:" not in status, stage
     modeling.write_text(original)
     (root / "brainlm" / "model" / "__pycache__" / "x.pyc").write_bytes(b"compiled")
     assert "Data and pipelines are up to date" in sh("dvc", "status")  # .pyc files ignored
+
+
+def _plots_render(sh, n_ratios: int) -> None:
+    """`dvc plots show --json`: every plot of dvc.yaml renders, with one point per step on each
+    loss curve and one per evaluation on each validation curve."""
+    shown = json.loads(sh("dvc", "plots", "show", "--json", stdout_only=True))
+    assert not shown.get("errors"), shown["errors"]
+    plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    ids = [next(iter(p)) if isinstance(p, dict) else p for p in plots]
+    assert set(ids) <= set(shown["data"]), set(ids) - set(shown["data"])
+    steps, evals = MICRO["pretrain"]["max_steps"], \
+        MICRO["pretrain"]["max_steps"] // MICRO["pretrain"]["eval_every"]
+
+    def points(plot_id):
+        (vega,) = shown["data"][plot_id]
+        values = vega["content"]["data"]["values"]
+        counts = {}
+        for v in values:
+            key = v.get("filename::field") or v.get("filename")  # one curve each
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    loss = points("pretraining loss")
+    assert len(loss) == n_ratios and set(loss.values()) == {steps}, loss
+    val = points("validation R^2 and the best baseline, common mask")
+    assert len(val) == 2 * n_ratios and set(val.values()) == {evals}, val
+    bars = points("mask ratios on one yardstick")
+    assert sum(bars.values()) == n_ratios, bars
 
 
 def test_prefect_deployment_retrain_nightly_completes(repo, tmp_path):

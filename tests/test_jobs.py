@@ -33,6 +33,18 @@ def test_stage_names_are_written_once():
         assert f"brainlm/jobs/{name}.py" in body["deps"]  # the job's own module reruns it
 
 
+def test_every_per_ratio_plot_follows_params_mask_ratios():
+    """dvc.yaml's top-level plots name one file per mask ratio (DVC cannot loop there): they
+    must be params.yaml's ratios, or `dvc plots show` reports missing files."""
+    ratios = {f"{r:g}" for r in yaml.safe_load((ROOT / "params.yaml").read_text())["mask_ratios"]}
+    for plot in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]:
+        if isinstance(plot, dict):
+            (props,) = plot.values()
+            files = props["y"] if isinstance(props["y"], dict) else {}
+            named = {f.split("pretrain-")[1].split("/")[0] for f in files if "pretrain-" in f}
+            assert not named or named == ratios, (plot, named, ratios)
+
+
 def test_tune_study_key_follows_the_code_dvc_reruns_the_stage_for():
     from brainlm.jobs.tune import CODE
 

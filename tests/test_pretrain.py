@@ -60,7 +60,10 @@ def test_pretrain_writes_a_loadable_model_folder(store, tmp_path):
     assert np.isfinite(metrics["val_mse"]) and np.isfinite(metrics["val_r2"])
     history = json.loads((out / "history.json").read_text())
     assert [h["step"] for h in history] == list(range(1, 7))
-    assert "val_r2" in history[2] and "val_r2" not in history[1]
+    assert all(set(h) == {"step", "loss", "lr", "grad_norm"} for h in history)
+    validation = json.loads((out / "validation.json").read_text())  # one row per evaluation
+    assert [v["step"] for v in validation] == [3, 6] and "val_r2" in validation[0]
+    assert all(set(v) == set(validation[0]) for v in validation)  # what dvc plots needs
     card = (out / "README.md").read_text()
     assert "mask ratio 0.5" in card and f"{metrics['val_r2']:.4f}" in card
     assert "hash" in card and "Licence" in card
@@ -100,7 +103,9 @@ def test_exact_resume_after_a_kill(store, tmp_path):
     assert [h["step"] for h in resumed] == list(range(1, 11))
     for a, b in zip(resumed, reference):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), a["step"]
-    assert resumed[-1]["val_r2"] == pytest.approx(reference[-1]["val_r2"], rel=1e-6)
+    val = [json.loads((d / "validation.json").read_text()) for d in (killed, full)]
+    assert [v["step"] for v in val[0]] == [5, 10]
+    assert val[0][-1]["val_r2"] == pytest.approx(val[1][-1]["val_r2"], rel=1e-6)
 
 
 def test_stop_after_then_resume_equals_one_run(store, tmp_path):
@@ -168,6 +173,9 @@ def test_mlflow_logs_params_metrics_and_artifacts(store, tmp_path, monkeypatch):
     assert "val_r2" in run.data.metrics
     names = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert "model/model.safetensors" in names and "model/reconstruction.png" in names
+    # the same top-level path in every run: MLflow's Compare puts them side by side
+    assert "reconstruction.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on runs
 
 
 def test_r2_is_per_parcel_and_not_clipped(store, tmp_path):

@@ -85,8 +85,8 @@ def test_every_mask_ratio_reports_the_same_metric_names(modular_store, tmp_path,
                   networks_truth=modular_store / "networks.tsv")
         metrics = json.loads((out / "metrics.json").read_text())
         keys.append(sorted(metrics))
-        history = json.loads((out / "history.json").read_text())
-        assert "val_r2_same_time" in history[1] and "val_r2_gain" in history[-1]
+        validation = json.loads((out / "validation.json").read_text())
+        assert "val_r2_same_time" in validation[0] and "val_r2_gain" in validation[-1]
         card = (out / "README.md").read_text()
         assert "gain over the best baseline" in card and "As a frozen encoder" in card
         assert "test, common mask 0.75" in card

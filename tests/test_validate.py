@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -43,7 +44,46 @@ def test_a_good_store_passes_and_gets_data_docs(store, tmp_path, capsys):
     assert summary["train_median_max_abs"] < 0.1
     assert (tmp_path / "v" / "gx" / "uncommitted" / "data_docs" / "local_site" /
             "index.html").is_file()
-    assert "all checks passed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "all checks passed" in out and str(tmp_path / "v" / "validation.html") in out
+    assert summary["report"] == str(tmp_path / "v" / "validation.html")
+    page = (tmp_path / "v" / "validation.html").read_text()
+    # offline: no remote stylesheet, script, font or image; inline CSS only
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page)
+    assert "<script" not in page and "<link" not in page
+    rows = _report_rows(page)
+    assert set(rows) == {("parcels", "median"), ("parcels", "iqr"), ("parcels", "n_nonfinite"),
+                         ("parcels", "max_abs"), ("recordings", "n_parcels"),
+                         ("recordings", "n_timepoints"), ("recordings", "recording_id"),
+                         ("splits", "n_recordings"), ("splits", "(table)"),
+                         ("subjects", "n_splits")}
+    assert all('class="pass">PASS<' in row for row in rows.values())
+    assert "expect_column_values_to_be_between" in rows["parcels", "median"]
+    assert "-0.1 ≤ x ≤ 0.1; where split == train" in rows["parcels", "median"]
+    assert "0.8 ≤ x ≤ 1.2" in rows["parcels", "iqr"]
+    assert f"rows checked: {P}<br>unexpected: 0 (0%)" in rows["parcels", "iqr"]
+    assert "0 ≤ x ≤ 100" in rows["parcels", "max_abs"]
+    assert f"rows checked: {3 * P}<br>" in rows["parcels", "max_abs"]
+    # the largest |value| of the store, read here from its arrays, is the spread's maximum
+    biggest = max(float(np.abs(np.load(store / f"{s}.npy")).max()) for s in ("train", "val",
+                                                                             "test"))
+    assert f"/ max {biggest:.4g} (n = {3 * P})" in rows["parcels", "max_abs"]
+    assert f"= {P}" in rows["recordings", "n_parcels"]
+    assert "x ≥ 40" in rows["recordings", "n_timepoints"]
+    assert "min 120 / median 120 / max 120" in rows["recordings", "n_timepoints"]
+    assert "= 3" in rows["splits", "(table)"] and "observed: 3" in rows["splits", "(table)"]
+    assert "threshold median_tol</th><td>0.1<" in page and str(store) in page
+
+
+def _report_rows(page: str) -> dict:
+    """(suite, column) -> the HTML of that expectation's row in validation.html."""
+    rows = {}
+    for part in page.split('<h2 id="suite-')[1:]:
+        suite = part.split('"', 1)[0]
+        for row in re.findall(r"<tr><td>.*?</tr>", part):
+            column = re.findall(r"<td[^>]*>(.*?)</td>", row)[1].split(":")[0]
+            rows[suite, column] = row
+    return rows
 
 
 def _corrupt(store, tmp_path, edit):
@@ -67,8 +107,24 @@ def test_corrupted_values_are_rejected_with_reasons(store, tmp_path):
     assert "expect_column_values_to_be_between(iqr)" in message
     assert "expect_column_values_to_be_between(n_nonfinite)" in message
     assert "Data Docs:" in message
+    assert f"Report: {tmp_path / 'v' / 'validation.html'}" in message
     summary = json.loads((tmp_path / "v" / "validation.json").read_text())
     assert not summary["success"] and not summary["tables"]["parcels"]
+    page = (tmp_path / "v" / "validation.html").read_text()
+    rows = _report_rows(page)
+    assert '<td class="fail">FAILED</td>' in page
+    # every parcel's training IQR is ~5: all P rows fail, and the spread shows the IQRs
+    assert 'class="fail">FAIL<' in rows["parcels", "iqr"]
+    assert f"unexpected: {P} (100%)" in rows["parcels", "iqr"]
+    low = float(re.search(r"min ([0-9.e+-]+) / median", rows["parcels", "iqr"]).group(1))
+    assert low > 1.2
+    # one NaN in the training split: one (split, parcel) row of the 3 * P fails, and is named
+    nonfinite = rows["parcels", "n_nonfinite"]
+    assert 'class="fail">FAIL<' in nonfinite
+    assert f"rows checked: {3 * P}<br>unexpected: 1 ({100 / (3 * P):.4g}%)" in nonfinite
+    assert re.search(r"e\.g\. 1 \(split=train, parcel=\d+\)", nonfinite)
+    assert 'class="pass">PASS<' in rows["parcels", "median"]
+    assert 'class="pass">PASS<' in rows["recordings", "n_parcels"]
 
 
 def test_leaked_subject_wrong_parcel_count_and_short_window(store, tmp_path, capsys):

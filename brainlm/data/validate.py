@@ -3,19 +3,22 @@
 GX validates small summary tables rather than the [parcels, time] arrays themselves:
 a per-parcel table (median, IQR, non-finite count, max |x| per split), the recordings, the
 splits and the subjects. Column-by-column validation of a 424-wide matrix takes tens of
-seconds; the summaries take a fraction of one and say the same things.
+seconds; the summaries take a fraction of one and say the same things. Beside validation.json
+goes validation.html (validation_report): every expectation with its bounds and what GX
+measured, readable offline, unlike the Data Docs index.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import BrainLMError
+from .validation_report import write_report
 
 
 class ValidationFailed(BrainLMError):
@@ -73,6 +76,11 @@ def summary_tables(store, th: Thresholds, seed: int = 0) -> dict:
             "subjects": subjects}
 
 
+# columns that name the row behind an unexpected value, per summary table
+ROW_KEYS = {"parcels": ["split", "parcel"], "recordings": ["recording_id"],
+            "splits": ["split"], "subjects": ["subject"]}
+
+
 def _suites(gx, th: Thresholds, n_parcels: int) -> dict:
     import great_expectations.expectations as gxe
     from great_expectations.expectations.row_conditions import Column
@@ -102,7 +110,8 @@ def _suites(gx, th: Thresholds, n_parcels: int) -> dict:
 
 
 def validate_store(store_path, out_dir=None, thresholds: Thresholds | None = None) -> dict:
-    """Run the suite as a GX checkpoint, build Data Docs, write validation.json.
+    """Run the suite as a GX checkpoint, build Data Docs, write validation.json and a
+    self-contained validation.html (every expectation, its bounds and what GX measured).
 
     Raises ValidationFailed (after writing everything) when an expectation fails.
     """
@@ -130,33 +139,61 @@ def validate_store(store_path, out_dir=None, thresholds: Thresholds | None = Non
             suite.add_expectation(expectation)
         definitions.append(context.validation_definitions.add_or_update(
             gx.ValidationDefinition(name=f"validate_{name}", data=batch, suite=suite)))
-    results, failures = {}, []
+    results, failures, measured = {}, [], {}
     for name, definition in zip(_suites(gx, th, n_parcels), definitions):
         checkpoint = context.checkpoints.add_or_update(gx.Checkpoint(
             name=f"store_{name}", validation_definitions=[definition],
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")]))
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")],
+            # the rows behind each unexpected value (split and parcel label, recording...)
+            result_format={"result_format": "SUMMARY",
+                           "unexpected_index_column_names": ROW_KEYS[name]}))
         result = checkpoint.run(batch_parameters={"dataframe": tables[name]})
         results[name] = bool(result.success)
-        for run in result.run_results.values():
-            for r in run.results:
-                if not r.success:
-                    cfg = r.expectation_config
-                    bad = r.result.get("partial_unexpected_list") or r.result.get(
-                        "observed_value")
-                    failures.append(f"{name}: {cfg.type}({cfg.kwargs.get('column', '')}) "
-                                    f"failed, e.g. {str(bad)[:80]}")
+        measured[name] = _result_rows(name, result, failures)
     context.build_data_docs()
     docs = Path(out) / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
+    report = write_report(out / "validation.html", {
+        "store": str(store_path), "n_parcels": store.n_parcels, "success": not failures,
+        "thresholds": asdict(th) | {"n_parcels": n_parcels},
+        "data_docs": docs.relative_to(out).as_posix()}, measured, tables)
     summary = {"success": not failures, "tables": results, "failures": failures,
-               "data_docs": str(docs),
+               "data_docs": str(docs), "report": str(report),
                "train_median_max_abs": float(np.nanmax(np.abs(
                    tables["parcels"].query("split == 'train'")["median"].astype(float)))),
                "n_recordings": int(len(tables["recordings"]))}
     write_bytes_atomic(out / "validation.json", json.dumps(summary, indent=2).encode())
     if failures:
         raise ValidationFailed(f"{store_path}: {len(failures)} expectation(s) failed:\n  "
-                               + "\n  ".join(failures) + f"\nData Docs: {docs}")
+                               + "\n  ".join(failures) + f"\nData Docs: {docs}"
+                               + f"\nReport: {report}")
     return summary
+
+
+def _result_rows(name: str, result, failures: list) -> list:
+    """GX's per-expectation results of one checkpoint run as plain dicts (type, kwargs,
+    success, result, exception) for the report; appends a line per failure to `failures`."""
+    rows = []
+    for run in result.run_results.values():
+        for r in run.results:
+            cfg = r.expectation_config
+            rows.append({"type": cfg.type, "kwargs": dict(cfg.kwargs),
+                         "success": bool(r.success), "result": dict(r.result or {}),
+                         "exception": _exception(r.exception_info)})
+            if not r.success:
+                bad = r.result.get("partial_unexpected_list") or r.result.get("observed_value")
+                failures.append(f"{name}: {cfg.type}({cfg.kwargs.get('column', '')}) "
+                                f"failed, e.g. {str(bad)[:80]}")
+    return rows
+
+
+def _exception(info) -> dict:
+    """GX's exception_info is one {raised_exception, exception_message...} dict, or such dicts
+    keyed by metric; the one that raised (if any)."""
+    info = dict(info or {})
+    if "raised_exception" in info:
+        return info
+    return next((v for v in info.values() if isinstance(v, dict) and v.get("raised_exception")),
+                {})
 
 
 def drift_check(xs: list, median_tol: float, iqr_tol: float) -> dict:

@@ -84,7 +84,10 @@ def run(cfg: PretrainConfig, tags: dict | None = None) -> dict:
     from ..tracking import job_run
 
     rank0 = int(os.environ.get("RANK", "0")) == 0  # torchrun: one run, kept by rank 0
-    with job_run(NAME, f"{cfg.profile}-mask{cfg.mask_ratio:g}", cfg, tags,
+    name = f"{cfg.profile}-mask{cfg.mask_ratio:g}"  # e.g. demo-tiny-mask0.75 from a stage
+    if (tags or {}).get("brainlm.profile"):
+        name = f"{tags['brainlm.profile']}-{name}"
+    with job_run(NAME, name, cfg, tags,
                  enabled=rank0) as tracker:
         result = pretrain(cfg, tracker)
         if result.get("metrics"):  # the model this run made: the registry finds the run by it

@@ -58,5 +58,5 @@ def run(cfg: ValidateConfig, tags: dict | None = None) -> dict:
                   "train_median_max_abs": summary["train_median_max_abs"]}
         tracker.summary(values)
     print(f"brainlm validate: all checks passed on {summary['n_recordings']} recordings; "
-          f"Data Docs: {summary['data_docs']}")
+          f"Data Docs: {summary['data_docs']}; report: {summary['report']}")
     return values

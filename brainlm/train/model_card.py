@@ -12,7 +12,8 @@ from .scoring import COMMON_MASK_RATIO, encoder_yardstick, numeric_metrics
 
 def write_outputs(model, store, cfg: PretrainConfig, out: Path, history, last_eval, tracker,
                   logged=()):
-    """save_pretrained folder + scaler + model card + metrics/history + reconstruction plot."""
+    """save_pretrained folder + scaler + model card + metrics, history (training steps) and
+    validation (evaluation steps) + reconstruction plot."""
     import shutil
 
     from ..fileio import sha256_file, write_bytes_atomic
@@ -24,7 +25,9 @@ def write_outputs(model, store, cfg: PretrainConfig, out: Path, history, last_ev
     metrics.update(encoder_yardstick(model, store, cfg))
     metrics.update(step=history[-1]["step"], train_loss=history[-1]["loss"])
     write_bytes_atomic(out / "metrics.json", json.dumps(metrics, indent=2).encode())
-    write_bytes_atomic(out / "history.json", json.dumps(history).encode())
+    train_rows, val_rows = split_history(history)
+    write_bytes_atomic(out / "history.json", json.dumps(train_rows).encode())
+    write_bytes_atomic(out / "validation.json", json.dumps(val_rows).encode())
     names = store.parcels["name"].tolist()
     if last_eval.get("example") is not None:
         from .reconstruction import plot_reconstruction
@@ -41,6 +44,21 @@ def write_outputs(model, store, cfg: PretrainConfig, out: Path, history, last_ev
     tracker.tags({"best_baseline": str(metrics.get("val_best_baseline")),
                   "learned": str(metrics.get("val_r2_gain", float("nan")) > 0)})
     tracker.artifacts(out, "model")
+    if (out / "reconstruction.png").is_file():  # top level: MLflow's Compare shows them side by side
+        tracker.artifact(out / "reconstruction.png")
+
+
+TRAIN_KEYS = ("step", "loss", "lr", "grad_norm")
+
+
+def split_history(history: list) -> tuple[list, list]:
+    """The run's history as two tables with the same keys in every row (what `dvc plots`
+    needs): training steps (history.json) and evaluation steps (validation.json)."""
+    train = [{k: r[k] for k in TRAIN_KEYS if k in r} for r in history]
+    val = [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("val_")}}
+           for r in history if any(k.startswith("val_") for k in r)]
+    common = set.intersection(*(set(r) for r in val)) if val else set()
+    return train, [{k: v for k, v in r.items() if k in common} for r in val]
 
 
 BASELINE_WORDS = {

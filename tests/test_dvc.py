@@ -188,9 +188,21 @@ def _plots_render(sh, n_ratios: int) -> None:
     assert sum(bars.values()) == n_ratios, bars
 
 
+_READ_RUNS = """
+import json
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as client:
+    arts = sorted((a for a in client.read_artifacts() if a.key == "retrain"),
+                  key=lambda a: a.created)
+    print(json.dumps({"tasks": [t.name for t in client.read_task_runs()],
+                      "artifact": arts[-1].data if arts else ""}))
+"""
+
+
 def test_prefect_deployment_retrain_nightly_completes(repo, tmp_path):
     """A real `prefect server start`, `prefect deploy`, a process worker, and
-    `prefect deployment run 'retrain/nightly'` reaching Completed."""
+    `prefect deployment run 'retrain/nightly'`: a new wave of subjects, one task per stage,
+    the decisions in a markdown artifact; then `score/folder` with the registered model."""
     from tests.services import free_port, stop, wait_for_http
 
     root, _ = repo
@@ -221,7 +233,25 @@ def test_prefect_deployment_retrain_nightly_completes(repo, tmp_path):
         out = prefect("deployment", "run", "retrain/nightly", "--param", f"repo={root}",
                       "--watch", "--watch-timeout", "500")
         assert "Completed" in out, out[-2000:]
-        assert json.loads((root / "metrics" / "register.json").read_text())
+        # a new wave of training subjects (seed 1), the same validation and test subjects
+        import pandas as pd
+
+        waves = pd.read_csv(root / "data" / "participants.tsv", sep="\t")
+        assert set(waves["wave"]) == {0, 1} and set(waves.loc[waves["wave"] == 1, "split"]) == \
+            {"train"} and set(waves.loc[waves["wave"] == 0, "split"]) == {"val", "test"}
+        # so everything retrained and every model was compared with its champion
+        register = json.loads((root / "metrics" / "register.json").read_text())
+        assert {d["decision"] for d in register.values()} <= \
+            {"promoted", "kept_champion", "below_baseline"}, register
+        seen = json.loads(subprocess.run(
+            [sys.executable, "-c", _READ_RUNS], env=env, capture_output=True, text=True,
+            check=True).stdout)
+        for stage in ("preprocess", "pretrain@0.2", "pretrain@0.9", "tune", "register"):
+            assert f"dvc repro {stage}" in seen["tasks"], (stage, seen["tasks"])
+        artifact = seen["artifact"]
+        assert "synthetic wave 1 (seed 1)" in artifact and "metrics/evaluate.json" in artifact
+        for key, d in register.items():
+            assert f"| {key} | {d['decision']} |" in artifact, (key, artifact)
         # score/folder: the nightly's registered model predicts the raw cohort through the
         # worker; the registry is this project's store, handed over as a job variable
         scores = tmp_path / "scores" / "p.parquet"

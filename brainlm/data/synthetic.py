@@ -49,7 +49,7 @@ from .synthetic_bids import coarse_grid, write_bids  # the BIDS writer, importab
 
 __all__ = ["POSITIVE_CONTROLS", "REFERENCE_AGE", "SimParams", "SyntheticCohort", "canonical_hrf",
            "coarse_grid", "describe_effects", "make_modules", "signal_statistics",
-           "simulate_cohort", "write_bids"]
+           "simulate_cohort", "with_new_wave", "write_bids"]
 
 REFERENCE_AGE = 50.0
 
@@ -123,6 +123,7 @@ class SyntheticCohort:
     tr: float = 0.735
     seed: int = 0
     truth: pd.DataFrame = field(default_factory=pd.DataFrame)
+    draws: list | None = None  # per subject (seed, index) it was drawn from; None: (seed, i)
 
     @property
     def n_subjects(self) -> int:
@@ -316,6 +317,38 @@ def simulate_cohort(coords, n_subjects: int, n_timepoints: int, tr: float = 0.73
     return SyntheticCohort(signals=signals, participants=pd.DataFrame(rows), modules=modules,
                            effects=describe_effects(p, n_modules), tr=float(tr), seed=int(seed),
                            truth=pd.DataFrame(truths))
+
+
+def with_new_wave(base: SyntheticCohort, held: dict, wave: int, coords,
+                  params: SimParams | None = None) -> SyntheticCohort:
+    """`base`'s held-out subjects (val/test ids in `held`, unchanged to the byte) plus a new
+    wave of training subjects drawn with seed `base.seed + wave`, as many as it replaces, with
+    ids `sub-w<wave>s<NNN>` and `split` = train. What a nightly retrain gets on the demo: new
+    training data, the same test subjects (so promotion compares like with like)."""
+    if wave < 1:
+        raise ConfigError(f"wave must be >= 1 for a new wave, got {wave}")
+    pids = base.participants["participant_id"].astype(str).tolist()
+    keep = [i for i, pid in enumerate(pids) if pid in set(held)]
+    n_new = base.n_subjects - len(keep)
+    if n_new < 1:
+        raise ConfigError("every subject is held out: no training subject to draw anew")
+    new = simulate_cohort(coords, n_new, base.signals.shape[2], tr=base.tr,
+                          seed=base.seed + wave, n_modules=int(base.modules.max()) + 1,
+                          params=params)
+    ids = {old: f"sub-w{wave}s{j + 1:03d}" for j, old in
+           enumerate(new.participants["participant_id"])}
+    old_rows = base.participants.iloc[keep].assign(wave=0, seed=base.seed)
+    old_rows["split"] = [held[pids[i]] for i in keep]
+    new_rows = new.participants.replace({"participant_id": ids}).assign(
+        wave=wave, seed=base.seed + wave, split="train")
+    rows = pd.concat([old_rows, new_rows], ignore_index=True)
+    truth = pd.concat([base.truth.iloc[keep], new.truth.replace({"participant_id": ids})],
+                      ignore_index=True) if len(base.truth) else new.truth
+    draws = [(base.draws or [(base.seed, i) for i in range(base.n_subjects)])[i] for i in keep]
+    return SyntheticCohort(
+        signals=np.concatenate([base.signals[keep], new.signals]), participants=rows,
+        modules=base.modules, effects=base.effects, tr=base.tr, seed=base.seed + wave,
+        truth=truth, draws=draws + [(base.seed + wave, j) for j in range(n_new)])
 
 
 def describe_effects(p: SimParams, n_modules: int) -> dict:

@@ -136,7 +136,8 @@ def _write_dataset(cohort, atlas, out: Path, tr: float, voxel_size: float, dtype
         func.mkdir(parents=True, exist_ok=True)
         x = signals[i].astype(np.float64)
         sd = sps.detrend(x, axis=1).std(1)
-        rng = np.random.default_rng([cohort.seed, i, 1])  # independent of the cohort draws
+        draw = cohort.draws[i] if cohort.draws else (cohort.seed, i)
+        rng = np.random.default_rng([*draw, 1])  # independent of the cohort draws
         values = x[parcel_of_vox] + (voxel_noise * sd[parcel_of_vox])[:, None] * \
             rng.standard_normal((len(vox), n_time))
         use_int = dtype == "int16"

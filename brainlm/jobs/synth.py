@@ -23,6 +23,9 @@ class SynthConfig:
     seed: int = 0
     atlas: str = PreprocessConfig.atlas
     voxel_size: float = 4.0  # mm: the atlas grid or a multiple of it
+    wave: int = 0  # k > 0: the base cohort's val/test subjects + new training subjects (seed + k)
+    split: tuple = PreprocessConfig.fractions  # how preprocess splits: which subjects are held out
+    split_seed: int = PreprocessConfig.seed
 
 
 Config = SynthConfig
@@ -35,8 +38,11 @@ OPTIONS = [
     Option("atlas", help="A424 (default) or a label NIfTI path"),
     Option("voxel_size", positive=True,
            help="grid of the written images in mm (the atlas grid or a multiple of it)"),
+    Option("wave", low=0, help="0: the base cohort; k > 0: its validation and test subjects "
+           "unchanged plus a new wave of training subjects drawn with seed + k"),
 ]
-NOT_OPTIONS: dict = {}
+NOT_OPTIONS = {"split": "preprocess's split fractions (params.yaml preprocess.split)",
+               "split_seed": "preprocess's split seed (params.yaml preprocess.seed)"}
 
 
 def from_params(params: dict, root: Path) -> SynthConfig:
@@ -45,21 +51,43 @@ def from_params(params: dict, root: Path) -> SynthConfig:
 
     pre = block(params, "preprocess")
     return from_block(SynthConfig, OPTIONS, block(params, "synth"), "synth", fixed={
-        "out": root / "data", "tr": float(pre["tr"]), "atlas": pre.get("atlas", "A424")})
+        "out": root / "data", "tr": float(pre["tr"]), "atlas": pre.get("atlas", "A424"),
+        "split": tuple(pre.get("split", PreprocessConfig.fractions)),
+        "split_seed": int(pre.get("seed", PreprocessConfig.seed))})
+
+
+def next_wave(data: Path) -> int:
+    """The wave after the one in `data` (participants.tsv's `wave` column; none: wave 0)."""
+    import pandas as pd
+
+    path = Path(data) / "participants.tsv"
+    if not path.is_file():
+        return 0
+    table = pd.read_csv(path, sep="\t")
+    return int(table["wave"].max()) + 1 if "wave" in table else 1
 
 
 def run(cfg: SynthConfig, tags: dict | None = None) -> dict:
     from ..atlas import load_atlas
-    from ..data.synthetic import simulate_cohort, write_bids
+    from ..data.synthetic import simulate_cohort, with_new_wave, write_bids
     from ..tracking import job_run
 
     with job_run(NAME, f"synth-{cfg.subjects}x{cfg.timepoints}", cfg, tags) as tracker:
         atlas = load_atlas(cfg.atlas, allow_fallback=True)
         cohort = simulate_cohort(atlas.coords, cfg.subjects, cfg.timepoints, tr=cfg.tr,
                                  seed=cfg.seed)
+        if cfg.wave:
+            from ..data.split import assign_splits
+
+            ids = cohort.participants["participant_id"].astype(str).tolist()
+            split = assign_splits(ids, cfg.split, cfg.split_seed)
+            held = {pid: split[pid] for pid in ids if split[pid] != "train"}
+            cohort = with_new_wave(cohort, held, cfg.wave, atlas.coords)
         paths = write_bids(cohort, atlas, Path(cfg.out), tr=cfg.tr, voxel_size=cfg.voxel_size)
-        values = {"recordings": len(paths), "atlas": atlas.name}
+        values = {"recordings": len(paths), "atlas": atlas.name, "wave": cfg.wave,
+                  "seed": cohort.seed}
         tracker.summary(values)
-    print(f"brainlm synth: {len(paths)} recordings of {cfg.timepoints} timepoints at TR "
+    wave = f" (wave {cfg.wave}, seed {cohort.seed})" if cfg.wave else ""
+    print(f"brainlm synth: {len(paths)} recordings{wave} of {cfg.timepoints} timepoints at TR "
           f"{cfg.tr:g} s, atlas {atlas.name} ({atlas.n_parcels} parcels) -> {cfg.out}")
     return values

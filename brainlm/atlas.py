@@ -228,6 +228,23 @@ def fallback_atlas(n_parcels: int = 424, seed: int = 0) -> Atlas:
     return atlas
 
 
+def announce(atlas: Atlas, job: str) -> None:
+    """Say which atlas a run uses, first thing: the fallback in bold (on a terminal) and in
+    capitals, since models made on it are not comparable with A424 ones."""
+    import sys
+
+    if atlas.name != FALLBACK_NAME:
+        print(f"brainlm {job}: atlas {atlas.name} ({atlas.n_parcels} parcels, hash "
+              f"{atlas.hash[:12]})", flush=True)
+        return
+    bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    print(f"{bold}brainlm {job}: ATLAS IS THE OFFLINE FALLBACK '{FALLBACK_NAME}', NOT A424{plain}"
+          f"\n  the A424 files were neither in BRAINLM_ATLAS_DIR nor downloadable into "
+          f"{cache_dir() / 'atlases' / 'A424'}; results on it are not comparable with A424 "
+          "models (the registry keeps them apart). README, 'Atlas', says how to get A424.",
+          flush=True)
+
+
 def load_atlas(spec: str | os.PathLike = "A424", allow_fallback: bool = False,
                download: bool = True) -> Atlas:
     """Resolve an atlas: "A424", a label NIfTI path, or a folder holding the A424 files.

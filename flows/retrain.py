@@ -54,7 +54,7 @@ def refresh_data(repo: Path) -> str:
     values = synth.run(cfg, tags={"brainlm.profile": params["profile"],
                                   "brainlm.caller": "prefect"})
     _stream(["dvc", "add", "data"], repo)
-    return (f"synthetic wave {values['wave']} (seed {values['seed']}): {values['recordings']} "
+    return (f"synthetic wave {cfg.wave} (seed {cfg.seed + cfg.wave}): {values['recordings']} "
             "recordings, new training subjects, the same validation and test subjects")
 
 

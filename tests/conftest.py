@@ -28,6 +28,18 @@ def _isolated_cache(tmp_path_factory):
         os.environ["BRAINLM_CACHE_DIR"] = old
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri():
+    """`run_stage` points MLFLOW_TRACKING_URI at its project's store for the process; a test
+    that calls it in-process must not send later tests' runs (and subprocesses) there."""
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
 @pytest.fixture(scope="session")
 def atlas_spec(_isolated_cache) -> str:
     """'A424' when its files are reachable without a download, else the offline atlas."""

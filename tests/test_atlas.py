@@ -109,3 +109,15 @@ def test_download_into_cache_when_content_matches(tmp_path, monkeypatch, atlas_s
     folder = atlas_mod.find_a424()
     assert folder == tmp_path / "cache" / "atlases" / "A424"
     assert load_atlas("A424").n_parcels == 424
+
+
+def test_the_atlas_in_use_is_said_first_and_the_fallback_loudly(capsys, monkeypatch, tmp_path):
+    from brainlm.atlas import FALLBACK_NAME, announce, fallback_atlas, load_atlas
+
+    announce(load_atlas("A424", download=False), "synth")
+    assert capsys.readouterr().out.startswith("brainlm synth: atlas A424 (424 parcels, hash ")
+    monkeypatch.setenv("BRAINLM_CACHE_DIR", str(tmp_path))
+    announce(fallback_atlas(n_parcels=20), "synth")
+    out = capsys.readouterr().out
+    assert f"ATLAS IS THE OFFLINE FALLBACK '{FALLBACK_NAME}', NOT A424" in out
+    assert "not comparable with A424" in out and "\033[1m" not in out  # no escapes in a pipe

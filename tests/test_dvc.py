@@ -45,6 +45,7 @@ def repo(tmp_path_factory, atlas_spec):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the project's own store, as for a user
 
     def sh(*cmd, stdout_only=False):
         res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
@@ -186,6 +187,55 @@ def _plots_render(sh, n_ratios: int) -> None:
     assert len(val) == 2 * n_ratios and set(val.values()) == {evals}, val
     bars = points("mask ratios on one yardstick")
     assert sum(bars.values()) == n_ratios, bars
+
+
+def test_mlflow_ui_shows_the_mask_ratios_side_by_side(repo, tmp_path):
+    """What the MLflow UI shows, read through the REST API it uses: the pretrain experiment
+    opens on its runs, one run per mask ratio named by profile and ratio, the compared columns
+    under the same names in every run, and the reconstruction plot at one top-level path."""
+    import urllib.request
+
+    from tests.services import free_port, stop, wait_for_http
+
+    root, _ = repo
+    port = free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    log = open(tmp_path / "mlflow.log", "w")
+    server = subprocess.Popen(
+        ["mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow' / 'mlflow.db'}",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+
+    def call(path, body=None):
+        req = urllib.request.Request(f"{api}/{path}", data=json.dumps(body).encode()
+                                     if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as response:
+            return json.loads(response.read())
+
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", server, timeout=120,
+                      log=tmp_path / "mlflow.log")
+        exp = call("experiments/get-by-name?experiment_name=pretrain")["experiment"]
+        assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in \
+            exp["tags"]
+        runs = call("runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+        names = sorted(r["info"]["run_name"] for r in runs)
+        assert names == [f"demo-tiny-mask{r}" for r in ("0.2", "0.75", "0.9")], names
+        for r in runs:
+            params = {p["key"] for p in r["data"]["params"]}
+            metrics = {m["key"] for m in r["data"]["metrics"]}
+            assert "mask_ratio" in params
+            assert {"val_r2", "val_r2_gain", "val_common_r2", "val_common_r2_gain",
+                    "probe_score"} <= metrics, sorted(metrics)
+            files = call(f"artifacts/list?run_id={r['info']['run_id']}")["files"]
+            assert "reconstruction.png" in {f["path"] for f in files}
+        keys = [sorted(m["key"] for m in r["data"]["metrics"]) for r in runs]
+        assert all(k == keys[0] for k in keys)  # the same columns in every run
+    finally:
+        stop(server)
+        log.close()
 
 
 _READ_RUNS = """

@@ -209,29 +209,34 @@ def test_bad_attention_kernel_is_refused_before_anything_runs(store, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_bad_pretrain_settings(store, tmp_path):
-    res = _run(["--data", str(store), "--out", str(tmp_path / "x"), "--batch-size", "3",
-                "--grad-accum", "2", "--window", "40", "--patch-size", "10"])
-    assert res.returncode == 2 and "not divisible" in res.stderr
-    res = _run(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
-    assert res.returncode == 2 and "not a processed store" in res.stderr
-    res = _run(["--data", str(store), "--out", str(tmp_path / "x"), "--mask-ratio", "1.5",
-                "--window", "40", "--patch-size", "10"])
-    assert res.returncode == 2 and "--mask-ratio: 1.5 must be <= 1" in res.stderr
+def test_bad_pretrain_settings(store, tmp_path, capsys):
+    from brainlm.cli import main
+
+    def refused(args, message):
+        assert main(["pretrain", "--out", str(tmp_path / "x")] + args) == 2
+        err = capsys.readouterr().err
+        assert message in err, err
+
+    refused(["--data", str(store), "--batch-size", "3", "--grad-accum", "2", "--window", "40",
+             "--patch-size", "10"], "not divisible")
+    refused(["--data", str(tmp_path / "nowhere")], "not a processed store")
+    refused(["--data", str(store), "--mask-ratio", "1.5", "--window", "40", "--patch-size", "10"],
+            "--mask-ratio: 1.5 must be <= 1")
     for ratio, message in (("0", "masks nothing"), ("0.999", "masks 48")):
-        res = _run(["--data", str(store), "--out", str(tmp_path / "x"), "--mask-ratio", ratio]
-                   + COMMON)
-        assert res.returncode == 2 and message in res.stderr, res.stderr
+        refused(["--data", str(store), "--mask-ratio", ratio] + COMMON, message)
+    assert not (tmp_path / "x" / "model.safetensors").exists()
 
 
-def test_embed_cli_with_our_model_and_with_released_weights(store, tmp_path):
+def test_embed_cli_with_our_model_and_with_released_weights(store, tmp_path, capsys):
     from transformers import ViTMAEConfig
+
+    from brainlm.cli import main
 
     from brainlm.model.legacy import save_random_released
 
     ours = tmp_path / "ours"
-    assert _run(["--data", str(store), "--out", str(ours), "--max-steps", "2"] + COMMON
-                ).returncode == 0
+    assert main(["pretrain", "--data", str(store), "--out", str(ours), "--max-steps", "2"]
+                + COMMON) == 0
     released = tmp_path / "released"
     save_random_released(released, ViTMAEConfig(
         image_size=48, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -240,10 +245,8 @@ def test_embed_cli_with_our_model_and_with_released_weights(store, tmp_path):
     tables = {}
     for name, extra in (("ours", []), ("released", ["--window", "40"])):
         out = tmp_path / f"{name}.parquet"
-        res = subprocess.run([sys.executable, "-m", "brainlm.cli", "embed", "--model",
-                              str(tmp_path / name), "--data", str(store), "--out", str(out)]
-                             + extra, capture_output=True, text=True)
-        assert res.returncode == 0, res.stderr
+        assert main(["embed", "--model", str(tmp_path / name), "--data", str(store), "--out",
+                     str(out)] + extra) == 0
         tables[name] = pd.read_parquet(out)
     for name, width in (("ours", 64), ("released", 32)):
         t = tables[name]
@@ -253,11 +256,10 @@ def test_embed_cli_with_our_model_and_with_released_weights(store, tmp_path):
         values = t.filter(regex="^(cls|mean)_").to_numpy()
         assert np.isfinite(values).all() and values.std(axis=0).max() > 0
         assert (t["n_windows"] == T // 40).all()
-    res = subprocess.run([sys.executable, "-m", "brainlm.cli", "embed", "--model",
-                          str(tmp_path / "released"), "--data", str(store), "--out",
-                          str(tmp_path / "x.parquet")], capture_output=True, text=True)
-    assert res.returncode == 2  # the default 200-timepoint window does not fit this canvas
-    assert "nor large enough for a 12 x 200 window" in res.stderr
+    capsys.readouterr()
+    assert main(["embed", "--model", str(tmp_path / "released"), "--data", str(store), "--out",
+                 str(tmp_path / "x.parquet")]) == 2  # the default 200-timepoint window is too big
+    assert "nor large enough for a 12 x 200 window" in capsys.readouterr().err
 
 
 def test_settle_reads_the_device_once_and_stops_at_a_non_finite_value():

@@ -68,12 +68,13 @@ def next_wave(data: Path) -> int:
 
 
 def run(cfg: SynthConfig, tags: dict | None = None) -> dict:
-    from ..atlas import load_atlas
+    from ..atlas import announce, load_atlas
     from ..data.synthetic import simulate_cohort, with_new_wave, write_bids
     from ..tracking import job_run
 
     with job_run(NAME, f"synth-{cfg.subjects}x{cfg.timepoints}", cfg, tags) as tracker:
         atlas = load_atlas(cfg.atlas, allow_fallback=True)
+        announce(atlas, NAME)
         cohort = simulate_cohort(atlas.coords, cfg.subjects, cfg.timepoints, tr=cfg.tr,
                                  seed=cfg.seed)
         if cfg.wave:
@@ -84,8 +85,7 @@ def run(cfg: SynthConfig, tags: dict | None = None) -> dict:
             held = {pid: split[pid] for pid in ids if split[pid] != "train"}
             cohort = with_new_wave(cohort, held, cfg.wave, atlas.coords)
         paths = write_bids(cohort, atlas, Path(cfg.out), tr=cfg.tr, voxel_size=cfg.voxel_size)
-        values = {"recordings": len(paths), "atlas": atlas.name, "wave": cfg.wave,
-                  "seed": cohort.seed}
+        values = {"recordings": len(paths), "atlas": atlas.name}  # wave and seed: params
         tracker.summary(values)
     wave = f" (wave {cfg.wave}, seed {cohort.seed})" if cfg.wave else ""
     print(f"brainlm synth: {len(paths)} recordings{wave} of {cfg.timepoints} timepoints at TR "

@@ -129,7 +129,10 @@ def encoder_yardstick(model, store, cfg: PretrainConfig) -> dict:
                 pr = linear_probe(model, store, cfg.probe_target, cfg.probe_task, seed=cfg.seed)
                 name = f"probe_{pr['metric']}"
                 out.update({name: pr["value"], f"{name}_low": pr["low"],
-                            f"{name}_high": pr["high"], f"{name}_floor": pr["floor"]})
+                            f"{name}_high": pr["high"], f"{name}_floor": pr["floor"],
+                            # one column name whatever the probe's metric (MLflow's compare)
+                            "probe_score": pr["value"],
+                            "probe_gain": pr["value"] - pr["floor"]})
             except ConfigError as exc:
                 print(f"linear probe skipped: {exc}")
         if cfg.networks_truth is not None:

@@ -35,9 +35,9 @@ demo: $(STAMP)
 	@echo "Results:    runs/evaluation/results.md"
 	@cat runs/evaluation/results.md
 	@echo "Metrics:    .venv/bin/dvc metrics show   (plots: .venv/bin/dvc plots show)"
-	@echo "Data Docs:  validation/gx/uncommitted/data_docs/local_site/index.html"
+	@echo "Validation: validation/validation.html   (GX Data Docs: validation/gx/uncommitted/data_docs/local_site/index.html)"
 	@echo "Registry:   $$(cat metrics/register.json | tr -d '\n ')"
-	@echo "MLflow UI:  ./mlflow/server.sh   then http://127.0.0.1:5000"
+	@echo "MLflow UI:  ./mlflow/server.sh   then http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

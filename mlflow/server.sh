@@ -66,6 +66,9 @@ fi
 mlflow_bin=$(command -v mlflow || true)
 [ -n "$mlflow_bin" ] || mlflow_bin="$here/../.venv/bin/mlflow"
 [ -x "$mlflow_bin" ] || { echo "mlflow is not installed: run 'make install' or activate the venv" >&2; exit 1; }
+# MLflow 3's UI opens experiments in its GenAI mode; this link opens the runs (the "Model
+# training" switch at the top left does the same and the browser remembers it)
+echo "MLflow UI: http://${MLFLOW_HOST:-127.0.0.1}:${MLFLOW_PORT:-5000}/#/experiments?workflowType=machine_learning" >&2
 "$mlflow_bin" server "${args[@]}" "$@" &
 server=$!
 trap 'kill -TERM "$server" 2>/dev/null; wait "$server"; rm -rf "${private:-}"' TERM INT

@@ -86,6 +86,26 @@ def _download(url: str, dest: Path, sha256: str, timeout: float = 20.0) -> None:
             raise InputError(url, f"sha256 {got} does not match the pinned {sha256}")
 
 
+def _remember(folder: Path, cached: Path) -> None:
+    """Copy A424 found in BRAINLM_ATLAS_DIR into the user cache (checked against the pinned
+    sha256), so a later process without the variable (a Prefect worker, a new shell) finds
+    the same atlas instead of falling back to another one."""
+    import shutil
+
+    from .fileio import atomic_path, sha256_file
+
+    for fname, (_, sha) in A424_FILES.items():
+        dest = cached / fname
+        if dest.is_file() or sha256_file(folder / fname) != sha:
+            continue
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(dest) as tmp:
+                shutil.copyfile(folder / fname, tmp)
+        except OSError:  # a read-only cache: the variable still works where it is set
+            return
+
+
 def find_a424(download: bool = True) -> Path | None:
     """Folder holding the verified A424 files: BRAINLM_ATLAS_DIR, the cache, or a download."""
     candidates = []
@@ -95,6 +115,8 @@ def find_a424(download: bool = True) -> Path | None:
     candidates.append(cached)
     for folder in candidates:
         if all((folder / f).is_file() for f in A424_FILES):
+            if folder != cached:
+                _remember(folder, cached)
             return folder
     if not download:
         return None

@@ -53,6 +53,35 @@ def atomic_dir(dest):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def exclusive(target, what: str = "written", by: str = ""):
+    """One writer at a time for `target` (a folder or file): a lock file beside it,
+    `.<name>.lock`, held for the block. A second process is refused at once with a message
+    naming the target and the holder, instead of silently replacing the first one's output."""
+    import fcntl
+    import time
+
+    from .errors import ConfigError
+
+    target = Path(target).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = target.parent / f".{target.name}.lock"
+    with open(lock_path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise ConfigError(f"{target} is being {what} by {holder}; wait for it to finish or "
+                              "choose another output") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} ({by + ', ' if by else ''}since "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S')})")
+        lock.flush()
+        yield target
+
+
 def write_bytes_atomic(dest, data: bytes) -> None:
     with atomic_path(dest) as tmp:
         Path(tmp).write_bytes(data)

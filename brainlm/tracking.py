@@ -59,7 +59,7 @@ def check_reachable(uri: str, timeout: float = REACH_TIMEOUT) -> None:
 
     if not uri or uri in _REACHED:
         return
-    shown = _CREDENTIALS.sub(r"\1***@", uri)
+    shown = _masked(uri)
     parts = urllib.parse.urlsplit(uri)
     scheme = parts.scheme.split("+")[0].lower()
     hint = "start it (./mlflow/server.sh), or unset MLFLOW_TRACKING_URI to use the project's store"
@@ -75,19 +75,32 @@ def check_reachable(uri: str, timeout: float = REACH_TIMEOUT) -> None:
         elif scheme in ("postgresql", "mysql", "mssql") and parts.hostname:
             default = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}[scheme]
             socket.create_connection((parts.hostname, parts.port or default), timeout).close()
-        elif scheme == "sqlite":
-            path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                if path.is_file() and path.stat().st_size:
-                    with open(path, "rb") as f:
-                        if f.read(16) != b"SQLite format 3\x00":
-                            raise ConfigError(f"tracking store {uri}: {path} is not a SQLite "
-                                              "database")
+        elif scheme == "sqlite" and uri.startswith("sqlite:///"):
+            _create_sqlite_store(uri, Path(uri[len("sqlite:///"):]))
     except (OSError, urllib.error.URLError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise ConfigError(f"tracking server {shown} is not reachable ({reason}): {hint}") from None
     _REACHED.add(uri)
+
+
+def _create_sqlite_store(uri: str, path: Path) -> None:
+    """A new SQLite store is created by one process at a time (a lock file beside it): MLflow
+    creating the same tables from several processes at once fails ("duplicate column")."""
+    import fcntl
+
+    from .errors import ConfigError
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if path.is_file() and path.stat().st_size:
+            with open(path, "rb") as f:
+                if f.read(16) != b"SQLite format 3\x00":
+                    raise ConfigError(f"tracking store {uri}: {path} is not a SQLite database")
+            return
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        SqlAlchemyStore(uri, artifact_root(uri))  # creates every table, registry's too
 
 
 def artifact_root(uri: str) -> str | None:
@@ -136,24 +149,38 @@ def job_run(job: str, run_name: str, config, tags: dict | None = None,
     `tags`; FAILED when the body raises. With `parent` (an Optuna study's run), a child run in
     the parent's experiment and store. `out`: the folder the job writes (default: the
     config's `out` or `data`), which decides the default store (`resolve_uri`)."""
-    if parent is not None:
-        tracker = Tracker(parent.experiment, run_name=run_name, uri=parent.uri,
-                          enabled=parent.active, parent=parent.run_id)
-    else:
-        out = out or getattr(config, "out", None) or getattr(config, "data", None)
-        tracker = Tracker(job, run_name=run_name, uri=uri or resolve_uri(out), enabled=enabled)
-    try:
-        tracker.params(flat_params(config))
-        tracker.tags({"brainlm.job": job, **(tags or {})})
-        yield tracker
-    except BaseException:
-        tracker.end("FAILED")  # a crashed run must not stay RUNNING in MLflow
-        raise
-    tracker.end()
+    from contextlib import ExitStack
+
+    from .fileio import exclusive
+
+    with ExitStack() as stack:
+        written = getattr(config, "out", None) if parent is None and enabled else None
+        if written is not None:  # one writer per output (DDP: rank 0 holds it)
+            stack.enter_context(exclusive(written, "written", by=f"brainlm {job}"))
+        if parent is not None:
+            tracker = Tracker(parent.experiment, run_name=run_name, uri=parent.uri,
+                              enabled=parent.active, parent=parent.run_id)
+        else:
+            out = out or getattr(config, "out", None) or getattr(config, "data", None)
+            tracker = Tracker(job, run_name=run_name, uri=uri or resolve_uri(out),
+                              enabled=enabled)
+        try:
+            tracker.params(flat_params(config))
+            tracker.tags({"brainlm.job": job, **(tags or {})})
+            yield tracker
+        except BaseException:
+            tracker.end("FAILED")  # a crashed run must not stay RUNNING in MLflow
+            raise
+        tracker.end()
 
 
 _CREDENTIALS = re.compile(r"(://[^/:@\s]+:)[^@\s]+@")
 MAX_PARAM = 6000  # MLflow's limit on a param value
+
+
+def _masked(uri: str) -> str:
+    """A URI as it may be printed: the password of user:password@ masked."""
+    return _CREDENTIALS.sub(r"\1***@", str(uri))
 
 
 def _param_text(value) -> str:
@@ -174,18 +201,49 @@ class Tracker:
         import mlflow
 
         self._mlflow = mlflow
+        if self.uri.startswith(("http://", "https://")):  # fail in seconds, not minutes
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         check_reachable(self.uri)
         mlflow.set_tracking_uri(self.uri)
         nested = parent is not None or mlflow.active_run() is not None  # a caller's run
-        self.run_id = mlflow.start_run(experiment_id=experiment_id(mlflow, experiment),
-                                       run_name=run_name, parent_run_id=parent,
-                                       nested=nested).info.run_id
+        try:
+            self.run_id = mlflow.start_run(experiment_id=experiment_id(mlflow, experiment),
+                                           run_name=run_name, parent_run_id=parent,
+                                           nested=nested).info.run_id
+        except Exception as exc:  # before any work: refuse with the reason
+            from .errors import ConfigError
+
+            raise ConfigError(f"tracking store {_masked(self.uri)}: cannot "
+                              f"start a run in experiment '{experiment}' ({exc})") from None
+
+    def _failed(self, exc: Exception) -> None:
+        """Tracking broke mid-run: say so once and go on untracked. The job's outputs are
+        written locally either way, so a tracking failure never loses a trained model."""
+        import warnings
+
+        self.active = False
+        try:  # leave no run open in this process (a later job would nest under it)
+            self._mlflow.end_run(status="FAILED")
+        except Exception:  # noqa: BLE001 (the backend is what failed)
+            pass
+        warnings.warn(f"MLflow tracking at {_masked(self.uri)} failed "
+                      f"({type(exc).__name__}: {str(exc)[:300]}); the run goes on untracked, "
+                      "its outputs are written locally as always", stacklevel=3)
+
+    def _call(self, fn, *args, **kwargs) -> None:
+        if not self.active:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 (any failure of the tracking backend)
+            self._failed(exc)
 
     def params(self, params: dict) -> None:
         """Logged as text: credentials in URLs masked, values cut at MLflow's length limit
         (a long --input list must not stop the run)."""
         if self.active:
-            self._mlflow.log_params({k: _param_text(v) for k, v in params.items()})
+            self._call(self._mlflow.log_params, {k: _param_text(v) for k, v in params.items()})
 
     def metrics(self, metrics: dict, step: int) -> None:
         self.metrics_steps([(step, metrics)])
@@ -203,7 +261,7 @@ class Tracker:
                    for k, v in values.items()]
         client = self._mlflow.MlflowClient()
         for i in range(0, len(metrics), 1000):  # MLflow's limit per batch
-            client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+            self._call(client.log_batch, self.run_id, metrics=metrics[i:i + 1000])
 
     def summary(self, values: dict) -> None:
         """A job's returned values: numbers as metrics (step 0), strings as tags."""
@@ -212,18 +270,15 @@ class Tracker:
         self.tags({k: str(v) for k, v in values.items() if isinstance(v, (str, bool))})
 
     def artifacts(self, folder, path: str | None = None) -> None:
-        if self.active:
-            self._mlflow.log_artifacts(str(folder), artifact_path=path)
+        self._call(lambda: self._mlflow.log_artifacts(str(folder), artifact_path=path))
 
     def artifact(self, path, folder: str | None = None) -> None:
-        if self.active:
-            self._mlflow.log_artifact(str(path), artifact_path=folder)
+        self._call(lambda: self._mlflow.log_artifact(str(path), artifact_path=folder))
 
     def tags(self, tags: dict) -> None:
-        if self.active and tags:
-            self._mlflow.set_tags(tags)
+        if tags:
+            self._call(lambda: self._mlflow.set_tags(tags))
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.active:
-            self._mlflow.end_run(status=status)
-            self.active = False
+        self._call(lambda: self._mlflow.end_run(status=status))
+        self.active = False

@@ -116,6 +116,14 @@ class Summary:
         return "\n".join(lines)
 
 
+def _split_value(rec) -> str | None:
+    """The recording's `split` from participants.tsv, stripped; None when not given."""
+    value = rec.phenotypes.get("split")
+    if value is None or value != value or not str(value).strip():
+        return None
+    return str(value).strip()
+
+
 @dataclass
 class Plan:
     """What preprocessing will do, decided before any image is read."""
@@ -166,6 +174,12 @@ def plan_preprocess(cfg: PreprocessConfig) -> Plan:
                                "recordings with --atlas in a separate run")
     participants = cfg.participants or find_participants(cfg.inputs)
     warnings_ = attach_phenotypes(recordings, participants)
+    wrong = {r.subject: r.phenotypes["split"] for r in recordings
+             if _split_value(r) not in (None, *SPLITS)}
+    if wrong:  # before any image is read: a mistyped split would silently move subjects
+        raise ConfigError(f"{participants}: column 'split' must be one of {', '.join(SPLITS)} "
+                          "(or empty: assigned by the fractions); got "
+                          + ", ".join(f"{s} {v!r}" for s, v in sorted(wrong.items())[:10]))
     problems = {i: r.problem for i, r in enumerate(recordings) if r.problem}
     return Plan(atlas, recordings, problems, warnings_, cfg.cache_dir or _default_cache(),
                 started)
@@ -259,10 +273,8 @@ def assemble(cfg: PreprocessConfig, plan: Plan, results: dict, problems: dict) -
     from .store import write_store
 
     atlas, recordings, warnings_ = plan.atlas, plan.recordings, list(plan.warnings)
-    fixed = {}
-    for i, rec in enumerate(recordings):
-        if i in results and rec.phenotypes.get("split") in SPLITS:
-            fixed[rec.subject] = rec.phenotypes["split"]
+    fixed = {rec.subject: _split_value(rec) for i, rec in enumerate(recordings)
+             if i in results and _split_value(rec)}  # checked when planning
     split_of = assign_splits(sorted({recordings[i].subject for i in results}), cfg.fractions,
                              cfg.seed, fixed)
     quarantined = [(str(recordings[i].path), problems[i]) for i in sorted(problems)]

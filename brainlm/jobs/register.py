@@ -146,11 +146,14 @@ def _finetuned(cfg: RegisterConfig, root: Path, split: dict) -> dict:
 
 
 def run(cfg: RegisterConfig, tags: dict | None = None) -> dict:
+    from ..fileio import exclusive
     from ..tracking import job_run
 
     root = Path(cfg.root)
     split = _split_hashes(root)
-    with job_run(NAME, "register", cfg, tags) as tracker:
+    # one register at a time per project: two would both see "no version yet" and both log
+    with exclusive(root / "mlflow" / "register", "registered"), \
+            job_run(NAME, "register", cfg, tags) as tracker:
         decisions = {**_pretrained(cfg, root, split), **_finetuned(cfg, root, split)}
         values = {k: {"decision": d["decision"], "champion_version": str(d["champion_version"])}
                   for k, d in decisions.items()}

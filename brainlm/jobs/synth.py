@@ -67,6 +67,23 @@ def next_wave(data: Path) -> int:
     return int(table["wave"].max()) + 1 if "wave" in table else 1
 
 
+def _same_atlas_as_before(data: Path, atlas) -> None:
+    """A new wave replaces a cohort made on one atlas: refuse to switch atlas under it (a
+    worker without the A424 files would otherwise retrain everything on the fallback)."""
+    import json
+
+    from ..errors import ConfigError
+
+    try:
+        before = json.loads((data / "ground_truth.json").read_text())["atlas"]
+    except (OSError, ValueError, KeyError):
+        return
+    if before.get("hash") and before["hash"] != atlas.hash:
+        raise ConfigError(f"{data} was made on atlas {before.get('name')} ({before['hash']}), "
+                          f"this process has {atlas.name} ({atlas.hash}): set "
+                          "BRAINLM_ATLAS_DIR (or the A424 cache) where this runs")
+
+
 def run(cfg: SynthConfig, tags: dict | None = None) -> dict:
     from ..atlas import announce, load_atlas
     from ..data.synthetic import simulate_cohort, with_new_wave, write_bids
@@ -79,6 +96,8 @@ def run(cfg: SynthConfig, tags: dict | None = None) -> dict:
                                  seed=cfg.seed)
         if cfg.wave:
             from ..data.split import assign_splits
+
+            _same_atlas_as_before(Path(cfg.out), atlas)
 
             ids = cohort.participants["participant_id"].astype(str).tolist()
             split = assign_splits(ids, cfg.split, cfg.split_seed)

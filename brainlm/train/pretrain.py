@@ -90,19 +90,77 @@ def param_groups(model, weight_decay: float):
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history: list) -> None:
-    from ..fileio import atomic_path
+# settings that do not change the weights a run makes; every other one must match on --resume
+NOT_SHAPING = ("data", "out", "workers", "eval_every", "eval_windows", "ckpt_every", "resume",
+               "stop_after", "compile", "attention_kernel", "device", "progress",
+               "probe_target", "probe_task", "networks_truth")
+
+
+def shaping_settings(cfg) -> dict:
+    """The run's settings a checkpoint records (JSON-safe)."""
+    from dataclasses import asdict
+
+    return {k: v for k, v in json.loads(json.dumps(asdict(cfg), default=str)).items()
+            if k not in NOT_SHAPING}
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history: list,
+                    settings: dict | None = None) -> None:
+    """last.pt, the one before it kept as previous.pt: a checkpoint cut short by a crash (or
+    corrupted later) never loses the run. Written whole to a temporary file first."""
+    import os
 
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "step": step,
-             "history": json.dumps(history)}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+             "history": json.dumps(history), "settings": json.dumps(settings or {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if path.exists():
+        os.replace(path, path.with_name("previous.pt"))
+    os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path):
-    """Tensors and plain containers only: weights_only=True never runs pickled code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Tensors and plain containers only: weights_only=True never runs pickled code. A file
+    that is not a whole checkpoint gets a message naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, empty, not a checkpoint, or a refused pickle
+        first = (str(exc).split(". ")[0].splitlines() or ["empty file"])[0][:200]
+        raise ConfigError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first})"
+                          ) from None
+    missing = {"model", "optimizer", "scheduler", "step", "history"} - set(state or {})
+    if missing:
+        raise ConfigError(f"{path}: not a brainlm checkpoint (no {', '.join(sorted(missing))})")
+    return state
+
+
+def resume_state(path: Path, settings: dict):
+    """The checkpoint to continue from: last.pt, or previous.pt (with a warning) when the last
+    one cannot be read; refused when the run's settings differ from the checkpoint's."""
+    import warnings
+
+    try:
+        state = load_checkpoint(path)
+    except ConfigError as exc:
+        previous = path.with_name("previous.pt")
+        if not previous.exists():
+            raise
+        state = load_checkpoint(previous)
+        warnings.warn(f"{exc}; resuming from {previous} (step {int(state['step'])})",
+                      stacklevel=2)
+    saved = json.loads(state.get("settings") or "{}")
+    differ = [f"{k}: {saved[k]!r} in the checkpoint, {settings.get(k)!r} now"
+              for k in sorted(saved) if saved[k] != settings.get(k)]
+    if differ:
+        raise ConfigError(f"{path}: --resume with other settings than the checkpoint's:\n  "
+                          + "\n  ".join(differ) + "\nresume with the checkpoint's settings, or "
+                          "train into a new --out")
+    return state
 
 
 # ---------------------------------------------------------------------------- the run
@@ -210,7 +268,7 @@ def _build_model(cfg: PretrainConfig, store):
 
 def _resume(run: Run) -> None:
     if run.cfg.resume and run.checkpoint.exists():
-        state = load_checkpoint(run.checkpoint)
+        state = resume_state(run.checkpoint, shaping_settings(run.cfg))
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
@@ -311,7 +369,7 @@ def train(run: Run, tracker) -> dict:
             tracker.metrics(val, step=step)
         if run.rank == 0 and ckpt_due:
             save_checkpoint(run.checkpoint, model, run.optimizer, run.scheduler, step,
-                            run.history)
+                            run.history, shaping_settings(cfg))
     bar.close()
     return {**last_eval, "ridges": ridges}
 

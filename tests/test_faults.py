@@ -1,0 +1,211 @@
+"""Faults a user can cause, each ending in one named message (and nothing lost or
+half-written): the classes of the README's "Faults and bad input" table."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.helpers import age_effect_setup
+
+P, T = 10, 80
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """Parcellated tables, their store and an untrained tiny model (tests.helpers)."""
+    return age_effect_setup(tmp_path_factory.mktemp("faults"), 12, T, P)
+
+
+def _pretrain_args(root: Path, out: Path) -> list[str]:
+    return ["pretrain", "--data", str(root / "store"), "--out", str(out), "--window", "40",
+            "--patch-size", "10", "--batch-size", "4", "--windows-per-recording", "1",
+            "--workers", "0", "--eval-every", "2", "--ckpt-every", "2", "--no-progress"]
+
+
+# ------------------------------------------------------------------------------- tracking
+
+def test_a_dead_tracking_server_is_named_before_any_work(project, tmp_path, capsys,
+                                                         monkeypatch):
+    from brainlm.cli import main
+    from tests.services import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    start = time.monotonic()
+    assert main(_pretrain_args(project, tmp_path / "m") + ["--max-steps", "2"]) == 2
+    assert time.monotonic() - start < 15  # refused at once, not after MLflow's retries
+    assert f"tracking server {dead} is not reachable" in capsys.readouterr().err
+    assert not (tmp_path / "m" / "checkpoints").exists()  # no step was trained
+
+
+def test_a_tracking_failure_mid_run_keeps_the_model(project, tmp_path, monkeypatch, capsys):
+    """The store breaks after the run started: a warning, and the model is written."""
+    from mlflow.tracking import MlflowClient
+
+    from brainlm.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("the tracking server went away")
+
+    monkeypatch.setattr(MlflowClient, "log_batch", broken)
+    assert main(_pretrain_args(project, tmp_path / "m") + ["--max-steps", "2"]) == 0
+    assert "the run goes on untracked" in capsys.readouterr().err
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["step"] == 2
+
+
+def test_several_processes_create_one_sqlite_store_at_once(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    code = ("import sys; from brainlm.tracking import Tracker; "
+            "t = Tracker('race', run_name=sys.argv[1], uri=sys.argv[2]); t.end()")
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"r{i}", uri],
+                              stderr=subprocess.PIPE, text=True) for i in range(4)]
+    errors = [p.communicate()[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errors
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["r0", "r1", "r2", "r3"]
+
+
+# ------------------------------------------------------------------ resume and checkpoints
+
+def test_resume_with_other_settings_is_refused_with_the_differences(project, tmp_path, capsys):
+    from brainlm.cli import main
+
+    args = _pretrain_args(project, tmp_path / "m") + ["--max-steps", "4"]
+    assert main(args + ["--stop-after", "2"]) == 0
+    capsys.readouterr()
+    assert main(args + ["--resume", "--mask-ratio", "0.5", "--batch-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume with other settings than the checkpoint's" in err
+    assert "mask_ratio: 0.75 in the checkpoint, 0.5 now" in err
+    assert "batch_size: 4 in the checkpoint, 2 now" in err
+    assert main(args + ["--resume"]) == 0  # the same settings continue
+
+
+def test_a_corrupt_last_checkpoint_resumes_from_the_previous_one(project, tmp_path, capsys):
+    from brainlm.cli import main
+
+    args = _pretrain_args(project, tmp_path / "m") + ["--max-steps", "6", "--eval-every", "6"]
+    assert main(args + ["--stop-after", "4"]) == 0  # checkpoints at steps 2 and 4
+    ckpt = tmp_path / "m" / "checkpoints"
+    assert (ckpt / "previous.pt").is_file()
+    (ckpt / "last.pt").write_bytes((ckpt / "last.pt").read_bytes()[:1000])  # truncated
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0
+    assert re.search(r"last\.pt: not a readable checkpoint .*; resuming from .*previous\.pt "
+                     r"\(step 2\)", capsys.readouterr().err)
+    history = json.loads((tmp_path / "m" / "history.json").read_text())
+    assert [h["step"] for h in history] == list(range(1, 7))  # steps 3-4 were trained again
+    (ckpt / "last.pt").write_bytes(b"")
+    (ckpt / "previous.pt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 2
+    assert f"{ckpt / 'previous.pt'}: not a readable checkpoint" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ inputs that steer
+
+def test_a_split_value_that_is_not_train_val_or_test_is_refused(project, tmp_path, capsys):
+    from brainlm.cli import main
+
+    table = pd.read_csv(project / "raw" / "participants.tsv", sep="\t")
+    table["split"] = ["training"] + [""] * (len(table) - 1)
+    bad = tmp_path / "participants.tsv"
+    table.to_csv(bad, sep="\t", index=False)
+    assert main(["preprocess", "--input", str(project / "raw"), "--participants", str(bad),
+                 "--coords", str(project / "coords.tsv"), "--input-tr", "0.735", "--out",
+                 str(tmp_path / "store"), "--cache-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: column 'split' must be one of train, val, test" in err
+    assert "sub-00 'training'" in err and not (tmp_path / "store").exists()
+
+
+# ---------------------------------------------------------------------------- concurrency
+
+def test_a_second_writer_to_the_same_output_is_refused(project, tmp_path, capsys):
+    """While one process holds an output folder, another `preprocess` into it is refused
+    with the holder named, and the first one's output stays as it was."""
+    from brainlm.cli import main
+
+    out = tmp_path / "store"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from brainlm.fileio import exclusive\n"
+         "with exclusive(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)",
+         str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["preprocess", "--input", str(project / "raw"), "--coords",
+                     str(project / "coords.tsv"), "--input-tr", "0.735", "--out", str(out),
+                     "--cache-dir", str(tmp_path / "c")]) == 2
+        err = capsys.readouterr().err
+        assert f"{out} is being written by pid {holder.pid}" in err, err
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["preprocess", "--input", str(project / "raw"), "--coords",
+                 str(project / "coords.tsv"), "--input-tr", "0.735", "--out", str(out),
+                 "--window", "40", "--cache-dir", str(tmp_path / "c")]) == 0  # lock died
+    assert (out / "store.json").is_file()
+
+
+# ------------------------------------------------------------------------------------ atlas
+
+def test_a424_found_once_is_found_again_without_the_variable(monkeypatch, tmp_path):
+    """A424 from BRAINLM_ATLAS_DIR is remembered in the user cache (sha256-checked), so a
+    worker or shell started without the variable uses the same atlas, not the fallback; a
+    file whose hash is not the pinned one is never copied."""
+    import hashlib
+
+    from brainlm import atlas
+
+    given = tmp_path / "given"
+    given.mkdir()
+    files = {}
+    for name, content in (("labels.nii.gz", b"labels"), ("coords.dat", b"coords")):
+        (given / name).write_bytes(content)
+        files[name] = ("https://unused", hashlib.sha256(content).hexdigest())
+    monkeypatch.setattr(atlas, "A424_FILES", files)
+    monkeypatch.setenv("BRAINLM_ATLAS_DIR", str(given))
+    monkeypatch.setenv("BRAINLM_CACHE_DIR", str(tmp_path / "cache"))
+    assert atlas.find_a424(download=False) == given
+    monkeypatch.delenv("BRAINLM_ATLAS_DIR")
+    assert atlas.find_a424(download=False) == tmp_path / "cache" / "atlases" / "A424"
+
+    files["coords.dat"] = ("https://unused", "0" * 64)  # a tampered copy: not remembered
+    monkeypatch.setenv("BRAINLM_ATLAS_DIR", str(given))
+    monkeypatch.setenv("BRAINLM_CACHE_DIR", str(tmp_path / "other"))
+    atlas.find_a424(download=False)
+    assert not (tmp_path / "other" / "atlases" / "A424" / "coords.dat").exists()
+
+
+def test_a_new_wave_never_switches_the_atlas_under_the_data(tmp_path, capsys):
+    """The nightly's new wave on another atlas than the cohort it replaces is refused."""
+    from brainlm.cli import main
+
+    data = tmp_path / "data"
+    base = ["synth", "--out", str(data), "--subjects", "4", "--timepoints", "30",
+            "--voxel-size", "8"]
+    assert main(base) == 0
+    truth = json.loads((data / "ground_truth.json").read_text())
+    truth["atlas"] = {"name": "another", "hash": "0123456789abcdef"}
+    (data / "ground_truth.json").write_text(json.dumps(truth))
+    capsys.readouterr()
+    assert main(base + ["--wave", "1"]) == 2
+    assert "was made on atlas another (0123456789abcdef)" in capsys.readouterr().err
+    assert not (data / "participants.tsv").read_text().count("sub-w1")  # nothing replaced

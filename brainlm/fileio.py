@@ -55,17 +55,21 @@ def atomic_dir(dest):
 
 @contextmanager
 def exclusive(target, what: str = "written", by: str = ""):
-    """One writer at a time for `target` (a folder or file): a lock file beside it,
-    `.<name>.lock`, held for the block. A second process is refused at once with a message
-    naming the target and the holder, instead of silently replacing the first one's output."""
+    """One writer at a time for `target` (a folder or file): a lock held for the block, in
+    the user cache (`locks/`, keyed by the target's absolute path, so nothing is left beside
+    the output). A second process is refused at once with a message naming the target and
+    the holder, instead of silently replacing the first one's output. The lock dies with its
+    process."""
     import fcntl
     import time
 
+    from .atlas import cache_dir
     from .errors import ConfigError
 
     target = Path(target).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = target.parent / f".{target.name}.lock"
+    key = hashlib.sha256(str(target).encode()).hexdigest()[:24]
+    lock_path = cache_dir() / "locks" / f"{key}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

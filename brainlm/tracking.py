@@ -59,7 +59,7 @@ def check_reachable(uri: str, timeout: float = REACH_TIMEOUT) -> None:
 
     if not uri or uri in _REACHED:
         return
-    shown = _masked(uri)
+    shown = masked_uri(uri)
     parts = urllib.parse.urlsplit(uri)
     scheme = parts.scheme.split("+")[0].lower()
     hint = "start it (./mlflow/server.sh), or unset MLFLOW_TRACKING_URI to use the project's store"
@@ -178,7 +178,7 @@ _CREDENTIALS = re.compile(r"(://[^/:@\s]+:)[^@\s]+@")
 MAX_PARAM = 6000  # MLflow's limit on a param value
 
 
-def _masked(uri: str) -> str:
+def masked_uri(uri: str) -> str:
     """A URI as it may be printed: the password of user:password@ masked."""
     return _CREDENTIALS.sub(r"\1***@", str(uri))
 
@@ -214,7 +214,7 @@ class Tracker:
         except Exception as exc:  # before any work: refuse with the reason
             from .errors import ConfigError
 
-            raise ConfigError(f"tracking store {_masked(self.uri)}: cannot "
+            raise ConfigError(f"tracking store {masked_uri(self.uri)}: cannot "
                               f"start a run in experiment '{experiment}' ({exc})") from None
 
     def _failed(self, exc: Exception) -> None:
@@ -227,7 +227,7 @@ class Tracker:
             self._mlflow.end_run(status="FAILED")
         except Exception:  # noqa: BLE001 (the backend is what failed)
             pass
-        warnings.warn(f"MLflow tracking at {_masked(self.uri)} failed "
+        warnings.warn(f"MLflow tracking at {masked_uri(self.uri)} failed "
                       f"({type(exc).__name__}: {str(exc)[:300]}); the run goes on untracked, "
                       "its outputs are written locally as always", stacklevel=3)
 

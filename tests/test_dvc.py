@@ -107,6 +107,9 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
     assert "Running stage" not in again  # a second repro does nothing
     tuned = (root / "metrics" / "tune.json").read_text()
     assert json.loads(tuned)["n_trials"] == 2
+    assert json.loads(tuned)["storage"] == "sqlite:///mlflow/optuna.db"
+    for committed in (root / "metrics").glob("*.json"):  # no machine path in git
+        assert str(root) not in committed.read_text(), committed
     forced = sh("dvc", "repro", "-f", "-s", "tune")  # forced: the study is complete already
     assert "Running stage 'tune'" in forced
     assert (root / "metrics" / "tune.json").read_text() == tuned  # no trials added

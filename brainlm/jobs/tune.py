@@ -82,6 +82,21 @@ def study_key(cfg: TuneConfig, params: dict) -> str:
                              + code.digest()).hexdigest()[:6])
 
 
+def _portable(storage: str, out: Path) -> str:
+    """The storage as metrics/tune.json (committed) may hold it: a password masked, a SQLite
+    file inside the project relative to its root (as usable from there), never a machine
+    path."""
+    from ..tracking import masked_uri, project_root
+
+    storage = masked_uri(str(storage))
+    root = project_root(out)
+    if root is not None and storage.startswith("sqlite:///"):
+        path = Path(storage[len("sqlite:///"):])
+        if path.is_absolute() and path.resolve().is_relative_to(root):
+            return f"sqlite:///{path.resolve().relative_to(root).as_posix()}"
+    return storage
+
+
 def run(cfg: TuneConfig, tags: dict | None = None) -> dict:
     from ..tracking import job_run
     from ..train.hpo import tune
@@ -98,6 +113,7 @@ def run(cfg: TuneConfig, tags: dict | None = None) -> dict:
                       storage=cfg.storage, seed=cfg.seed, out=Path(cfg.base.out),
                       timeout=cfg.timeout, worker=cfg.worker, total=cfg.total,
                       tracker=tracker)
+    result = {**result, "storage": _portable(result["storage"], Path(cfg.base.out))}
     print(f"brainlm tune: study {result['study_name']} in {result['storage']}: "
           f"{result['n_trials']} trials ({result['n_complete']} complete, "
           f"{result['n_pruned']} pruned), best {result['best_value']} "

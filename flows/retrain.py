@@ -36,7 +36,7 @@ def _stream(cmd: list[str], cwd: Path) -> str:
     return "\n".join(lines)
 
 
-@task(retries=1, retry_delay_seconds=10)
+@task(retries=1, retry_delay_seconds=10, log_prints=True)  # synth's atlas line in the log
 def refresh_data(repo: Path) -> str:
     """New recordings. Demo profile: a new wave of synthetic training subjects (seed + wave,
     recorded in participants.tsv and the synth run), the validation and test subjects

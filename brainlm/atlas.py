@@ -136,6 +136,54 @@ def _read_a424_coords(path: Path) -> np.ndarray:
     return arr
 
 
+XYZ = ("x", "y", "z")
+NAME_COLUMNS = ("name", "names", "region", "label_name", "roi")
+INDEX_COLUMNS = ("index", "label", "id", "parcel", "roi_index")
+
+
+def atlas_from_coords(path) -> Atlas:
+    """The parcels of already-parcellated tables from a coordinates file alone (no atlas
+    image, so offline works): rows of x y z in MNI mm, comma-, tab- or space-separated, with
+    or without a header (`x y z`, optionally `index` and `name` columns); without a header an
+    extra leading numeric column is the index and a text column the name."""
+    import pandas as pd
+
+    path = Path(path)
+    try:
+        first = next(line for line in path.read_text().splitlines() if line.strip())
+        sep = "\t" if "\t" in first else "," if "," in first else r"\s+"
+        table = pd.read_csv(path, sep=sep, header=None, dtype=str, engine="python",
+                            skip_blank_lines=True).apply(lambda c: c.str.strip())
+    except (OSError, StopIteration, ValueError, pd.errors.ParserError) as exc:
+        raise InputError(path, f"unreadable coordinates table ({exc})") from None
+    head = [str(v).lower() for v in table.iloc[0]]
+    if set(XYZ) <= set(head):  # a header row names the columns
+        table = table.iloc[1:].set_axis(head, axis=1)
+        xyz, index = table[list(XYZ)], next((table[c] for c in INDEX_COLUMNS if c in head), None)
+        names = next((table[c] for c in NAME_COLUMNS if c in head), None)
+    else:
+        numeric = [c for c in table if pd.to_numeric(table[c], errors="coerce").notna().all()]
+        text = [c for c in table if c not in numeric]
+        if pd.to_numeric(table.iloc[0], errors="coerce").isna().all():  # a header we do not know
+            raise InputError(path, f"header {head} has no x, y and z columns")
+        if len(numeric) not in (3, 4) or len(text) > 1:
+            raise InputError(path, "expected rows of x, y, z in MNI mm (optionally an index "
+                             f"first and a name column); got {table.shape[1]} columns")
+        xyz, index = table[numeric[-3:]], table[numeric[0]] if len(numeric) == 4 else None
+        names = table[text[0]] if text else None
+    values = xyz.apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    if not np.isfinite(values).all():
+        bad = int(np.flatnonzero(~np.isfinite(values).all(1))[0])
+        raise InputError(path, f"row {bad + 1}: x, y, z must be finite numbers in MNI mm")
+    labels = (np.arange(1, len(values) + 1) if index is None
+              else pd.to_numeric(index, errors="coerce").to_numpy())
+    if not np.isfinite(labels.astype(float)).all() or len(set(labels)) != len(labels):
+        raise InputError(path, "the index column must hold distinct integers")
+    return Atlas(name=path.stem, labels=np.zeros((1, 1, 1), np.int32), affine=np.eye(4),
+                 label_values=labels.astype(int), coords=values.astype(np.float32),
+                 names=[] if names is None else names.astype(str).tolist(), source=str(path))
+
+
 def _read_names(path: Path, label_values: np.ndarray) -> list[str]:
     import pandas as pd
 

@@ -209,3 +209,54 @@ def test_a_new_wave_never_switches_the_atlas_under_the_data(tmp_path, capsys):
     assert main(base + ["--wave", "1"]) == 2
     assert "was made on atlas another (0123456789abcdef)" in capsys.readouterr().err
     assert not (data / "participants.tsv").read_text().count("sub-w1")  # nothing replaced
+
+
+@pytest.mark.parametrize("layout", ["header", "name-first", "index-csv", "whitespace",
+                                    "names-last"])
+def test_coordinate_files_in_the_usual_layouts_give_the_same_parcels(tmp_path, layout):
+    from brainlm.atlas import atlas_from_coords
+
+    xyz = np.array([[-40.5, 20, 10], [40.5, 20, 10], [0, -60, 30]])
+    rows = {
+        "header": ["x\ty\tz"] + ["\t".join(map(str, r)) for r in xyz],
+        "name-first": ["name x y z"] + [f"p{i} {r[0]} {r[1]} {r[2]}" for i, r in enumerate(xyz)],
+        "index-csv": ["index,x,y,z"] + [f"{i + 1},{r[0]},{r[1]},{r[2]}" for i, r in
+                                        enumerate(xyz)],
+        "whitespace": [f"  {r[0]}   {r[1]}  {r[2]}" for r in xyz],
+        "names-last": [f"{i + 1}\t{r[0]}\t{r[1]}\t{r[2]}\tp{i}" for i, r in enumerate(xyz)],
+    }[layout]
+    path = tmp_path / "coords.txt"
+    path.write_text("\n".join(rows) + "\n")
+    got = atlas_from_coords(path)
+    np.testing.assert_allclose(got.coords, xyz)
+    assert list(got.label_values) == [1, 2, 3] and got.n_parcels == 3
+    assert got.names in ([], ["p0", "p1", "p2"])
+
+
+def test_a_coordinates_file_that_cannot_be_parcels_is_named(tmp_path):
+    from brainlm.atlas import atlas_from_coords
+    from brainlm.errors import InputError
+
+    for text, message in (("a b c\n1 2 3\n", r"header \['a', 'b', 'c'\] has no x, y and z"),
+                          ("1 2\n3 4\n", "expected rows of x, y, z"),
+                          ("x y z\n1 2 3\n4 nan 6\n", "row 2: x, y, z must be finite")):
+        path = tmp_path / "c.tsv"
+        path.write_text(text)
+        with pytest.raises(InputError, match=message):
+            atlas_from_coords(path)
+
+
+def test_parcellated_tables_need_no_atlas_image_even_offline(project, tmp_path, monkeypatch):
+    from brainlm import atlas
+    from brainlm.cli import main
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(atlas, "_download", offline)
+    monkeypatch.setenv("BRAINLM_ATLAS_DIR", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("BRAINLM_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["preprocess", "--input", str(project / "raw"), "--coords",
+                 str(project / "coords.tsv"), "--input-tr", "0.735", "--window", "40",
+                 "--out", str(tmp_path / "store"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "store" / "store.json").read_text())["n_parcels"] == P

@@ -155,14 +155,15 @@ class Plan:
 
 
 def plan_preprocess(cfg: PreprocessConfig) -> Plan:
-    from ..atlas import load_atlas
+    from ..atlas import atlas_from_coords, load_atlas
     from .ingest import attach_phenotypes, discover, find_participants
 
     cfg.validate()
     started = time.perf_counter()
-    atlas = load_atlas(cfg.atlas, allow_fallback=cfg.allow_fallback_atlas)
-    if cfg.coords is not None:
-        atlas = _with_coords(atlas, cfg.coords)
+    if cfg.coords is not None:  # parcellated tables: their coordinates are the atlas
+        atlas = atlas_from_coords(cfg.coords)
+    else:
+        atlas = load_atlas(cfg.atlas, allow_fallback=cfg.allow_fallback_atlas)
     recordings = discover(cfg.inputs, cfg.input_tr)
     if not recordings:
         raise ConfigError(f"no recordings found in {', '.join(map(str, cfg.inputs))} (looked for "
@@ -364,25 +365,3 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="parcellating", unit="rec", disable=not enabled,
                 dynamic_ncols=True)
 
-
-def _with_coords(atlas, coords_path):
-    """Replace the atlas coordinates by a user table (for already-parcellated input)."""
-    import dataclasses
-
-    import pandas as pd
-
-    path = Path(coords_path)
-    try:
-        table = pd.read_csv(path, sep=None, engine="python", header=None)
-        if pd.to_numeric(table.iloc[0], errors="coerce").isna().any():
-            table = table.iloc[1:]
-        values = table.apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
-    except Exception as exc:
-        raise InputError(path, f"unreadable coordinates table ({exc})") from None
-    if values.ndim != 2 or values.shape[1] not in (3, 4) or not np.isfinite(values).all():
-        raise InputError(path, "expected rows of x, y, z (optionally index first) in MNI mm")
-    xyz = values[:, -3:].astype(np.float32)
-    labels = values[:, 0].astype(int) if values.shape[1] == 4 else np.arange(1, len(xyz) + 1)
-    return dataclasses.replace(atlas, name=f"{path.stem}", coords=xyz, label_values=labels,
-                               names=[], labels=np.zeros((1, 1, 1), np.int32),
-                               source=str(path))

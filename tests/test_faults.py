@@ -260,3 +260,38 @@ def test_parcellated_tables_need_no_atlas_image_even_offline(project, tmp_path, 
                  str(project / "coords.tsv"), "--input-tr", "0.735", "--window", "40",
                  "--out", str(tmp_path / "store"), "--no-progress"]) == 0
     assert json.loads((tmp_path / "store" / "store.json").read_text())["n_parcels"] == P
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+def test_evaluate_names_a_malformed_run_folder(tmp_path, capsys):
+    from brainlm.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for text, message in (("", "not a fine-tuning run"),
+                          ('{"config": {"task": "regression"}}', "missing store, window")):
+        (run / "finetune.json").write_text(text)
+        assert main(["evaluate", "--run", str(run)]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_a_baseline_that_cannot_be_fitted_is_skipped_and_the_model_still_reported(
+        project, tmp_path, capsys, monkeypatch):
+    from brainlm.cli import main
+    from brainlm.evaluate import baselines
+
+    assert main(["finetune", "--model", str(project / "model"), "--data",
+                 str(project / "store"), "--out", str(tmp_path / "run"), "--target", "age",
+                 "--epochs", "1", "--batch-size", "8", "--no-progress"]) == 0
+
+    def cannot(self, *args, **kwargs):
+        raise ValueError("n_samples=1 is too few for 5 folds")
+
+    monkeypatch.setattr(baselines.FCBaseline, "fit", cannot)
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(tmp_path / "run"), "--n-boot", "20"]) == 0
+    assert "baseline fc_linear skipped" in capsys.readouterr().err
+    rows = json.loads((tmp_path / "run" / "evaluation" / "results.json").read_text())
+    methods = {r["method"] for r in rows}
+    assert "brainlm" in methods and "fc_linear" not in methods and "train_mean" in methods

@@ -34,6 +34,11 @@ def evaluate_run(run_dir, out_dir=None, n_boot: int = 1000, seed: int = 0) -> di
         meta = json.loads((run / "finetune.json").read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{run}: not a fine-tuning run (finetune.json: {exc})") from None
+    missing = {"config", "store", "window"} - set(meta if isinstance(meta, dict) else {})
+    if missing or not isinstance(meta.get("config"), dict) or \
+            {"task", "target"} - set(meta["config"]):
+        raise ConfigError(f"{run / 'finetune.json'}: not a finished fine-tuning run (missing "
+                          f"{', '.join(sorted(missing)) or 'config.task/target'})")
     cfg = meta["config"]
     store = BrainStore(meta["store"])
     if not len(store.recordings("test")):
@@ -124,12 +129,19 @@ def _subject_rows(run: Path, store, meta: dict, n_boot: int, seed: int) -> list[
     xs_train = [np.asarray(store.load(r)) for _, r in train.iterrows()]
     xs_test = [np.asarray(store.load(r)) for _, r in test.iterrows()]
     for name, baseline in baselines:
-        baseline.fit(xs_train, labels, groups=train["subject"].to_numpy())
-        if task == "classification":
-            order = [list(baseline.classes_).index(c) for c in classes]
-            p = baseline.predict_proba(xs_test)[:, order]
-        else:
-            p = baseline.predict(xs_test)
+        try:
+            baseline.fit(xs_train, labels, groups=train["subject"].to_numpy())
+            if task == "classification":
+                order = [list(baseline.classes_).index(c) for c in classes]
+                p = baseline.predict_proba(xs_test)[:, order]
+            else:
+                p = baseline.predict(xs_test)
+        except (ValueError, np.linalg.LinAlgError, ConfigError) as exc:  # too few to fit
+            import warnings
+
+            warnings.warn(f"{run}: baseline {name} skipped, it cannot be fitted on these "
+                          f"{len(xs_train)} training recordings ({exc})", stacklevel=2)
+            continue
         rows += score_rows(task, target, name, y_true, p, groups, classes=classes,
                            n_boot=n_boot, seed=seed)
     return rows

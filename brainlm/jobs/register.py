@@ -74,7 +74,11 @@ def _candidate(name, version, metric, value, higher, key, baseline, gate):
     """Promote, hold back below the baseline, or keep the champion when not comparable."""
     from .. import registry
 
-    if gate and baseline is not None and not (value > baseline if higher else value < baseline):
+    if gate and baseline is None:  # no floor was measured: nothing says the model beats it
+        return registry.hold_back(name, version.version, "no_baseline",
+                                  f"{metric} {value:.4g}: its baseline could not be fitted, so "
+                                  "the gate cannot pass")
+    if gate and not (value > baseline if higher else value < baseline):
         return registry.hold_back(name, version.version, "below_baseline",
                                   f"{metric} {value:.4g} does not beat its baseline "
                                   f"({baseline:.4g})")

@@ -78,12 +78,28 @@ def exclusive(target, what: str = "written", by: str = ""):
             holder = lock.read().strip() or "another process"
             raise ConfigError(f"{target} is being {what} by {holder}; wait for it to finish or "
                               "choose another output") from None
+        _recover(target)
         lock.seek(0)
         lock.truncate()
         lock.write(f"pid {os.getpid()} ({by + ', ' if by else ''}since "
                    f"{time.strftime('%Y-%m-%d %H:%M:%S')})")
         lock.flush()
         yield target
+
+
+def _recover(target: Path) -> None:
+    """What a killed writer of `target` left (atomic_dir's siblings), cleaned up by the next
+    writer, which holds the lock so no one else is writing: an interrupted swap puts the
+    previous output back, unfinished temporary folders go."""
+    import shutil
+
+    pattern = f".{target.name}.*"
+    olds = sorted(target.parent.glob(pattern + ".old"), key=lambda p: p.stat().st_mtime)
+    if olds and not target.exists():
+        os.replace(olds[-1], target)  # killed between the two renames: the old one is whole
+    for stale in target.parent.glob(pattern):
+        if stale.suffix in (".tmp", ".old") and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def write_bytes_atomic(dest, data: bytes) -> None:

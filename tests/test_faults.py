@@ -295,3 +295,26 @@ def test_a_baseline_that_cannot_be_fitted_is_skipped_and_the_model_still_reporte
     rows = json.loads((tmp_path / "run" / "evaluation" / "results.json").read_text())
     methods = {r["method"] for r in rows}
     assert "brainlm" in methods and "fc_linear" not in methods and "train_mean" in methods
+
+
+def test_a_killed_preprocess_never_leaves_a_half_written_store(project, tmp_path):
+    """kill -9 at several moments of a run that replaces a store: the store is always the old
+    one or the new one, whole; the next run cleans up what the killed one left."""
+    out = tmp_path / "store"
+    args = [sys.executable, "-m", "brainlm.cli", "preprocess", "--input", str(project / "raw"),
+            "--coords", str(project / "coords.tsv"), "--input-tr", "0.735", "--window", "40",
+            "--out", str(out), "--cache-dir", str(tmp_path / "c"), "--no-progress"]
+    assert subprocess.run(args, capture_output=True).returncode == 0
+    whole = sorted(p.name for p in out.iterdir())
+    for delay in (0.5, 1.5, 2.5, 3.5):
+        proc = subprocess.Popen(args + ["--seed", "1"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        if out.exists():  # else: killed between the two renames, recovered below
+            assert sorted(p.name for p in out.iterdir()) == whole
+            assert json.loads((out / "store.json").read_text())["n_parcels"] == P
+    assert subprocess.run(args, capture_output=True).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "store"]  # nothing left over
+    assert sorted(p.name for p in out.iterdir()) == whole

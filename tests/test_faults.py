@@ -318,3 +318,25 @@ def test_a_killed_preprocess_never_leaves_a_half_written_store(project, tmp_path
     assert subprocess.run(args, capture_output=True).returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "store"]  # nothing left over
     assert sorted(p.name for p in out.iterdir()) == whole
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1,2,3\n4,5,6\n\n7,8,9\n", "line 3 is empty"),
+    ("1,2,3\n4,5\n7,8,9\n", "line 2 has 2 fields, not 3"),
+])
+def test_a_table_line_that_is_not_a_whole_timepoint_is_named(tmp_path, text, message):
+    from brainlm.data.tables import read_timeseries_table
+    from brainlm.errors import InputError
+
+    path = tmp_path / "sub-01_timeseries.csv"
+    path.write_text(text)
+    with pytest.raises(InputError, match=message):
+        read_timeseries_table(path, 3)
+    path.write_text("x,y,z\n1,2,3\n4,5,6\n\n\n")  # a header and trailing blank lines: fine
+    signals, _ = read_timeseries_table(path, 3)
+    assert signals.shape == (3, 2)
+    import gzip
+
+    packed = tmp_path / "sub-01_timeseries.tsv.gz"  # compressed, tab-separated
+    packed.write_bytes(gzip.compress(b"1\t2\t3\n4\t5\t6\n"))
+    np.testing.assert_array_equal(read_timeseries_table(packed, 3)[0], [[1, 4], [2, 5], [3, 6]])

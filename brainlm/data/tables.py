@@ -61,9 +61,35 @@ def _parse_table(path: Path, content):
 
     if path.name.endswith(".npy"):
         return np.load(content, allow_pickle=False)
-    sep = "\t" if path.name.endswith(".tsv") else ","
-    raw = pd.read_csv(content, sep=sep, header=None, dtype=str, keep_default_na=False)
+    sep = "\t" if path.name.endswith((".tsv", ".tsv.gz")) else ","
+    if isinstance(content, io.BytesIO):
+        raw_bytes = content.getvalue()
+    elif path.name.endswith(".gz"):
+        import gzip
+
+        with gzip.open(path, "rb") as f:
+            raw_bytes = f.read()
+    else:
+        raw_bytes = path.read_bytes()
+    text = raw_bytes.decode("utf-8-sig")
+    lines = text.rstrip("\r\n").splitlines()
+    _check_lines(lines, sep, path)
+    raw = pd.read_csv(io.StringIO("\n".join(lines)), sep=sep, header=None, dtype=str,
+                      keep_default_na=False)
     return _numeric_table(raw, path)
+
+
+def _check_lines(lines: list, sep: str, path: Path) -> None:
+    """Every line one timepoint with every parcel: an empty line or a short one inside the
+    table is named (pandas would skip or pad it, losing or shifting a timepoint silently)."""
+    width = lines[0].count(sep) + 1 if lines else 0
+    bad = [(i, line) for i, line in enumerate(lines)
+           if not line.strip() or line.count(sep) + 1 != width]
+    if bad:
+        i, line = bad[0]
+        what = "is empty" if not line.strip() else f"has {line.count(sep) + 1} fields, not {width}"
+        raise InputError(path, f"line {i + 1} {what} ({len(bad)} such lines): every line must "
+                               "be one timepoint with every parcel")
 
 
 def _numeric_table(raw, path: Path) -> np.ndarray:

@@ -338,5 +338,9 @@ def test_a_table_line_that_is_not_a_whole_timepoint_is_named(tmp_path, text, mes
     import gzip
 
     packed = tmp_path / "sub-01_timeseries.tsv.gz"  # compressed, tab-separated
-    packed.write_bytes(gzip.compress(b"1\t2\t3\n4\t5\t6\n"))
-    np.testing.assert_array_equal(read_timeseries_table(packed, 3)[0], [[1, 4], [2, 5], [3, 6]])
+    packed.write_bytes(gzip.compress(b"1.5\t2\t3\n4\t5\t6\n"))
+    np.testing.assert_array_equal(read_timeseries_table(packed, 3)[0],
+                                  [[1.5, 4], [2, 5], [3, 6]])
+    path.write_text("1,2,3\n4,5,6\n7,8,9\n")  # a first line 1..C: labels, and it says so
+    with pytest.warns(UserWarning, match="first line 1 2 3 read as column labels"):
+        assert read_timeseries_table(path, 3)[0].shape == (3, 2)

@@ -102,6 +102,11 @@ def _numeric_table(raw, path: Path) -> np.ndarray:
     labels = first.to_numpy()
     is_header = (first.isna().any() and not raw.iloc[0].isin(_MISSING).all()) or \
         np.array_equal(labels, np.arange(n_cols)) or np.array_equal(labels, np.arange(1, n_cols + 1))
+    if is_header and not first.isna().any():  # numbers read as labels: say so, never silently
+        import warnings
+
+        warnings.warn(f"{path}: first line {' '.join(raw.iloc[0])} read as column labels "
+                      "(a header), not as a timepoint", stacklevel=2)
     body = raw.iloc[1:] if is_header else raw
     missing = body.isin(_MISSING)
     values = body.apply(pd.to_numeric, errors="coerce")

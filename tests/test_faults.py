@@ -344,3 +344,23 @@ def test_a_table_line_that_is_not_a_whole_timepoint_is_named(tmp_path, text, mes
     path.write_text("1,2,3\n4,5,6\n7,8,9\n")  # a first line 1..C: labels, and it says so
     with pytest.warns(UserWarning, match="first line 1 2 3 read as column labels"):
         assert read_timeseries_table(path, 3)[0].shape == (3, 2)
+
+
+def test_bids_labels_are_never_cut_short_or_altered(tmp_path):
+    """sub-01-02 is not sub-01: a label with characters BIDS does not allow is quarantined
+    with the label named; the others go on, ids as written."""
+    from brainlm.data.ingest import discover
+
+    import nibabel as nib
+
+    for name in ("sub-01-02_task-rest_timeseries.npy", "sub-01_task-rest.2_timeseries.npy",
+                 "sub-03_task-rest_timeseries.npy"):
+        np.save(tmp_path / name, np.zeros((50, 3)))
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2, 5), np.float32), np.eye(4)),
+             tmp_path / "sub-04_task-rest.nii.gz")
+    found = {r.path.name: r for r in discover([tmp_path])}
+    assert "'sub-01-02'" in found["sub-01-02_task-rest_timeseries.npy"].problem
+    assert "'task-rest.2'" in found["sub-01_task-rest.2_timeseries.npy"].problem
+    good = found["sub-03_task-rest_timeseries.npy"]
+    assert good.problem is None and good.subject == "sub-03" and good.task == "rest"
+    assert found["sub-04_task-rest.nii.gz"].task == "rest"  # the extension is not the label

@@ -17,7 +17,10 @@ from ..errors import InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 TABLE_SUFFIXES = (".tsv", ".csv", ".npy")
-_ENTITY = re.compile(r"(?:^|[_/])(sub|ses|task|acq|run|space|res|desc|seg|atlas)-([a-zA-Z0-9]+)")
+# a label runs to the next "_" or "/"; BIDS allows letters and digits only, and a label with
+# anything else is refused rather than cut short (sub-01-02 is not sub-01)
+_ENTITY = re.compile(r"(?:^|[_/])(sub|ses|task|acq|run|space|res|desc|seg|atlas)-([^_/]+)")
+_LABEL = re.compile(r"[a-zA-Z0-9]+")
 _ID_ENTITIES = ("ses", "task", "acq", "run", "space", "res", "desc", "seg", "atlas")
 
 
@@ -58,7 +61,8 @@ def _is_timeseries(p: Path) -> bool:
 
 
 def _entities(path: Path, root: Path | None) -> dict:
-    rel = str(path.relative_to(root)) if root is not None else path.name
+    rel = path.relative_to(root) if root is not None else Path(path.name)
+    rel = str(rel.with_name(_strip_ext(rel.name)))  # "task-rest.nii.gz": the label is "rest"
     found: dict = {}
     for key, value in _ENTITY.findall(rel):
         found[key] = value  # the file name (last) wins over folder names
@@ -126,6 +130,8 @@ def discover(inputs, input_tr: float | None = None) -> list[Recording]:
             subject = "sub-" + ent.get("sub", _strip_ext(path.name).split("_")[0])
             subject = subject.replace("sub-sub-", "sub-")
             kind = "nifti" if _is_nifti(path) else "timeseries"
+            bad = [f"{k}-{v}" for k, v in (("sub", subject[4:]), *ent.items())
+                   if not _LABEL.fullmatch(v)]
             rec = Recording(path=path, subject=subject, session=ent.get("ses", ""),
                             task=ent.get("task", ""), run=ent.get("run", ""), entities=ent,
                             kind=kind, confounds=_confounds_for(path) if kind == "nifti" else None)
@@ -134,6 +140,9 @@ def discover(inputs, input_tr: float | None = None) -> list[Recording]:
             else:
                 rec.tr, rec.problem = _sidecar_tr(path)
                 rec.tr_origin = "sidecar" if rec.tr is not None else "header"
+            if bad and rec.problem is None:
+                rec.problem = (f"BIDS label {bad[0]!r} holds characters other than letters "
+                               "and digits: rename the file (labels are never cut or altered)")
             space = ent.get("space", "")
             if space and not space.upper().startswith("MNI") and rec.problem is None:
                 rec.problem = (f"space-{space} is not an MNI space: use the MNI-space outputs "

@@ -327,3 +327,24 @@ def test_a_nightly_run_that_ran_nothing_reports_the_registry_not_stale_words(
     assert now["brainlm-age"] == {"decision": "unchanged", "champion_version": "None"}
     assert decisions_now(tmp_path, ran=["evaluate", "register"])["brainlm-age"][
         "decision"] == "promoted"
+
+
+def test_the_gate_needs_a_measured_baseline_to_promote(store, tmp_path):
+    """register's gate: below its baseline, or with no baseline measured (it could not be
+    fitted), a candidate is the challenger with that decision; above it, it competes."""
+    from types import SimpleNamespace
+
+    from brainlm.jobs.register import _candidate
+
+    client = mlflow.MlflowClient()
+    name = "promo-gate"
+    v1, v2 = _versions(client, name, 2, tmp_path)
+    unmeasured = _candidate(name, SimpleNamespace(version=v1), "r2", 0.5, True, "k", None, True)
+    assert unmeasured["decision"] == "no_baseline" and "could not be fitted" in \
+        unmeasured["reason"]
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == v1
+    below = _candidate(name, SimpleNamespace(version=v2), "r2", 0.5, True, "k", 0.6, True)
+    assert below["decision"] == "below_baseline"
+    above = _candidate(name, SimpleNamespace(version=v2), "r2", 0.7, True, "k", 0.6, True)
+    assert above["decision"] == "promoted" and _champion(client, name) == v2
+    assert client.get_model_version(name, v1).tags["promotion.decision"] == "no_baseline"

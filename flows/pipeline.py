@@ -152,6 +152,10 @@ def _parcellate_tasks(plan, settings) -> tuple[dict, dict]:
     problems), each parcellation read from the brainlm cache entry its task names."""
     from brainlm.data.pipeline import collect_parcellated
 
+    # every file's hash before the tasks start: the task threads' cache keys then only read
+    # plan.source_hashes while Prefect walks the shared plan ("dictionary changed size")
+    for index in plan.todo:
+        plan.source_hash(index)
     outcomes = [f.result() for f in parcellate.map(unmapped(plan), plan.todo,
                                                      unmapped(settings))]
     where = sorted({o.get("worker") or f"pid {o.get('pid')}" for o in outcomes})

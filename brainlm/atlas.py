@@ -8,6 +8,7 @@ A424 ships its own table, other atlases get label centroids in MNI mm.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import urllib.request
@@ -150,10 +151,11 @@ def atlas_from_coords(path) -> Atlas:
 
     path = Path(path)
     try:
-        first = next(line for line in path.read_text().splitlines() if line.strip())
+        text = path.read_text()
+        first = next(line for line in text.splitlines() if line.strip())
         sep = "\t" if "\t" in first else "," if "," in first else r"\s+"
-        table = pd.read_csv(path, sep=sep, header=None, dtype=str, engine="python",
-                            skip_blank_lines=True).apply(lambda c: c.str.strip())
+        table = pd.read_csv(io.StringIO(text), sep=sep, header=None, dtype=str,
+                            engine="python", skip_blank_lines=True).apply(lambda c: c.str.strip())
     except (OSError, StopIteration, ValueError, pd.errors.ParserError) as exc:
         raise InputError(path, f"unreadable coordinates table ({exc})") from None
     head = [str(v).lower() for v in table.iloc[0]]

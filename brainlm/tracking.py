@@ -184,7 +184,7 @@ def masked_uri(uri: str) -> str:
 
 
 def _param_text(value) -> str:
-    text = _CREDENTIALS.sub(r"\1***@", str(value))
+    text = masked_uri(value)
     return text if len(text) <= MAX_PARAM else text[:MAX_PARAM - 20] + f"... ({len(text)} chars)"
 
 

@@ -111,6 +111,10 @@ def test_a_corrupt_last_checkpoint_resumes_from_the_previous_one(project, tmp_pa
                      r"\(step 2\)", capsys.readouterr().err)
     history = json.loads((tmp_path / "m" / "history.json").read_text())
     assert [h["step"] for h in history] == list(range(1, 7))  # steps 3-4 were trained again
+    (ckpt / "last.pt").unlink()  # killed between the two renames: previous.pt alone
+    capsys.readouterr()
+    assert main(args + ["--max-steps", "8", "--resume"]) == 2  # found, and its settings kept
+    assert "max_steps: 6 in the checkpoint, 8 now" in capsys.readouterr().err
     (ckpt / "last.pt").write_bytes(b"")
     (ckpt / "previous.pt").write_bytes(b"not a checkpoint")
     capsys.readouterr()

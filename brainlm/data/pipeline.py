@@ -274,8 +274,8 @@ def assemble(cfg: PreprocessConfig, plan: Plan, results: dict, problems: dict) -
     from .store import write_store
 
     atlas, recordings, warnings_ = plan.atlas, plan.recordings, list(plan.warnings)
-    fixed = {rec.subject: _split_value(rec) for i, rec in enumerate(recordings)
-             if i in results and _split_value(rec)}  # checked when planning
+    fixed = {rec.subject: value for i, rec in enumerate(recordings)
+             if i in results and (value := _split_value(rec))}  # checked when planning
     split_of = assign_splits(sorted({recordings[i].subject for i in results}), cfg.fractions,
                              cfg.seed, fixed)
     quarantined = [(str(recordings[i].path), problems[i]) for i in sorted(problems)]

@@ -328,7 +328,7 @@ def with_new_wave(base: SyntheticCohort, held: dict, wave: int, coords,
     if wave < 1:
         raise ConfigError(f"wave must be >= 1 for a new wave, got {wave}")
     pids = base.participants["participant_id"].astype(str).tolist()
-    keep = [i for i, pid in enumerate(pids) if pid in set(held)]
+    keep = [i for i, pid in enumerate(pids) if pid in held]
     n_new = base.n_subjects - len(keep)
     if n_new < 1:
         raise ConfigError("every subject is held out: no training subject to draw anew")

@@ -8,6 +8,7 @@ run's store and checked against what the run wrote (a rebuilt store is refused, 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -137,8 +138,6 @@ def _subject_rows(run: Path, store, meta: dict, n_boot: int, seed: int) -> list[
             else:
                 p = baseline.predict(xs_test)
         except (ValueError, np.linalg.LinAlgError, ConfigError) as exc:  # too few to fit
-            import warnings
-
             warnings.warn(f"{run}: baseline {name} skipped, it cannot be fitted on these "
                           f"{len(xs_train)} training recordings ({exc})", stacklevel=2)
             continue

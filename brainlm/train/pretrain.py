@@ -267,7 +267,8 @@ def _build_model(cfg: PretrainConfig, store):
 
 
 def _resume(run: Run) -> None:
-    if run.cfg.resume and run.checkpoint.exists():
+    previous = run.checkpoint.with_name("previous.pt")  # alone after a kill mid-rotation
+    if run.cfg.resume and (run.checkpoint.exists() or previous.exists()):
         state = resume_state(run.checkpoint, shaping_settings(run.cfg))
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])

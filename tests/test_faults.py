@@ -368,3 +368,26 @@ def test_bids_labels_are_never_cut_short_or_altered(tmp_path):
     good = found["sub-03_task-rest_timeseries.npy"]
     assert good.problem is None and good.subject == "sub-03" and good.task == "rest"
     assert found["sub-04_task-rest.nii.gz"].task == "rest"  # the extension is not the label
+
+
+def test_participant_ids_follow_the_bids_label_rule_and_mismatches_are_said(tmp_path):
+    """An id without 'sub-' is read with it (said); an id that is no BIDS label, or empty,
+    leaves its row out (line named); ids that match no recording while recordings go without
+    phenotypes are said together (sub-4 is not sub-04)."""
+    from brainlm.data.ingest import attach_phenotypes, discover
+
+    for i in range(6):
+        np.save(tmp_path / f"sub-0{i}_task-rest_timeseries.npy", np.zeros((50, 3)))
+    (tmp_path / "participants.tsv").write_text(
+        "participant_id\tage\n00\t30\nsub-01\t31\nsub-0 2\t32\n\t33\nsub-03\t34\n"
+        "sub-4\t35\nsub-5\t36\n")
+    recordings = discover([tmp_path])
+    said = attach_phenotypes(recordings, tmp_path / "participants.tsv")
+    ages = {r.subject: r.phenotypes.get("age") for r in recordings}
+    assert ages == {"sub-00": 30, "sub-01": 31, "sub-02": None, "sub-03": 34, "sub-04": None,
+                    "sub-05": None}
+    text = "\n".join(said)
+    assert "2 participant_id match no recording (sub-4, sub-5)" in said[0]
+    assert "(00 as sub-00)" in text
+    assert "2 row(s) left out, participant_id not a BIDS label" in text
+    assert "line 4 'sub-0 2'" in text and "line 5 nan" in text

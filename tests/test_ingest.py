@@ -49,7 +49,8 @@ def test_participants_join_accepts_bare_ids_and_flags_unknown(tmp_path):
     warnings = attach_phenotypes(recs, root / "participants.tsv")
     assert recs[0].phenotypes == {"age": 33}
     assert recs[1].phenotypes == {}
-    assert len(warnings) == 1 and "sub-02 is not in" in warnings[0]
+    assert len(warnings) == 2 and "sub-02 is not in" in warnings[1]
+    assert "1 participant_id without the 'sub-' prefix read with it (01 as sub-01)" in warnings[0]
 
 
 def test_xcpd_tables_with_own_coordinates_and_empty_parcels(tmp_path):

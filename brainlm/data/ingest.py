@@ -168,11 +168,14 @@ def find_participants(inputs) -> Path | None:
     return None
 
 
-def read_participants(path) -> tuple["object", dict[str, str]]:
-    """The phenotype table keyed by BIDS subject id, and {subject: problem} for bad rows.
+def read_participants(path) -> tuple["object", dict[str, str], list[str]]:
+    """The phenotype table keyed by BIDS subject id, {subject: problem} for bad rows, and
+    warnings about the ids.
 
-    Duplicate ids cannot be joined safely (which age is right?), so those subjects are
-    reported rather than guessed.
+    Ids follow BIDS's label rule (`sub-` then letters and digits). An id without the prefix
+    is read with it, and said; an id with other characters or none at all cannot name a
+    recording, so its row is left out, and said. Duplicate ids cannot be joined safely (which
+    age is right?), so those subjects are reported rather than guessed.
     """
     import pandas as pd
 
@@ -182,22 +185,41 @@ def read_participants(path) -> tuple["object", dict[str, str]]:
     except Exception as exc:
         raise InputError(path, f"cannot read the participants table ({exc})") from None
     if "participant_id" not in table.columns:
-        raise InputError(path, "no 'participant_id' column")
-    ids = table["participant_id"].astype(str).str.strip()
-    table["participant_id"] = np.where(ids.str.startswith("sub-"), ids, "sub-" + ids)
+        raise InputError(path, "no 'participant_id' column (BIDS: the first column, "
+                         f"tab-separated); columns: {', '.join(map(str, table.columns))}")
+    raw = table["participant_id"]
+    ids = raw.fillna("").astype(str).str.strip()
+    warnings_: list[str] = []
+    bare = ids[(ids != "") & ~ids.str.startswith("sub-")]
+    if len(bare):
+        warnings_.append(f"{path}: {len(bare)} participant_id without the 'sub-' prefix read "
+                         f"with it ({_examples(bare, lambda i: f'{i} as sub-{i}')})")
+    ids = ids.where(ids.str.startswith("sub-") | (ids == ""), "sub-" + ids)
+    bad = ~ids.str.fullmatch(r"sub-[a-zA-Z0-9]+")
+    if bad.any():  # line numbers as in an editor: the header is line 1
+        warnings_.append(f"{path}: {int(bad.sum())} row(s) left out, participant_id not a "
+                         "BIDS label (sub- then letters and digits): " + _examples(
+                             bad[bad].index, lambda i: f"line {i + 2} {raw[i]!r}"))
+    table = table.assign(participant_id=ids)[~bad]
     dup = table["participant_id"][table["participant_id"].duplicated(keep=False)].unique()
     problems = {s: f"subject {s} appears {int((table['participant_id'] == s).sum())} times in "
                    f"{path}" for s in dup}
     table = table[~table["participant_id"].isin(dup)].set_index("participant_id")
-    return table, problems
+    return table, problems, warnings_
+
+
+def _examples(items, show, limit: int = 5) -> str:
+    items = list(items)
+    more = f", ... {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(show(i) for i in items[:limit]) + more
 
 
 def attach_phenotypes(recordings: list[Recording], participants_path) -> list[str]:
     """Join phenotypes onto recordings; returns warnings (unknown subjects)."""
     if participants_path is None:
         return []
-    table, problems = read_participants(participants_path)
-    warnings_: list[str] = []
+    table, problems, warnings_ = read_participants(participants_path)
+    missing = False
     for rec in recordings:
         if rec.subject in problems and rec.problem is None:
             rec.problem = problems[rec.subject]
@@ -207,6 +229,12 @@ def attach_phenotypes(recordings: list[Recording], participants_path) -> list[st
         elif rec.problem is None:
             warnings_.append(f"{rec.path}: subject {rec.subject} is not in {participants_path}; "
                              "kept without phenotypes")
+            missing = True
+    unused = sorted(set(table.index) - {rec.subject for rec in recordings})
+    if missing and unused:  # both sides unmatched: the ids are likely spelled differently
+        warnings_.insert(0, f"{participants_path}: {len(unused)} participant_id match no recording "
+                         f"({_examples(unused, str)}); ids must equal the file names' sub- "
+                         "labels exactly (sub-1 is not sub-01)")
     return warnings_
 
 

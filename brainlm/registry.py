@@ -24,6 +24,7 @@ from .fileio import find_repo_root, sha256_file
 from .tracking import experiment_id
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+DECISION = "promotion.decision"  # written last: a version without it is decided again
 EXPERIMENT = "register"
 MISSING, UNKNOWN = "missing", "unknown"
 # what the pyfunc imports at serving time; pinned to this environment's versions
@@ -384,10 +385,17 @@ def hold_back(name: str, version, decision: str, reason: str, client=None) -> di
     """A candidate that may not become champion (below its baseline): the `challenger`, with
     the decision and reason tagged on the version; the champion stays."""
     client = _client(client)
+    client.set_registered_model_alias(name, CHALLENGER, str(version))
+    return note_decision(name, version, decision, reason, client)
+
+
+def note_decision(name: str, version, decision: str, reason: str, client=None) -> dict:
+    """A decision that moves no alias (`not_comparable`), written on the version with its
+    reason; the decision tag last, so a version without one is decided again."""
+    client = _client(client)
     version = str(version)
-    client.set_registered_model_alias(name, CHALLENGER, version)
-    for key, value in (("promotion.decision", decision), ("promotion.reason", reason)):
-        client.set_model_version_tag(name, version, key, value[:5000])
+    client.set_model_version_tag(name, version, "promotion.reason", reason[:5000])
+    client.set_model_version_tag(name, version, DECISION, decision)
     return {"decision": decision, "champion_version": champion_version(name, client),
             "candidate_version": version, "reason": reason}
 
@@ -456,20 +464,13 @@ def promote(name: str, version, metric: str, value: float, higher_is_better: boo
             raise ValueError(f"champion {name} v{current} was scored on split {theirs!r}, the "
                              f"candidate on {split!r}: not comparable")
         promoted = value > champion_value if higher_is_better else value < champion_value
-    else:
-        promoted = current is None  # no champion yet; or the candidate already is it
+    else:  # no champion yet; or the candidate already is it (a register killed before
+        promoted = True  # its decision was written, deciding again)
     decision = "promoted" if promoted else "kept_champion"
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version)
-        challenger = _alias_version(client, name, CHALLENGER)
-        if challenger is not None and str(challenger.version) == version:
-            client.delete_registered_model_alias(name, CHALLENGER)
-        if compared_with is not None:
-            client.set_model_version_tag(name, compared_with, "promotion.replaced_by", version)
-    elif compared_with is not None:
-        client.set_registered_model_alias(name, CHALLENGER, version)
-    tags = {f"metric.{metric}": value, "promotion.decision": decision,
-            "promotion.metric": metric, "promotion.higher_is_better": str(higher_is_better),
+    # the order is what a kill at any call leaves decidable: the candidate's score first, the
+    # aliases next, its decision last (a version without a decision is decided again)
+    tags = {f"metric.{metric}": value, "promotion.metric": metric,
+            "promotion.higher_is_better": str(higher_is_better),
             "promotion.compared_with": compared_with or "none",
             "promotion.candidate_value": value,
             "promotion.champion_value": "none" if champion_value is None else champion_value}
@@ -477,6 +478,16 @@ def promote(name: str, version, metric: str, value: float, higher_is_better: boo
         tags["promotion.split"] = split
     for key, v in tags.items():
         client.set_model_version_tag(name, version, key, str(v))
+    if promoted:
+        if compared_with is not None:
+            client.set_model_version_tag(name, compared_with, "promotion.replaced_by", version)
+        client.set_registered_model_alias(name, CHAMPION, version)
+        challenger = _alias_version(client, name, CHALLENGER)
+        if challenger is not None and str(challenger.version) == version:
+            client.delete_registered_model_alias(name, CHALLENGER)
+    elif compared_with is not None:
+        client.set_registered_model_alias(name, CHALLENGER, version)
+    client.set_model_version_tag(name, version, DECISION, decision)
     return {"decision": decision,
             "champion_version": version if promoted else current,
             "candidate_version": version, "candidate_value": value,

@@ -391,3 +391,163 @@ def test_participant_ids_follow_the_bids_label_rule_and_mismatches_are_said(tmp_
     assert "(00 as sub-00)" in text
     assert "2 row(s) left out, participant_id not a BIDS label" in text
     assert "line 4 'sub-0 2'" in text and "line 5 nan" in text
+
+
+_KILL_AT = r'''
+import os, signal, sys
+from pathlib import Path
+from types import SimpleNamespace
+from brainlm import fileio
+
+point, out = sys.argv[1], Path(sys.argv[2]).resolve()
+
+
+def dying(name, real):
+    """kill -9 this process where `name` is about to act on the output (its own writes
+    never reach the disk)."""
+    def call(*args, **kwargs):
+        src = Path(args[0]).resolve()
+        dst = Path(args[1]).resolve() if name == "replace" else None
+        if (point, name) in {("aside", "replace"), ("stored", "chmod")} and src == out or \
+                (point, name) == ("swap", "replace") and dst == out:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    return call
+
+
+fileio.os = SimpleNamespace(**{**vars(os), "replace": dying("replace", os.replace),
+                               "chmod": dying("chmod", os.chmod)})
+'''
+
+
+def _tree(folder: Path) -> dict:
+    import hashlib
+
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_killed_finetune_leaves_the_previous_run_whole_or_the_new_one(project, tmp_path):
+    """kill -9 at each moment the run folder changes hands (before the old run is moved aside,
+    between the two renames, after the new one is in place): the folder is always one whole
+    run, never a mix; the next writer (holding the lock) clears what the killed one left."""
+    import shutil
+
+    from brainlm.fileio import exclusive
+    from brainlm.train.config import FinetuneConfig
+    from brainlm.train.finetune import finetune
+
+    base = tmp_path / "base"
+    finetune(FinetuneConfig(model=project / "model", data=project / "store", out=base,
+                            target="age", epochs=1, batch_size=8, progress=False))
+    old = _tree(base)
+    assert {"finetune.json", "finetuned.safetensors", "scaler.safetensors",
+            "predictions.parquet"} <= set(old)
+    script = _KILL_AT + (
+        "from brainlm.train.config import FinetuneConfig\n"
+        "from brainlm.train.finetune import finetune\n"
+        f"finetune(FinetuneConfig(model={str(project / 'model')!r}, "
+        f"data={str(project / 'store')!r}, out=out, target='age', epochs=2, batch_size=8, "
+        "seed=1, progress=False))\n")
+    procs = {}
+    for point in ("aside", "swap", "stored"):
+        out = tmp_path / point / "run"
+        shutil.copytree(base, out)
+        procs[point] = subprocess.Popen([sys.executable, "-c", script, point, str(out)],
+                                        stderr=subprocess.PIPE, text=True)
+    for point, proc in procs.items():
+        assert proc.wait() == -9, (point, proc.stderr.read())
+        out = tmp_path / point / "run"
+        with exclusive(out):  # what the next `brainlm finetune --out` does first
+            pass
+        assert sorted(p.name for p in out.parent.iterdir()) == ["run"], point  # no leftovers
+        meta = json.loads((out / "finetune.json").read_text())
+        if point == "stored":  # killed after the swap: the new run, whole
+            assert meta["config"]["seed"] == 1 and meta["epochs_run"] == 2
+            assert set(_tree(out)) == set(old)
+        else:
+            assert _tree(out) == old, point
+
+
+class _Killed(BaseException):
+    """What a kill -9 leaves: the process stops between two calls and no handler runs (not an
+    Exception, so nothing on the way catches it)."""
+
+
+def test_a_register_killed_at_any_registry_write_is_decided_by_the_next(tmp_path, monkeypatch):
+    """A sequence of candidates (first, worse, better, below its baseline) registered with a
+    stop before each registry write in turn, the interrupted one registered again as the next
+    `brainlm stage register` would: every version ends with the uninterrupted decision, the
+    same champion and challenger, and no candidate is registered twice."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from brainlm import registry
+    from brainlm.jobs.register import _candidate, _decide
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    previous = mlflow.get_tracking_uri() if mlflow.tracking._tracking_service.utils \
+        .is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    left, writes = {"writes": None}, []
+    for method in ("create_registered_model", "create_model_version", "set_model_version_tag",
+                   "set_registered_model_alias", "delete_registered_model_alias"):
+        def write(self, *args, _real=getattr(MlflowClient, method), _method=method, **kwargs):
+            writes.append((_method, args[2] if _method == "set_model_version_tag" else None))
+            if left["writes"] is not None:
+                left["writes"] -= 1
+                if left["writes"] < 0:
+                    raise _Killed
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(MlflowClient, method, write)
+
+    def register(name, fp, value, baseline):  # one candidate, as the register job does it
+        def log():
+            try:
+                client.create_registered_model(name)
+            except MlflowException:
+                pass  # exists
+            return client.create_model_version(name, source=(tmp_path / fp).as_uri(),
+                                               tags={registry.FINGERPRINT: fp})
+        return _decide(name, fp, log, lambda v: _candidate(name, v, "r2", value, True, "split",
+                                                           baseline, True))
+
+    candidates = [("a", 0.3, 0.1), ("b", 0.2, 0.1), ("c", 0.5, 0.1), ("d", 0.6, 0.9)]
+
+    def outcome(name):
+        versions = client.search_model_versions(f"name = '{name}'")
+        aliases = {a: str(client.get_model_version_by_alias(name, a).version)
+                   for a in ("champion", "challenger")}
+        by_fp = {v.tags[registry.FINGERPRINT]: v for v in versions}
+        assert len(by_fp) == len(versions)  # never registered twice
+        return aliases, {fp: (v.tags.get(registry.DECISION), str(v.version))
+                         for fp, v in by_fp.items()}
+
+    try:
+        left["writes"] = 10_000
+        said = [register("ref", *c)["decision"] for c in candidates]
+        left["writes"] = None
+        assert said == ["promoted", "kept_champion", "promoted", "below_baseline"]
+        expected = outcome("ref")
+        # a stop before any write; a stop inside a run of tags that only record the score
+        # leaves the state of a stop before the run's first one, so those are tried once
+        scores = [m == "set_model_version_tag" and key != registry.DECISION for m, key in writes]
+        points = [k for k in range(len(writes)) if not (k and scores[k] and scores[k - 1])]
+        assert len(points) >= 4 * len(candidates)
+        for k in points:  # stopped before write k, then the next run
+            name = f"killed-{k}"
+            left["writes"] = k
+            decisions = []
+            for c in candidates:
+                try:
+                    decisions.append(register(name, *c)["decision"])
+                except _Killed:
+                    left["writes"] = None
+                    decisions.append(register(name, *c)["decision"])
+            assert decisions == said, k
+            assert outcome(name) == expected, k
+    finally:
+        mlflow.set_tracking_uri(previous)

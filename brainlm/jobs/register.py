@@ -85,8 +85,20 @@ def _candidate(name, version, metric, value, higher, key, baseline, gate):
     try:
         return registry.promote(name, version.version, metric, value, higher, split=key)
     except ValueError as exc:  # the champion was scored on other subjects, atlas or target
-        return {"decision": "not_comparable",
-                "champion_version": registry.champion_version(name), "reason": str(exc)}
+        return registry.note_decision(name, version.version, "not_comparable", str(exc))
+
+
+def _decide(name: str, fingerprint: str, log, decide) -> dict:
+    """One candidate. A version with this fingerprint and a decision: `unchanged`. One without
+    a decision (a register killed between logging it and deciding) is decided now, not logged
+    again; otherwise `log()` registers a new version. `decide(version)` -> the decision."""
+    from .. import registry
+
+    known = registry.find_version(name, fingerprint)
+    if known is not None and known.tags.get(registry.DECISION):
+        return {"decision": "unchanged", "candidate_version": str(known.version),
+                "champion_version": registry.champion_version(name)}
+    return decide(known if known is not None else log())
 
 
 def _pretrained(cfg: RegisterConfig, root: Path, split: dict) -> dict:
@@ -99,26 +111,21 @@ def _pretrained(cfg: RegisterConfig, root: Path, split: dict) -> dict:
     for r in cfg.mask_ratios:
         folder = root / "models" / f"pretrain-{r:g}"
         fp = registry.pretrained_fingerprint(folder)
-        known = registry.find_version("brainlm-pretrain", fp)
-        if known:
-            out[f"brainlm-pretrain@{r:g}"] = {
-                "decision": "unchanged", "candidate_version": str(known.version),
-                "champion_version": registry.champion_version("brainlm-pretrain")}
-            continue
-        version = registry.log_pretrained(
-            folder, repo_root=root, tags={"mask_ratio": str(r), registry.FINGERPRINT: fp},
-            run_id=registry.training_run("pretrain", fp))
         m = json.loads((folder / "metrics.json").read_text())
         atlas = json.loads((folder / "config.json").read_text()).get("atlas_hash")
-        if "val_common_r2" not in m:  # no common-mask score (a parcel or future strategy)
-            out[f"brainlm-pretrain@{r:g}"] = {
-                "decision": "not_comparable", "reason": "no common-mask validation R^2",
-                "champion_version": registry.champion_version("brainlm-pretrain")}
-            continue
-        out[f"brainlm-pretrain@{r:g}"] = _candidate(
-            "brainlm-pretrain", version, "val_common_r2", m["val_common_r2"], True,
-            _key(atlas, "common-mask", split["val"]), m["val_common_r2_best_baseline"],
-            cfg.gate)
+
+        def decide(version, m=m, atlas=atlas):
+            if "val_common_r2" not in m:  # no common-mask score (a parcel or future strategy)
+                return registry.note_decision("brainlm-pretrain", version.version,
+                                              "not_comparable", "no common-mask validation R^2")
+            return _candidate("brainlm-pretrain", version, "val_common_r2", m["val_common_r2"],
+                              True, _key(atlas, "common-mask", split["val"]),
+                              m["val_common_r2_best_baseline"], cfg.gate)
+
+        out[f"brainlm-pretrain@{r:g}"] = _decide(
+            "brainlm-pretrain", fp, lambda folder=folder, r=r, fp=fp: registry.log_pretrained(
+                folder, repo_root=root, tags={"mask_ratio": str(r), registry.FINGERPRINT: fp},
+                run_id=registry.training_run("pretrain", fp)), decide)
     return out
 
 
@@ -130,23 +137,21 @@ def _finetuned(cfg: RegisterConfig, root: Path, split: dict) -> dict:
     run_dir = root / "runs" / "finetune"
     name = registry.finetuned_name(run_dir)
     fp = registry.finetuned_fingerprint(run_dir)
-    known = registry.find_version(name, fp)
-    if known:
-        return {name: {"decision": "unchanged", "candidate_version": str(known.version),
-                       "champion_version": registry.champion_version(name)}}
-    rows = json.loads((root / "runs" / "evaluation" / "results.json").read_text())
+    results = root / "runs" / "evaluation" / "results.json"
+    rows = json.loads(results.read_text())
     score = {r["method"]: r["value"] for r in rows if r["metric"] == cfg.metric}
     if "brainlm" not in score:
-        raise ConfigError(f"{root / 'runs' / 'evaluation' / 'results.json'}: no brainlm row "
-                          f"for register.metric '{cfg.metric}' (have: "
+        raise ConfigError(f"{results}: no brainlm row for register.metric '{cfg.metric}' (have: "
                           f"{', '.join(sorted({r['metric'] for r in rows}))})")
     meta = json.loads((run_dir / "finetune.json").read_text())["config"]
     atlas = json.loads((root / "processed" / "store.json").read_text()).get("atlas_hash")
-    version = registry.log_finetuned(run_dir, repo_root=root, tags={registry.FINGERPRINT: fp},
-                                     run_id=registry.training_run("finetune", fp))
-    return {name: _candidate(name, version, cfg.metric, score["brainlm"], cfg.higher_is_better,
-                             _key(atlas, meta.get("target"), meta.get("task"), split["test"]),
-                             score.get("fc_linear"), cfg.gate)}
+    key = _key(atlas, meta.get("target"), meta.get("task"), split["test"])
+    return {name: _decide(
+        name, fp, lambda: registry.log_finetuned(
+            run_dir, repo_root=root, tags={registry.FINGERPRINT: fp},
+            run_id=registry.training_run("finetune", fp)),
+        lambda version: _candidate(name, version, cfg.metric, score["brainlm"],
+                                   cfg.higher_is_better, key, score.get("fc_linear"), cfg.gate))}
 
 
 def run(cfg: RegisterConfig, tags: dict | None = None) -> dict:

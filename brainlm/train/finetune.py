@@ -149,6 +149,7 @@ def finetune(cfg: FinetuneConfig, on_epoch=None) -> dict:
     """Fine-tune and write predictions; `on_epoch(epoch, val_loss)` is called after every
     epoch (hyper-parameter search prunes through it by raising)."""
     cfg.validate()
+    check_run_folder(cfg.out)
     torch.manual_seed(cfg.seed)
     run = _open(cfg, np.random.default_rng(cfg.seed))
     if cfg.task == "forecast":
@@ -332,26 +333,36 @@ def _save_weights(out: Path, head, model, full: bool, store) -> None:
 
     from safetensors.torch import save_file
 
-    from ..fileio import atomic_path
-
-    with atomic_path(out / "scaler.safetensors") as tmp:
-        shutil.copyfile(Path(store) / "scaler.safetensors", tmp)
-
+    shutil.copyfile(Path(store) / "scaler.safetensors", out / "scaler.safetensors")
     state = {f"head.{k}": v.contiguous() for k, v in head.state_dict().items()}
     if full:
         state.update({f"encoder.{k}": v.contiguous() for k, v in model.state_dict().items()})
-    with atomic_path(out / "finetuned.safetensors") as tmp:
-        save_file(state, str(tmp))
+    save_file(state, str(out / "finetuned.safetensors"))
+
+
+def check_run_folder(out) -> None:
+    """A run folder is replaced whole, so `--out` must be new, empty or an earlier run: never a
+    store, the model or a folder of the user's files."""
+    out = Path(out)
+    if out.is_file():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "finetune.json").is_file():
+        raise ConfigError(f"--out {out} exists and is not a fine-tuning run (no finetune.json); "
+                          "refusing to replace it (choose an empty or new folder)")
+
+
+def _write_run(out: Path, write) -> None:
+    """`write(folder)` fills a temporary folder beside `out`, which then takes out's place:
+    a crash or kill at any moment leaves the previous run whole, never a mix of two runs."""
+    from ..fileio import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        write(tmp)
 
 
 def _write_outputs(cfg, model, head, splits, preds, classes, mu, sd, meta):
     import pandas as pd
 
-    from ..fileio import atomic_path, write_bytes_atomic
-
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _save_weights(out, head, model, cfg.mode == "full", cfg.data)
     rows = []
     for split in ("val", "test"):
         r = splits[split]
@@ -365,9 +376,13 @@ def _write_outputs(cfg, model, head, splits, preds, classes, mu, sd, meta):
             else:
                 row["y_pred"] = float(p[i, 0] * sd + mu)
             rows.append(row)
-    with atomic_path(out / "predictions.parquet") as tmp:
-        pd.DataFrame(rows).to_parquet(tmp, index=False)
-    write_bytes_atomic(out / "finetune.json", json.dumps(meta, indent=2, default=str).encode())
+
+    def write(folder: Path) -> None:
+        _save_weights(folder, head, model, cfg.mode == "full", cfg.data)
+        pd.DataFrame(rows).to_parquet(folder / "predictions.parquet", index=False)
+        (folder / "finetune.json").write_text(json.dumps(meta, indent=2, default=str))
+
+    _write_run(Path(cfg.out), write)
 
 
 # ---------------------------------------------------------------------------- forecasting
@@ -451,17 +466,16 @@ def _finetune_forecast(run: _Run, on_epoch=None) -> dict:
 
 def _write_forecast(run: _Run, head, predict, meta: dict) -> None:
     """forecast.npz (val/test windows: true, predicted, subject), the weights, finetune.json."""
-    from ..fileio import atomic_path, write_bytes_atomic
-
-    out = Path(run.cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     arrays = {}
     for split in ("val", "test"):
         y, p, subjects = _forecast_windows(run, head, predict, run.splits[split])
         if y is not None:  # [windows, P, horizon] and each window's subject (for bootstrap)
             arrays[f"{split}_true"], arrays[f"{split}_pred"] = y, p
             arrays[f"{split}_subject"] = subjects
-    with atomic_path(out / "forecast.npz") as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    _save_weights(out, head, run.model, run.cfg.mode == "full", run.cfg.data)
-    write_bytes_atomic(out / "finetune.json", json.dumps(meta, indent=2, default=str).encode())
+
+    def write(folder: Path) -> None:
+        np.savez(folder / "forecast.npz", **arrays)
+        _save_weights(folder, head, run.model, run.cfg.mode == "full", run.cfg.data)
+        (folder / "finetune.json").write_text(json.dumps(meta, indent=2, default=str))
+
+    _write_run(Path(run.cfg.out), write)

@@ -3,6 +3,8 @@ library's size rules (modules <= 500 lines, functions <= 80, an opening docstrin
 
 from __future__ import annotations
 
+import re
+
 import ast
 import dataclasses
 import subprocess
@@ -139,13 +141,61 @@ def test_command_line_and_params_give_the_same_config(tmp_path):
     ({"max_steps": 0}, "max_steps: 0 must be >= 1"),
     ({"mask_ratio": 1.5}, "mask_ratio: 1.5 must be <= 1"),
     ({"max_stpes": 10}, "unknown setting 'max_stpes'"),
-    ({"batch_size": float("nan")}, "not a finite number"),
+    ({"lr": float("nan")}, "not a finite number"),
+    # YAML gives values as written: each must be of its setting's type, never passed on
+    ({"window": "fifty"}, r"window: 'fifty' is not a whole number"),
+    ({"batch_size": 8.5}, "batch_size: 8.5 is not a whole number"),
+    ({"window": True}, "window: True is not a whole number"),
+    ({"compile": "no"}, "compile: 'no' is not true or false"),
+    ({"lr": "1e-3"}, "lr: '1e-3' is not a number"),
+    ({"profile": 13}, "profile: 13 is not text"),
+    # a key the pipeline sets itself would be silently replaced: refused
+    ({"out": "/tmp/elsewhere"}, "pretrain.out: set by the pipeline for this stage"),
 ])
 def test_bad_params_values_are_named(block, message, tmp_path):
     mod = job("pretrain")
     with pytest.raises(ConfigError, match=message):
         from_block(mod.Config, mod.OPTIONS, block, "pretrain",
                    fixed={"data": tmp_path, "out": tmp_path})
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda p: p["demo"]["preprocess"].pop("window"), None),  # its default, as preprocess
+    (lambda p: p["demo"]["preprocess"].update(window="fifty"),
+     "preprocess.window: 'fifty' is not a whole number"),
+    (lambda p: p["demo"]["preprocess"].update(split="0.6,0.2,0.2"), None),  # as the flag
+    (lambda p: p["demo"]["preprocess"].update(split=[0.6, "a", 0.2]), "not a list of numbers"),
+    (lambda p: p["demo"]["synth"].update(tr=2.0), "synth.tr: set by the pipeline for this stage (to 0.735)"),
+    (lambda p: p.update(profile=["demo"]), "profile ['demo'] has no block"),
+    (lambda p: p.update(mask_ratios=[0.2, "x"]), "mask_ratios must be a list of different"),
+    (lambda p: p.update(finetune_mask_ratio=0.5), "finetune_mask_ratio 0.5 must be one of"),
+])
+def test_every_stage_reads_other_blocks_as_their_own_stage_does(edit, message, tmp_path):
+    """synth and validate take settings from preprocess's block: checked as preprocess checks
+    them (a missing key is its default, a wrong one is named), for every stage alike."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    edit(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    for stage in ("synth", "validate") if "synth." not in (message or "") else ("synth",):
+        if message is None:
+            job(stage).from_params(load_params(path), tmp_path)
+        else:
+            with pytest.raises(ConfigError, match=re.escape(message)):
+                job(stage).from_params(load_params(path), tmp_path)
+
+
+def test_params_file_faults_are_one_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("profile: demo\ndemo:\n  synth: {subjects: 4\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line \d+, column \d+") as err:
+        load_params(path)
+    assert "\n" not in str(err.value)
+    path.write_bytes(b"profile: d\xe9mo\n")
+    with pytest.raises(ConfigError, match="cannot read pipeline settings"):
+        load_params(path)
 
 
 def test_bad_flags_are_named(capsys):

@@ -46,17 +46,40 @@ def load_params(path="params.yaml") -> dict:
 
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:  # one line: what and where (line, column)
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where} "
+                          f"({getattr(exc, 'problem', None) or exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read pipeline settings ({exc})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of settings")
     profile = raw.get("profile")
-    if profile not in raw or not isinstance(raw[profile], dict):
-        raise ConfigError(f"{path}: profile '{profile}' has no block (have: "
-                          f"{', '.join(k for k, v in raw.items() if isinstance(v, dict))})")
+    if not isinstance(profile, str) or not isinstance(raw.get(profile), dict):
+        raise ConfigError(f"{path}: profile {profile!r} has no block (have: "
+                          f"{', '.join(str(k) for k, v in raw.items() if isinstance(v, dict))})")
     shared = {k: raw[k] for k in ("mask_ratios", "finetune_mask_ratio") if k in raw}
+    _check_ratios(path, shared)
     return {**raw[profile], **shared, "profile": profile, "root": str(path.resolve().parent)}
+
+
+def _check_ratios(path: Path, shared: dict) -> None:
+    """mask_ratios: numbers in (0, 1); finetune_mask_ratio: one of them (its model must be
+    pretrained)."""
+    def ratio(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1
+
+    ratios = shared.get("mask_ratios")
+    if ratios is not None and not (isinstance(ratios, list) and ratios and all(map(ratio, ratios))
+                                   and len(set(ratios)) == len(ratios)):
+        raise ConfigError(f"{path}: mask_ratios must be a list of different numbers between 0 "
+                          f"and 1 (got {ratios!r})")
+    chosen = shared.get("finetune_mask_ratio")
+    if chosen is not None and (not ratio(chosen) or (ratios and chosen not in ratios)):
+        raise ConfigError(f"{path}: finetune_mask_ratio {chosen!r} must be one of mask_ratios "
+                          f"({ratios}): that is the pretrained model fine-tuning starts from")
 
 
 def block(params: dict, name: str) -> dict:

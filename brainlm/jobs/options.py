@@ -162,24 +162,77 @@ def from_args(cls, options: list[Option], args, fixed: dict | None = None):
 
 def from_block(cls, options: list[Option], block: dict | None, where: str,
                fixed: dict | None = None):
-    """A config from a params.yaml block, whose keys are the options' keys."""
+    """A config from a params.yaml block, whose keys are the options' keys; each value of the
+    field's type (YAML gives text, numbers and booleans as written: `window: fifty`, `seed:
+    1.5` or `detrend: "no"` are named, never passed on), and no key the pipeline sets itself
+    (`out`, `data`...: a value there would be silently replaced)."""
     by_key = {o.key: o for o in options}
     values = {}
     for key, value in (block or {}).items():
         if key not in by_key:
+            known = sorted(k for k, o in by_key.items() if not _is_fixed(o.path, fixed))
             raise ConfigError(f"params.yaml {where}: unknown setting '{key}' (known: "
-                              f"{', '.join(sorted(by_key))})")
+                              f"{', '.join(known)})")
         option = by_key[key]
+        if _is_fixed(option.path, fixed):
+            shown = fixed.get(option.path, "the stage's own value")
+            raise ConfigError(f"params.yaml {where}.{key}: set by the pipeline for this stage "
+                              f"(to {_show_fixed(shown)}), not in params.yaml; remove it")
         _, kind = _field(cls, option.path)
-        base = _base_type(kind)
-        if base is tuple and isinstance(value, list):
-            value = tuple(value)
-        elif base is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        elif base is Path and isinstance(value, str):
-            value = Path(value)
+        value = _typed(option, kind, value, default(cls, option.path), f"params.yaml {where}.{key}")
         values[option.path] = check(option, value, f"params.yaml {where}.{key}")
     return build(cls, values, fixed)
+
+
+def _is_fixed(path: str, fixed: dict | None) -> bool:
+    """Whether the pipeline sets `path` (or the nested config holding it) itself."""
+    parts = path.split(".")
+    return any(".".join(parts[:i]) in (fixed or {}) for i in range(1, len(parts) + 1))
+
+
+def _show_fixed(value) -> str:
+    return str(value) if not isinstance(value, (list, tuple)) else ", ".join(map(str, value))
+
+
+def _typed(option: Option, kind, value, default_value, where: str):
+    """`value` as the field's type, or a ConfigError naming the key and what it needs."""
+    if value is None:
+        return None
+    base = _base_type(kind)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base is bool:
+        ok = isinstance(value, bool)
+        need = "true or false"
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        need = "a whole number"
+    elif base is float:
+        ok, need = number, "a number"
+        value = float(value) if ok else value
+    elif base in (str, Path):
+        ok = isinstance(value, str) and value.strip() != ""
+        need = "text (a name or path; quote a number: \"2024\")"
+        value = Path(value) if ok and base is Path else value
+    elif base in (tuple, list):
+        if isinstance(value, str) and option.parse is not None:
+            try:
+                value = option.parse(value)
+            except argparse.ArgumentTypeError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        ok, need = isinstance(value, (list, tuple)), "a list"
+        numbers = isinstance(default_value, tuple) and default_value and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in default_value)
+        if ok and numbers:
+            ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            need = "a list of numbers"
+        if ok and numbers and not all(math.isfinite(v) for v in value):
+            raise ConfigError(f"{where}: {list(value)} holds a value that is not a finite number")
+        value = tuple(value) if ok and base is tuple else value
+    else:
+        return value
+    if not ok:
+        raise ConfigError(f"{where}: {value!r} is not {need}")
+    return value
 
 
 # ---------------------------------------------------------------------------- parsers

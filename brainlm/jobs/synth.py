@@ -47,13 +47,13 @@ NOT_OPTIONS = {"split": "preprocess's split fractions (params.yaml preprocess.sp
 
 def from_params(params: dict, root: Path) -> SynthConfig:
     from . import block
+    from . import preprocess as preprocess_job
     from .options import from_block
 
-    pre = block(params, "preprocess")
+    pre = preprocess_job.from_params(params, root)  # its block, checked as that stage does
     return from_block(SynthConfig, OPTIONS, block(params, "synth"), "synth", fixed={
-        "out": root / "data", "tr": float(pre["tr"]), "atlas": pre.get("atlas", "A424"),
-        "split": tuple(pre.get("split", PreprocessConfig.fractions)),
-        "split_seed": int(pre.get("seed", PreprocessConfig.seed))})
+        "out": root / "data", "tr": pre.settings.target_tr, "atlas": pre.atlas,
+        "split": pre.fractions, "split_seed": pre.seed})
 
 
 def next_wave(data: Path) -> int:

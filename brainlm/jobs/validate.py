@@ -38,11 +38,12 @@ NOT_OPTIONS: dict = {}
 
 def from_params(params: dict, root: Path) -> ValidateConfig:
     from . import block
+    from . import preprocess as preprocess_job
     from .options import from_block
 
+    window = preprocess_job.from_params(params, root).settings.min_timepoints
     return from_block(ValidateConfig, OPTIONS, block(params, NAME), NAME, fixed={
-        "data": root / "processed", "out": root / "validation",
-        "thresholds.window": int(block(params, "preprocess")["window"])})
+        "data": root / "processed", "out": root / "validation", "thresholds.window": window})
 
 
 def run(cfg: ValidateConfig, tags: dict | None = None) -> dict:

@@ -233,6 +233,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a file or folder the system refused: it names the path
+        if os.environ.get("BRAINLM_DEBUG"):
+            raise
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f)
+        print(f"error: {where + ': ' if where else ''}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except Exception as exc:
         if os.environ.get("BRAINLM_DEBUG"):
             raise

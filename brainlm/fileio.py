@@ -67,9 +67,10 @@ def exclusive(target, what: str = "written", by: str = ""):
     from .errors import ConfigError
 
     target = Path(target).resolve()
+    writable_folder(target.parent, f"the output {target} cannot be written: its folder")
     key = hashlib.sha256(str(target).encode()).hexdigest()[:24]
-    lock_path = cache_dir() / "locks" / f"{key}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = writable_folder(cache_dir() / "locks", "the user cache (BRAINLM_CACHE_DIR, "
+                                "else ~/.cache/brainlm) holds the output locks:") / f"{key}.lock"
     with open(lock_path, "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -100,6 +101,24 @@ def _recover(target: Path) -> None:
     for stale in target.parent.glob(pattern):
         if stale.suffix in (".tmp", ".old") and stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def writable_folder(folder, what: str) -> Path:
+    """`folder`, created if needed, once a file could be made in it; else a ConfigError saying
+    `what` it is and why (read-only, a file in the way, no such device...), before any work
+    rather than when the first result is written."""
+    from .errors import ConfigError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{what} {folder}: cannot write there ({exc.strerror or exc}"
+                          + (f": {exc.filename}" if exc.filename and str(exc.filename) !=
+                             str(folder) else "") + ")") from None
+    return folder
 
 
 def write_bytes_atomic(dest, data: bytes) -> None:

@@ -551,3 +551,96 @@ def test_a_register_killed_at_any_registry_write_is_decided_by_the_next(tmp_path
             assert outcome(name) == expected, k
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+# ------------------------------------------------------------------------------ discovery
+
+def test_discovery_never_drops_or_swaps_a_recording_unsaid(tmp_path):
+    """A macOS ._ file or a sourcedata/ copy never takes a recording's place; a linked subject
+    folder is read (a link back up the tree once); runs told apart by dir-/echo- are two runs;
+    what looks like a recording but cannot be read is returned with its problem; a folder and
+    a file name that disagree on the subject are named; a file listed twice is read once."""
+    from brainlm.data.ingest import discover
+
+    root, elsewhere = tmp_path / "bids", tmp_path / "elsewhere"
+
+    def touch(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        return path
+
+    first = touch(root / "sub-01/func/sub-01_task-rest_bold.nii.gz")
+    touch(root / "sub-01/func/._sub-01_task-rest_bold.nii.gz")  # macOS AppleDouble junk
+    touch(root / "sourcedata/sub-01/func/sub-01_task-rest_bold.nii.gz")
+    touch(elsewhere / "sub-02/func/sub-02_task-rest_bold.nii.gz")
+    (root / "sub-02").symlink_to(elsewhere / "sub-02", target_is_directory=True)
+    (elsewhere / "sub-02/func/up").symlink_to(root, target_is_directory=True)  # a loop
+    (root / "sub-03/func").mkdir(parents=True)
+    (root / "sub-03/func/sub-03_task-rest_bold.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
+    (root / "sub-04/func/sub-04_task-rest_bold.nii.gz").mkdir(parents=True)
+    touch(root / "sub-05/func/sub-05_task-rest_bold.NII.GZ")
+    touch(root / "sub-06/func/sub-06_task-rest_dir-AP_bold.nii.gz")
+    touch(root / "sub-06/func/sub-06_task-rest_dir-PA_bold.nii.gz")
+    touch(root / "sub-07/func/sub-08_task-rest_bold.nii.gz")
+    touch(root / "sub-09/func/sub-09_task-rest_timeseries.parquet")
+    found = {str(r.path.relative_to(tmp_path)): r.problem for r in discover([root, first])}
+    assert found == {
+        "bids/sub-01/func/sub-01_task-rest_bold.nii.gz": None,
+        "bids/sub-02/func/sub-02_task-rest_bold.nii.gz": None,
+        "bids/sub-03/func/sub-03_task-rest_bold.nii.gz":
+            "a broken symbolic link (or not a regular file)",
+        "bids/sub-04/func/sub-04_task-rest_bold.nii.gz":
+            "a folder named like a recording, not a file",
+        "bids/sub-05/func/sub-05_task-rest_bold.NII.GZ":
+            "an upper-case extension: rename it with a lower-case one (.nii.gz, .tsv)",
+        "bids/sub-06/func/sub-06_task-rest_dir-AP_bold.nii.gz": None,
+        "bids/sub-06/func/sub-06_task-rest_dir-PA_bold.nii.gz": None,
+        "bids/sub-07/func/sub-08_task-rest_bold.nii.gz":
+            "the folder says sub-07, the file name sub-08: which is it? (rename one)",
+        "bids/sub-09/func/sub-09_task-rest_timeseries.parquet":
+            "a table format that is not read: save it as .tsv, .csv or .npy (time x parcels)",
+    }
+
+
+# ---------------------------------------------------------------- outputs, stores, options
+
+def test_an_output_or_cache_that_cannot_be_written_is_named_before_any_work(
+        project, tmp_path, capsys, monkeypatch):
+    from brainlm.cli import main
+
+    (tmp_path / "afile").write_text("x")
+    args = ["preprocess", "--input", str(project / "raw"), "--coords", str(project / "coords.tsv"),
+            "--input-tr", "0.735", "--window", "40", "--cache-dir", str(tmp_path / "c")]
+    assert main(args + ["--out", str(tmp_path / "afile" / "store")]) == 2
+    err = capsys.readouterr().err
+    assert f"the output {tmp_path / 'afile' / 'store'} cannot be written" in err, err
+    assert not (tmp_path / "c").exists()  # refused before any recording was read
+    assert main(args[:-1] + [str(tmp_path / "afile"), "--out", str(tmp_path / "s")]) == 2
+    assert "the parcellation cache (--cache-dir, else the user cache)" in capsys.readouterr().err
+    monkeypatch.setenv("BRAINLM_CACHE_DIR", str(tmp_path / "afile"))
+    assert main(args + ["--out", str(tmp_path / "s")]) == 2
+    assert "the user cache (BRAINLM_CACHE_DIR" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(args + ["--out", str(tmp_path / "s"), "--split", "nan,0.5,0.5"]) == 2
+    assert "split fractions (nan, 0.5, 0.5) must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: (s / "train.npy").write_bytes((s / "train.npy").read_bytes()[:200]),
+     "train.npy: damaged store file"),
+    (lambda s: (s / "val.npy").unlink(), "val.npy: damaged store file (FileNotFoundError"),
+    (lambda s: (s / "store.json").write_text("{"), "store.json: damaged store file"),
+    (lambda s: (s / "manifest.parquet").write_bytes(b"PAR1"), "manifest.parquet: damaged"),
+])
+def test_a_damaged_store_is_named_with_the_file_at_fault(project, tmp_path, capsys, damage,
+                                                         message):
+    import shutil
+
+    from brainlm.cli import main
+
+    store = tmp_path / "store"
+    shutil.copytree(project / "store", store)
+    damage(store)
+    assert main(["validate", "--data", str(store), "--window", "40"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "brainlm preprocess" in err, err

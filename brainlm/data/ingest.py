@@ -16,12 +16,17 @@ import numpy as np
 from ..errors import InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-TABLE_SUFFIXES = (".tsv", ".csv", ".npy")
-# a label runs to the next "_" or "/"; BIDS allows letters and digits only, and a label with
-# anything else is refused rather than cut short (sub-01-02 is not sub-01)
-_ENTITY = re.compile(r"(?:^|[_/])(sub|ses|task|acq|run|space|res|desc|seg|atlas)-([^_/]+)")
+TABLE_SUFFIXES = (".tsv", ".tsv.gz", ".csv", ".npy")
+# BIDS folders that hold no raw recordings of the dataset (derivatives: other pipelines'
+# outputs; sourcedata: files before conversion); given as the input, they are read
+_NOT_RECORDINGS = ("derivatives", "sourcedata")
+# the entities that tell one functional run from another (BIDS order); a label runs to the next
+# "_" or "/"; BIDS allows letters and digits only, and a label with anything else is refused
+# rather than cut short (sub-01-02 is not sub-01)
+_ID_ENTITIES = ("ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "flip", "inv", "mt",
+                "part", "space", "res", "den", "desc", "seg", "atlas")
+_ENTITY = re.compile(r"(?:^|[_/])(sub|" + "|".join(_ID_ENTITIES) + r")-([^_/]+)")
 _LABEL = re.compile(r"[a-zA-Z0-9]+")
-_ID_ENTITIES = ("ses", "task", "acq", "run", "space", "res", "desc", "seg", "atlas")
 
 
 @dataclass
@@ -60,20 +65,73 @@ def _is_timeseries(p: Path) -> bool:
             and "desc-confounds" not in name)
 
 
-def _entities(path: Path, root: Path | None) -> dict:
+def _entities(path: Path, root: Path | None) -> tuple[dict, str | None]:
+    """The BIDS entities of a file (its name wins over its folders'), and a problem when a
+    folder says another subject or session than the name (sub-047/func/sub-048_...)."""
     rel = path.relative_to(root) if root is not None else Path(path.name)
-    rel = str(rel.with_name(_strip_ext(rel.name)))  # "task-rest.nii.gz": the label is "rest"
-    found: dict = {}
-    for key, value in _ENTITY.findall(rel):
-        found[key] = value  # the file name (last) wins over folder names
-    return found
+    found = dict(_ENTITY.findall("_" + _strip_ext(rel.name)))  # "task-rest.nii.gz": "rest"
+    problem = None
+    for folder in rel.parts[:-1]:
+        for key, value in _ENTITY.findall("_" + folder):
+            if key in ("sub", "ses") and found.get(key, value) != value and problem is None:
+                problem = (f"the folder says {key}-{value}, the file name {key}-{found[key]}: "
+                           "which is it? (rename one)")
+            found.setdefault(key, value)
+    return found, problem
 
 
 def _strip_ext(name: str) -> str:
-    for suffix in (".nii.gz", ".nii", ".tsv", ".csv", ".npy"):
+    for suffix in (".nii.gz", ".nii", *TABLE_SUFFIXES):
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def _walk(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Files under `root`, symbolic links to folders followed (once each), hidden entries
+    (.git, macOS ._ files) and BIDS's derivatives/ and sourcedata/ left out; and the entries
+    that look like recordings but cannot be read as files, each with the reason."""
+    import os
+
+    files, odd, seen = [], [], set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in _NOT_RECORDINGS)
+        for name in sorted(dirs):
+            if _looks_like_recording(name):
+                odd.append((Path(folder) / name, "a folder named like a recording, not a file"))
+        for name in sorted(names):
+            path = Path(folder) / name
+            if name.startswith("."):
+                continue
+            if path.is_file():
+                files.append(path)
+            elif _looks_like_recording(name):
+                odd.append((path, "a broken symbolic link (or not a regular file)"))
+    return files, odd
+
+
+def _looks_like_recording(name: str) -> bool:
+    lower = name.lower()
+    return lower.endswith(NIFTI_SUFFIXES) or any(
+        lower.endswith("_timeseries" + s) for s in (*TABLE_SUFFIXES, ".parquet", ".csv.gz"))
+
+
+def _unreadable_name(path: Path) -> str | None:
+    """Why a file named like a recording is not read as one, or None."""
+    name = path.name
+    if _looks_like_recording(name) and not (_is_nifti(path) or _is_timeseries(path)) \
+            and "desc-confounds" not in name.lower():
+        if name.lower().endswith(NIFTI_SUFFIXES) or name.lower().endswith(
+                tuple("_timeseries" + s for s in TABLE_SUFFIXES)):
+            return "an upper-case extension: rename it with a lower-case one (.nii.gz, .tsv)"
+        return ("a table format that is not read: save it as .tsv, .csv or .npy (time x "
+                "parcels)")
+    return None
 
 
 def _sidecar_tr(path: Path) -> tuple[float | None, str | None]:
@@ -107,26 +165,39 @@ def discover(inputs, input_tr: float | None = None) -> list[Recording]:
     """Recordings under folders and/or explicit files, sorted by recording id.
 
     In a folder, NIfTI files named `*_bold.nii[.gz]` are taken when there are any (a BIDS
-    dataset also holds anatomical images), otherwise every NIfTI; `derivatives/` is skipped
-    unless the folder given is inside it. Tables (`*_timeseries.tsv|csv`, `.npy`) are taken as
-    already-parcellated time x parcels series.
+    dataset also holds anatomical images), otherwise every NIfTI; `derivatives/` and
+    `sourcedata/` are skipped unless the folder given is inside them, hidden files always.
+    Tables (`*_timeseries.tsv|tsv.gz|csv|npy`) are taken as already-parcellated time x parcels
+    series. What looks like a recording but cannot be read as one (a broken link, a folder, an
+    upper-case extension, a parquet table) is returned with its problem, never left out unsaid;
+    a file listed twice is read once.
     """
     recordings: list[Recording] = []
+    listed: set = set()
     for item in [Path(p) for p in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]:
+        odd: list = []
         if item.is_dir():
-            files = [p for p in sorted(item.rglob("*")) if p.is_file()
-                     and "derivatives" not in p.relative_to(item).parts[:-1]]
+            files, odd = _walk(item)
             nifti = [p for p in files if _is_nifti(p)]
             bold = [p for p in nifti if _strip_ext(p.name).endswith("_bold")]
             tables = [p for p in files if _is_timeseries(p)]
             chosen = (bold or nifti) + tables
+            odd += [(p, why) for p in files if (why := _unreadable_name(p))]
             root = item
         elif item.is_file():
             chosen, root = [item], None
         else:
             raise InputError(item, "no such file or folder")
+        for path, why in odd:
+            ent, _ = _entities(path, root)
+            recordings.append(Recording(path=path, subject="sub-" + ent.get("sub", "unknown"),
+                                        entities=ent, problem=why))
         for path in chosen:
-            ent = _entities(path, root)
+            real = path.resolve()
+            if real in listed:  # the same file given twice (a folder and a file in it)
+                continue
+            listed.add(real)
+            ent, clash = _entities(path, root)
             subject = "sub-" + ent.get("sub", _strip_ext(path.name).split("_")[0])
             subject = subject.replace("sub-sub-", "sub-")
             kind = "nifti" if _is_nifti(path) else "timeseries"
@@ -143,6 +214,8 @@ def discover(inputs, input_tr: float | None = None) -> list[Recording]:
             if bad and rec.problem is None:
                 rec.problem = (f"BIDS label {bad[0]!r} holds characters other than letters "
                                "and digits: rename the file (labels are never cut or altered)")
+            if clash and rec.problem is None:
+                rec.problem = clash
             space = ent.get("space", "")
             if space and not space.upper().startswith("MNI") and rec.problem is None:
                 rec.problem = (f"space-{space} is not an MNI space: use the MNI-space outputs "

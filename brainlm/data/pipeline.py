@@ -167,7 +167,7 @@ def plan_preprocess(cfg: PreprocessConfig) -> Plan:
     recordings = discover(cfg.inputs, cfg.input_tr)
     if not recordings:
         raise ConfigError(f"no recordings found in {', '.join(map(str, cfg.inputs))} (looked for "
-                          "*.nii, *.nii.gz, *_timeseries.tsv/.csv, *.npy)")
+                          "*.nii, *.nii.gz and *_timeseries.tsv, .tsv.gz, .csv or .npy)")
     if cfg.coords is not None:
         for rec in recordings:
             if rec.kind == "nifti" and rec.problem is None:
@@ -182,8 +182,11 @@ def plan_preprocess(cfg: PreprocessConfig) -> Plan:
                           "(or empty: assigned by the fractions); got "
                           + ", ".join(f"{s} {v!r}" for s, v in sorted(wrong.items())[:10]))
     problems = {i: r.problem for i, r in enumerate(recordings) if r.problem}
-    return Plan(atlas, recordings, problems, warnings_, cfg.cache_dir or _default_cache(),
-                started)
+    from ..fileio import writable_folder
+
+    cache = writable_folder(cfg.cache_dir or _default_cache(), "the parcellation cache "
+                            "(--cache-dir, else the user cache)")
+    return Plan(atlas, recordings, problems, warnings_, cache, started)
 
 
 def parcellate_one(plan: Plan, index: int, settings: ParcellationSettings):

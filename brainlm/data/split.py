@@ -18,7 +18,8 @@ def assign_splits(subjects, fractions=(0.8, 0.1, 0.1), seed: int = 0,
     one subject when there are enough. `fixed` (e.g. a `split` column of participants.tsv)
     wins for the subjects it names.
     """
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+    if len(fractions) != 3 or not all(f >= 0 for f in fractions) or \
+            not abs(sum(fractions) - 1) <= 1e-6:  # NaN fails both
         raise ConfigError(f"split fractions {tuple(fractions)} must be three non-negative "
                           "numbers summing to 1 (train, val, test)")
     fixed = {s: v for s, v in (fixed or {}).items() if s in set(subjects)}

@@ -102,10 +102,35 @@ class BrainStore:
         if not (self.path / "manifest.parquet").is_file():
             raise ConfigError(f"{self.path}: not a processed store (no manifest.parquet); run "
                               "`brainlm preprocess` first")
-        self.meta = json.loads((self.path / "store.json").read_text())
-        self.manifest = pd.read_parquet(self.path / "manifest.parquet")
-        self.parcels = pd.read_parquet(self.path / "parcels.parquet")
+        self.meta = self._read("store.json", lambda f: json.loads(f.read_text()))
+        if not isinstance(self.meta, dict) or not {"n_parcels", "tr"} <= set(self.meta):
+            raise self._damaged("store.json", "no n_parcels or tr")
+        self.manifest = self._read("manifest.parquet", pd.read_parquet)
+        self.parcels = self._read("parcels.parquet", pd.read_parquet)
+        for name, frame, columns in (
+                ("manifest.parquet", self.manifest, ("recording_id", "subject", "split", "status",
+                                                     "offset", "n_parcels", "n_timepoints")),
+                ("parcels.parquet", self.parcels, ("x", "y", "z"))):
+            missing = [c for c in columns if c not in frame.columns]
+            if missing:
+                raise self._damaged(name, f"no column {', '.join(missing)}")
         self._arrays: dict[str, np.ndarray] = {}
+        ok = self.manifest[self.manifest["status"] == "ok"]
+        for split, rows in ok.groupby("split"):  # each array holds what the manifest says
+            need = int((rows["offset"] + rows["n_parcels"] * rows["n_timepoints"]).max())
+            if len(self._array(split)) < need:
+                raise self._damaged(f"{split}.npy", f"{len(self._array(split))} values, the "
+                                    f"manifest needs {need}")
+
+    def _damaged(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.path / name}: damaged store file ({problem}); write the store "
+                           "again with `brainlm preprocess`")
+
+    def _read(self, name: str, reader):
+        try:
+            return reader(self.path / name)
+        except Exception as exc:  # missing, truncated, not JSON/parquet: named, never a trace
+            raise self._damaged(name, f"{type(exc).__name__}: {exc}") from None
 
     @property
     def n_parcels(self) -> int:
@@ -135,8 +160,8 @@ class BrainStore:
 
     def _array(self, split: str) -> np.ndarray:
         if split not in self._arrays:
-            self._arrays[split] = np.load(self.path / f"{split}.npy", mmap_mode="r",
-                                          allow_pickle=False)
+            self._arrays[split] = self._read(f"{split}.npy", lambda f: np.load(
+                f, mmap_mode="r", allow_pickle=False))
         return self._arrays[split]
 
     def load(self, row) -> np.ndarray:

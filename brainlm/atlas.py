@@ -157,7 +157,9 @@ def atlas_from_coords(path) -> Atlas:
         table = pd.read_csv(io.StringIO(text), sep=sep, header=None, dtype=str,
                             engine="python", skip_blank_lines=True).apply(lambda c: c.str.strip())
     except (OSError, StopIteration, ValueError, pd.errors.ParserError) as exc:
-        raise InputError(path, f"unreadable coordinates table ({exc})") from None
+        raise InputError(path, "unreadable coordinates table (" + (
+            str(exc) or "the file is empty" if not isinstance(exc, StopIteration)
+            else "the file is empty") + ")") from None
     head = [str(v).lower() for v in table.iloc[0]]
     if set(XYZ) <= set(head):  # a header row names the columns
         table = table.iloc[1:].set_axis(head, axis=1)
@@ -300,7 +302,7 @@ def fallback_atlas(n_parcels: int = 424, seed: int = 0) -> Atlas:
     return atlas
 
 
-def announce(atlas: Atlas, job: str) -> None:
+def announce(atlas: Atlas, job: str, asked: str = "A424") -> None:
     """Say which atlas a run uses, first thing: the fallback in bold (on a terminal) and in
     capitals, since models made on it are not comparable with A424 ones."""
     import sys
@@ -310,11 +312,12 @@ def announce(atlas: Atlas, job: str) -> None:
               f"{atlas.hash[:12]})", flush=True)
         return
     bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    why = ("as asked (--atlas)" if str(asked) == FALLBACK_NAME else "the A424 files were "
+           "neither in BRAINLM_ATLAS_DIR nor downloadable into "
+           f"{cache_dir() / 'atlases' / 'A424'}")
     print(f"{bold}brainlm {job}: ATLAS IS THE OFFLINE FALLBACK '{FALLBACK_NAME}', NOT A424{plain}"
-          f"\n  the A424 files were neither in BRAINLM_ATLAS_DIR nor downloadable into "
-          f"{cache_dir() / 'atlases' / 'A424'}; results on it are not comparable with A424 "
-          "models (the registry keeps them apart). README, 'Atlas', says how to get A424.",
-          flush=True)
+          f"\n  {why}; results on it are not comparable with A424 models (the registry keeps "
+          "them apart). README, 'Atlas', says how to get A424.", flush=True)
 
 
 def load_atlas(spec: str | os.PathLike = "A424", allow_fallback: bool = False,

@@ -103,6 +103,28 @@ def _recover(target: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def check_replaceable(out, kind: str, marker: str, ours: tuple, flag: str = "--out") -> None:
+    """`out` is about to be replaced whole (atomic_dir): it must be new, empty, or an earlier
+    output of this `kind` (it holds `marker`) holding nothing but what such an output holds
+    (`ours`), so a store, a model or the user's own files beside it are never deleted."""
+    from .errors import ConfigError
+
+    out = Path(out)
+    if out.is_file():
+        raise ConfigError(f"{flag} {out} is a file, not a folder")
+    if not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if entries and marker not in entries:
+        raise ConfigError(f"{flag} {out} exists and is not a {kind} (no {marker}); refusing to "
+                          "replace it (choose an empty or new folder)")
+    foreign = [name for name in entries if name not in ours]
+    if foreign:
+        raise ConfigError(f"{flag} {out} is a {kind} that also holds {', '.join(foreign[:5])}"
+                          f"{' ...' if len(foreign) > 5 else ''}; writing it again would delete "
+                          "them: move them out, or choose another folder")
+
+
 def writable_folder(folder, what: str) -> Path:
     """`folder`, created if needed, once a file could be made in it; else a ConfigError saying
     `what` it is and why (read-only, a file in the way, no such device...), before any work

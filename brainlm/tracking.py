@@ -75,8 +75,15 @@ def check_reachable(uri: str, timeout: float = REACH_TIMEOUT) -> None:
         elif scheme in ("postgresql", "mysql", "mssql") and parts.hostname:
             default = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}[scheme]
             socket.create_connection((parts.hostname, parts.port or default), timeout).close()
-        elif scheme == "sqlite" and uri.startswith("sqlite:///"):
-            _create_sqlite_store(uri, Path(uri[len("sqlite:///"):]))
+        elif scheme == "sqlite" and uri.startswith("sqlite:///") and uri != "sqlite:///":
+            try:
+                _create_sqlite_store(uri, Path(uri[len("sqlite:///"):]))
+            except OSError as exc:  # a file problem, not a server one
+                raise ConfigError(f"tracking store {shown}: cannot create or open "
+                                  f"{exc.filename or uri} ({exc.strerror or exc})") from None
+        elif scheme == "sqlite":  # sqlite:// or sqlite:///: in memory, gone with the process
+            raise ConfigError(f"tracking store {shown} has no file: runs would live in memory "
+                              "and be lost; use sqlite:///path/to/mlflow.db")
     except (OSError, urllib.error.URLError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise ConfigError(f"tracking server {shown} is not reachable ({reason}): {hint}") from None

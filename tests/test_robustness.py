@@ -53,7 +53,7 @@ def test_out_folder_is_never_someone_elses(tmp_path, atlas, painter, atlas_spec,
     notes.mkdir()
     (notes / "keep.txt").write_text("precious")
     assert main(_args(tmp_path / "raw", notes, atlas_spec)) == 2
-    assert "is not a brainlm store; refusing" in capsys.readouterr().err
+    assert "is not a brainlm store (no store.json); refusing" in capsys.readouterr().err
     assert (notes / "keep.txt").read_text() == "precious"
     assert main(_args(tmp_path / "raw", tmp_path / "raw" / "store", atlas_spec)) == 2
     assert "overlaps the input" in capsys.readouterr().err

@@ -138,13 +138,17 @@ def _sidecar_tr(path: Path) -> tuple[float | None, str | None]:
     """(TR, problem) from the BIDS JSON sidecar; a sidecar that exists but is unusable is a
     problem, not something to skip silently (the header TR may be wrong in the same way)."""
     sidecar = path.with_name(_strip_ext(path.name) + ".json")
+    if sidecar.is_dir():
+        return None, f"JSON sidecar {sidecar.name} is a folder"
     if not sidecar.is_file():
         return None, None
     try:
         meta = json.loads(sidecar.read_text())
     except (OSError, ValueError) as exc:
         return None, f"unreadable JSON sidecar {sidecar.name} ({exc})"
-    if not isinstance(meta, dict) or "RepetitionTime" not in meta:
+    if not isinstance(meta, dict):
+        return None, f"JSON sidecar {sidecar.name} is not an object of BIDS fields"
+    if "RepetitionTime" not in meta:
         return None, None
     tr = meta["RepetitionTime"]
     if isinstance(tr, bool) or not isinstance(tr, (int, float)) or not tr > 0:
@@ -252,9 +256,27 @@ def read_participants(path) -> tuple["object", dict[str, str], list[str]]:
     """
     import pandas as pd
 
+    import io
+
     path = Path(path)
+    if not path.is_file():  # a folder or a pipe (which would wait forever)
+        raise InputError(path, "not a regular file")
     try:
-        table = pd.read_csv(path, sep="\t", dtype={"participant_id": str}, na_values=["n/a"])
+        text = path.read_bytes().decode("utf-8-sig")
+        lines = [line for line in text.splitlines() if line.strip()]
+        header = lines[0].split("\t") if lines else []
+        twice = sorted({c for c in header if header.count(c) > 1})
+        if twice:  # pandas would rename the second to age.1 and go on
+            raise InputError(path, f"column {', '.join(map(repr, twice))} appears more than once")
+        short = [i + 1 for i, line in enumerate(text.splitlines())
+                 if line.strip() and line.count("\t") + 1 < len(header)]
+        if short:  # pandas would pad them with missing values, unsaid
+            raise InputError(path, f"line {short[0]} has fewer fields than the {len(header)} "
+                             f"columns ({len(short)} such lines): write n/a for a missing value")
+        table = pd.read_csv(io.StringIO(text), sep="\t", dtype={"participant_id": str},
+                            na_values=["n/a"])
+    except InputError:
+        raise
     except Exception as exc:
         raise InputError(path, f"cannot read the participants table ({exc})") from None
     if "participant_id" not in table.columns:

@@ -119,10 +119,12 @@ def check_parcellated(result: Parcellated, path, atlas, settings: ParcellationSe
         raise InputError(path, f"too few timepoints: {result.n_timepoints_source} at TR "
                                f"{result.tr_source:g} s gives {n_out} at {settings.target_tr:g} s, "
                                f"fewer than one window of {settings.min_timepoints}")
-    uncovered = int((~result.coverage).sum())
+    flat = result.coverage & ~(result.signals.std(axis=1) > 0)  # covered, constant in time
+    uncovered = int((~result.coverage).sum() + flat.sum())
     if uncovered > settings.max_uncovered * atlas.n_parcels:
-        raise InputError(path, f"{uncovered} of {atlas.n_parcels} parcels have no signal "
-                               "(field of view too small, or not in MNI space?)")
+        why = "(field of view too small, or not in MNI space?)" if not flat.any() else \
+            f"({int(flat.sum())} constant in time: every volume the same?)"
+        raise InputError(path, f"{uncovered} of {atlas.n_parcels} parcels have no signal {why}")
 
 
 def _cannot_read(path: Path, exc: OSError) -> InputError:
@@ -304,11 +306,16 @@ def read_cached(cache_dir, key: str) -> Parcellated | None:
     try:
         meta = json.loads(base.with_suffix(".json").read_text())
         signals = np.load(base.with_suffix(".npy"), allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-    return Parcellated(signals=signals, coverage=np.array(meta["coverage"], dtype=bool),
-                       tr_source=meta["tr_source"], n_timepoints_source=meta["n_timepoints_source"],
-                       source_hash=meta["source_hash"], notes=meta["notes"], cache_key=key)
+        entry = Parcellated(signals=signals, coverage=np.array(meta["coverage"], dtype=bool),
+                            tr_source=float(meta["tr_source"]),
+                            n_timepoints_source=int(meta["n_timepoints_source"]),
+                            source_hash=meta["source_hash"], notes=list(meta["notes"]),
+                            cache_key=key)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # missing or damaged: computed again
+    ok = (signals.ndim == 2 and signals.dtype == np.float32 and len(entry.coverage) ==
+          signals.shape[0] and bool(np.isfinite(signals).all()))
+    return entry if ok else None  # an edited or damaged entry is never trusted
 
 
 def _cache_write(cache_dir: Path, key: str, result: Parcellated) -> None:

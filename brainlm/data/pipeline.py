@@ -68,6 +68,9 @@ class PreprocessConfig:
             if f is not None and not (0 < f < nyquist):
                 raise ConfigError(f"{name} {f} Hz must be between 0 and the Nyquist frequency "
                                   f"{nyquist:.3f} Hz of the target TR")
+        if s.high_pass is not None and s.low_pass is not None and s.high_pass >= s.low_pass:
+            raise ConfigError(f"--high-pass {s.high_pass} Hz must be below --low-pass "
+                              f"{s.low_pass} Hz (the band kept lies between them)")
 
 
 @dataclass

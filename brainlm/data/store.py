@@ -25,19 +25,15 @@ from .split import SPLITS
 STORE_VERSION = "1"
 
 
+STORE_FILES = ("store.json", "manifest.parquet", "parcels.parquet", "scaler.safetensors",
+               "train.npy", "val.npy", "test.npy")
+
+
 def check_replaceable(out: Path) -> None:
-    """A store folder may be replaced; anything else that is not empty may not."""
-    out = Path(out)
-    if out.is_file():
-        raise ConfigError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        try:
-            meta = json.loads((out / "store.json").read_text())
-        except (OSError, ValueError):
-            meta = None
-        if not isinstance(meta, dict) or "version" not in meta:
-            raise ConfigError(f"--out {out} exists and is not a brainlm store; refusing to "
-                              "replace it (choose an empty or new folder)")
+    """An earlier store may be replaced; anything else that is not empty may not."""
+    from ..fileio import check_replaceable as replaceable
+
+    replaceable(out, "brainlm store", "store.json", STORE_FILES)
 
 
 def write_store(out_dir, kept: list[dict], quarantined: list[dict], scaler, atlas,

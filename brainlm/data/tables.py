@@ -37,7 +37,10 @@ def read_timeseries_table(path, n_parcels: int, data: bytes | None = None
         if data is not None:
             return read_timeseries_table(path, n_parcels)
         raise InputError(path, f"unreadable time-series table ({describe_error(exc)})") from None
-    table = np.asarray(table, dtype=np.float64)
+    table = np.asarray(table)
+    if table.dtype.kind not in "iuf":  # text, booleans, complex, records: not a signal
+        raise InputError(path, f"holds {table.dtype} values, not real numbers")
+    table = table.astype(np.float64)
     if table.ndim != 2:
         raise InputError(path, f"expected a 2-D time x parcels table, got shape {table.shape}")
     if table.shape[1] != n_parcels:
@@ -71,7 +74,12 @@ def _parse_table(path: Path, content):
             raw_bytes = f.read()
     else:
         raw_bytes = path.read_bytes()
-    text = raw_bytes.decode("utf-8-sig")
+    try:
+        text = raw_bytes.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw_bytes[:exc.start].count(b"\n") + 1
+        raise InputError(path, f"not UTF-8 text: byte {raw_bytes[exc.start]:#04x} on line "
+                               f"{line} (save the table as UTF-8)") from None
     lines = text.rstrip("\r\n").splitlines()
     _check_lines(lines, sep, path)
     raw = pd.read_csv(io.StringIO("\n".join(lines)), sep=sep, header=None, dtype=str,

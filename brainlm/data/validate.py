@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BrainLMError
+from ..errors import BrainLMError, ConfigError
 from .validation_report import write_report
 
 
@@ -124,6 +124,11 @@ def validate_store(store_path, out_dir=None, thresholds: Thresholds | None = Non
     store = BrainStore(store_path)
     n_parcels = th.n_parcels or store.n_parcels
     out = Path(out_dir) if out_dir else Path(store_path).resolve().parent / "validation"
+    inside = Path(store_path).resolve()
+    if out.resolve() == inside or inside in out.resolve().parents:
+        raise ConfigError(f"--out {out} is inside the store {store_path}: the store is written "
+                          "whole by preprocess (and versioned as it is); write the report "
+                          "beside it")
     out.mkdir(parents=True, exist_ok=True)
     tables = summary_tables(store, th)
     context = gx.get_context(mode="file", project_root_dir=str(out))

@@ -36,8 +36,9 @@ OPTIONS = [
     Option("tr", help="seconds", low=0.05, high=10),
     Option("seed"),
     Option("atlas", help="A424 (default) or a label NIfTI path"),
-    Option("voxel_size", positive=True,
-           help="grid of the written images in mm (the atlas grid or a multiple of it)"),
+    Option("voxel_size", positive=True, high=16,
+           help="grid of the written images in mm (the atlas grid or a multiple of it; "
+           "coarser than 16 mm leaves most parcels without a voxel)"),
     Option("wave", low=0, help="0: the base cohort; k > 0: its validation and test subjects "
            "unchanged plus a new wave of training subjects drawn with seed + k"),
 ]
@@ -91,7 +92,7 @@ def run(cfg: SynthConfig, tags: dict | None = None) -> dict:
 
     with job_run(NAME, f"synth-{cfg.subjects}x{cfg.timepoints}", cfg, tags) as tracker:
         atlas = load_atlas(cfg.atlas, allow_fallback=True)
-        announce(atlas, NAME)
+        announce(atlas, NAME, cfg.atlas)
         cohort = simulate_cohort(atlas.coords, cfg.subjects, cfg.timepoints, tr=cfg.tr,
                                  seed=cfg.seed)
         if cfg.wave:

@@ -340,15 +340,16 @@ def _save_weights(out: Path, head, model, full: bool, store) -> None:
     save_file(state, str(out / "finetuned.safetensors"))
 
 
+RUN_FILES = ("finetune.json", "finetuned.safetensors", "scaler.safetensors",
+             "predictions.parquet", "forecast.npz", "evaluation")  # evaluate's default out
+
+
 def check_run_folder(out) -> None:
     """A run folder is replaced whole, so `--out` must be new, empty or an earlier run: never a
     store, the model or a folder of the user's files."""
-    out = Path(out)
-    if out.is_file():
-        raise ConfigError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "finetune.json").is_file():
-        raise ConfigError(f"--out {out} exists and is not a fine-tuning run (no finetune.json); "
-                          "refusing to replace it (choose an empty or new folder)")
+    from ..fileio import check_replaceable
+
+    check_replaceable(out, "fine-tuning run", "finetune.json", RUN_FILES)
 
 
 def _write_run(out: Path, write) -> None:

@@ -38,28 +38,52 @@ class FinetunedModel:
             self.meta = json.loads((run_dir / "finetune.json").read_text())
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{run_dir}: not a fine-tuning run (finetune.json: {exc})") from None
-        cfg = self.meta["config"]
+        cfg = self.meta.get("config") if isinstance(self.meta, dict) else None
+        if not isinstance(cfg, dict) or "task" not in cfg or "model" not in self.meta:
+            raise ConfigError(f"{run_dir / 'finetune.json'}: not a finished fine-tuning run "
+                              "(no config.task or model)")
         self.task, self.pooling = cfg["task"], cfg.get("pooling", "cls")
         folder = Path(pretrained or self.meta["model"])
+        self._same_encoder(folder, pretrained)
         self.model = load_model(folder)
         state = _load_weights(run_dir / "finetuned.safetensors")
-        encoder = {k[8:]: v for k, v in state.items() if k.startswith("encoder.")}
-        if encoder:
-            self.model.load_state_dict(encoder)
-        width = self.model.config.hidden_size
-        self.window = int(self.meta.get("window") or self.model.config.window)
-        self.classes = self.meta.get("classes")
-        if self.task == "forecast":
-            self.horizon = int(self.meta["horizon"])
-            self.head = ForecastHead(width, self.horizon)
-        else:
-            self.head = Head(width, len(self.classes) if self.classes else 1, 0.0)
-        self.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+        try:
+            encoder = {k[8:]: v for k, v in state.items() if k.startswith("encoder.")}
+            if encoder:
+                self.model.load_state_dict(encoder)
+            width = self.model.config.hidden_size
+            self.window = int(self.meta.get("window") or self.model.config.window)
+            self.classes = self.meta.get("classes")
+            if self.task == "forecast":
+                self.horizon = int(self.meta["horizon"])
+                self.head = ForecastHead(width, self.horizon)
+            else:
+                self.head = Head(width, len(self.classes) if self.classes else 1, 0.0)
+            self.head.load_state_dict({k[5:]: v for k, v in state.items()
+                                       if k.startswith("head.")})
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"{run_dir}: finetuned.safetensors does not fit finetune.json and "
+                              f"the encoder ({first[:300]}); fine-tune again") from None
         self.head.eval()
         self.coords = torch.as_tensor(self.model.config.parcel_coords, dtype=torch.float32)
         scaler = run_dir / "scaler.safetensors"
         self.scaler_path = scaler if scaler.is_file() else folder / "scaler.safetensors"
         self._scaler = None
+
+    def _same_encoder(self, folder: Path, given) -> None:
+        """The encoder at the run's recorded path must still be the one it was tuned on (a
+        probe run keeps only its head; a retrained encoder would silently change every
+        prediction)."""
+        expected = self.meta.get("model_sha256")
+        weights = folder / "model.safetensors"
+        if expected and given is None and weights.is_file():
+            from .fileio import sha256_file
+
+            if sha256_file(weights) != expected:
+                raise ConfigError(f"{folder}: the pretrained model changed since this run was "
+                                  "fine-tuned from it (its weights differ); fine-tune again, or "
+                                  "register the run while its encoder is unchanged")
 
     @property
     def scaler(self):
@@ -144,5 +168,5 @@ def _load_weights(path: Path) -> dict:
 
     try:
         return load_file(str(path))
-    except (OSError, ValueError, RuntimeError) as exc:  # missing, truncated, not safetensors
+    except Exception as exc:  # missing, truncated, not safetensors (SafetensorError)
         raise ConfigError(f"{path}: cannot read the fine-tuned weights ({exc})") from None

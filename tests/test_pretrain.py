@@ -277,7 +277,8 @@ def test_settle_reads_the_device_once_and_stops_at_a_non_finite_value():
     assert problem.startswith("the loss became nan at step 3")
     inf_grad = pending + [(3, torch.tensor(0.2), torch.tensor(float("inf")), 3e-3)]
     assert settle(inf_grad, 1e-3) == (good, "the gradient norm became inf at step 3: lower "
-                                      "the learning rate (now 1.00e-03)")
+                                      "the learning rate (now 1.00e-03), or look for huge "
+                                      "values in the store (brainlm validate)")
 
 
 def test_a_diverging_run_stops_with_its_history_and_no_checkpoint(store, tmp_path):

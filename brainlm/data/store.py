@@ -88,6 +88,21 @@ def _write_store_files(out: Path, kept, quarantined, scaler, atlas, extra_meta) 
     manifest.to_parquet(out / "manifest.parquet", index=False)
 
 
+def store_fingerprint(path) -> str:
+    """sha256 over what a rebuild changes (settings, manifest with phenotypes and splits, the
+    scaler), without reading the signal arrays: a run made on a store records it, so a store
+    rebuilt since is told apart from the one the run saw."""
+    import hashlib
+
+    from ..fileio import sha256_file
+
+    h = hashlib.sha256()
+    for name in ("store.json", "manifest.parquet", "scaler.safetensors"):
+        f = Path(path) / name
+        h.update(f"{name}:{sha256_file(f) if f.is_file() else '-'};".encode())
+    return h.hexdigest()
+
+
 class BrainStore:
     """Read side of a store: manifest, coordinates, scaler, and memory-mapped recordings."""
 
@@ -111,6 +126,9 @@ class BrainStore:
             if missing:
                 raise self._damaged(name, f"no column {', '.join(missing)}")
         self._arrays: dict[str, np.ndarray] = {}
+        from .scale import RobustScaler
+
+        self._read("scaler.safetensors", RobustScaler.load)  # copied into every model
         ok = self.manifest[self.manifest["status"] == "ok"]
         for split, rows in ok.groupby("split"):  # each array holds what the manifest says
             need = int((rows["offset"] + rows["n_parcels"] * rows["n_timepoints"]).max())

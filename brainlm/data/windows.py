@@ -27,7 +27,13 @@ def prepare_target(rows, target: str, task: str, where: str):
         if y.isna().any():
             raise ConfigError(f"{where}: target '{target}' is not numeric (e.g. "
                               f"{rows[target][y.isna()].iloc[0]!r}); use --task classification")
-        return rows, y.to_numpy(np.float64), None
+        y = y.to_numpy(np.float64)
+        huge = ~(np.abs(y) < 1e12)  # inf, or so large its spread overflows
+        if huge.any():
+            raise ConfigError(f"{where}: target '{target}' holds {y[huge][0]!r} "
+                              f"({rows['recording_id'].iloc[int(np.flatnonzero(huge)[0])]}); "
+                              "give finite values in the target's unit")
+        return rows, y, None
     return rows, rows[target].astype(str).to_numpy(), None
 
 

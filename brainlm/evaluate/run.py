@@ -42,15 +42,31 @@ def evaluate_run(run_dir, out_dir=None, n_boot: int = 1000, seed: int = 0) -> di
                           f"{', '.join(sorted(missing)) or 'config.task/target'})")
     cfg = meta["config"]
     store = BrainStore(meta["store"])
+    from ..data.store import store_fingerprint
+
+    if meta.get("store_fingerprint") not in (None, store_fingerprint(meta["store"])):
+        raise ConfigError(f"{meta['store']}: the store was written again since {run} was "
+                          "fine-tuned on it (its settings, phenotypes or scaler differ): "
+                          "fine-tune again, or evaluate on the store the run saw")
     if not len(store.recordings("test")):
         raise ConfigError(f"{meta['store']}: the test split is empty; nothing to evaluate")
     out = Path(out_dir) if out_dir else run / "evaluation"
+    if out.is_dir() and any(out.iterdir()) and not (out / "results.json").is_file():
+        raise ConfigError(f"--out {out} exists and is not an evaluation (no results.json); "
+                          "choose an empty or new folder")
     plots = {}
-    if cfg["task"] == "forecast":
-        rows, curves = _forecast_rows(run, store, meta, n_boot, seed)
-        plots["forecast"] = plot_forecast(curves, out / "forecast_r2.png")
-    else:
-        rows = _subject_rows(run, store, meta, n_boot, seed)
+    try:
+        if cfg["task"] == "forecast":
+            rows, curves = _forecast_rows(run, store, meta, n_boot, seed)
+            plots["forecast"] = plot_forecast(curves, out / "forecast_r2.png")
+        else:
+            rows = _subject_rows(run, store, meta, n_boot, seed)
+    except (KeyError, OSError, ValueError) as exc:  # a run folder edited or cut short
+        if isinstance(exc, ConfigError):
+            raise
+        kind = "a missing entry" if isinstance(exc, KeyError) else type(exc).__name__
+        raise ConfigError(f"{run}: the run's outputs cannot be read ({kind}: {exc}); "
+                          "fine-tune again into this folder") from None
     control, section = _control(rows, store, cfg)
     paths = write_results(rows, out, notes=section)
     write_bytes_atomic(out / "positive_control.json",

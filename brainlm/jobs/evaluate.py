@@ -23,7 +23,8 @@ Config = EvaluateConfig
 OPTIONS = [
     Option("run", help="output folder of brainlm finetune"),
     Option("out", help="default: RUN/evaluation"),
-    Option("n_boot", positive=True),
+    Option("n_boot", positive=True, high=100_000,
+           help="bootstrap resamples of the test subjects"),
     Option("seed"),
 ]
 NOT_OPTIONS: dict = {}

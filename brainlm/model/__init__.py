@@ -17,21 +17,33 @@ def load_model(path, coords=None, n_time: int | None = None):
     """
     path = Path(path)
     try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: not a model folder (config.json: {exc})") from None
-    if model_type == "brainlm":
-        from .modeling import BrainLMForPretraining
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path / 'config.json'}: not a model configuration (a JSON object)")
+    model_type = config.get("model_type")
+    if model_type not in ("brainlm", "vit_mae"):
+        raise ConfigError(f"{path}: model_type {model_type!r} is neither 'brainlm' nor "
+                          "'vit_mae'")
+    if model_type == "vit_mae" and coords is None:
+        raise ConfigError(f"{path}: released ViTMAE weights need the parcel coordinates of "
+                          "the data (a store provides them)")
+    try:
+        if model_type == "brainlm":
+            from .modeling import BrainLMForPretraining
 
-        return BrainLMForPretraining.from_pretrained(path, use_safetensors=True).eval()
-    if model_type == "vit_mae":
+            return BrainLMForPretraining.from_pretrained(path, use_safetensors=True).eval()
         from .legacy import ReleasedBrainLM
 
-        if coords is None:
-            raise ConfigError(f"{path}: released ViTMAE weights need the parcel coordinates of "
-                              "the data (a store provides them)")
         return ReleasedBrainLM.from_folder(path, coords, n_time=n_time or 200).eval()
-    raise ConfigError(f"{path}: model_type {model_type!r} is neither 'brainlm' nor 'vit_mae'")
+    except ConfigError as exc:
+        raise ConfigError(f"{path / 'config.json'}: {exc}") if str(path) not in str(exc) \
+            else exc from None
+    except Exception as exc:  # missing or damaged weights, a config that does not fit them
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{path}: cannot load the model ({first[:300]}): the folder must "
+                          "hold the config.json and model.safetensors that saved it") from None
 
 
 def is_released(model) -> bool:

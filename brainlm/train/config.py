@@ -90,11 +90,31 @@ class PretrainConfig:
         if self.mask_strategy != "future" and not self.mask_ratio > 0:
             raise ConfigError(f"mask ratio {self.mask_ratio} masks nothing: pretraining needs "
                               "a ratio in (0, 1)")
+        if self.networks_truth is not None and not Path(self.networks_truth).is_file():
+            raise ConfigError(f"--networks-truth {self.networks_truth}: no such file")
+        check_device(self.device)
 
 
 TASKS = ("regression", "classification", "forecast")
 MODES = ("probe", "full")
 POOLINGS = ("cls", "mean")
+
+
+def check_device(device: str) -> None:
+    """'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', and present on this machine."""
+    import re
+
+    if device == "auto" or device == "cpu":
+        return
+    if not re.fullmatch(r"cuda(:\d+)?|mps", str(device)):
+        raise ConfigError(f"--device {device!r} must be auto, cpu, cuda, cuda:N or mps")
+    import torch
+
+    here = torch.cuda.is_available() if device.startswith("cuda") else \
+        torch.backends.mps.is_available()
+    if not here:
+        raise ConfigError(f"--device {device}: this machine (or this PyTorch build) has no "
+                          f"{device.split(':')[0].upper()} device; use --device auto or cpu")
 
 
 @dataclass
@@ -137,3 +157,12 @@ class FinetuneConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.task == "forecast" and (self.target or self.pooling != "cls"):
+            import warnings
+
+            unused = " and ".join(f for f, on in ((f"--target {self.target}", self.target),
+                                                  (f"--pooling {self.pooling}",
+                                                   self.pooling != "cls")) if on)
+            warnings.warn(f"{unused}: not used by forecasting (it predicts the recordings' "
+                          "next timepoints from the context tokens)", stacklevel=2)
+        check_device(self.device)

@@ -13,6 +13,7 @@ averaged) for `brainlm evaluate`.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -113,6 +114,9 @@ def early_stopping(epochs: int, patience: int, train_epoch, val_loss, modules,
         train_epoch()
         loss = val_loss()
         history.append({"epoch": epoch + 1, "val_loss": loss})
+        if not math.isfinite(loss):  # NaN never compares: it would be "best" or pass unsaid
+            raise ConfigError(f"the validation loss became {loss} at epoch {epoch + 1}: lower "
+                              "--lr, or look for huge or missing values in the data and target")
         if on_epoch is not None:
             on_epoch(epoch + 1, loss)
         if best is None or loss < best - 1e-6:
@@ -191,10 +195,17 @@ def _subject_targets(cfg: FinetuneConfig, splits: dict):
     """Drop unlabelled recordings from `splits` (in place) and encode the target:
     -> (targets per split, classes or None, mean, sd); regression targets are standardized."""
     for s in splits:
+        before = len(splits[s])
         splits[s], _, _ = prepare_target(splits[s], cfg.target, cfg.task, str(cfg.data))
-    if len(splits["train"]) == 0 or len(splits["val"]) == 0:
+        if len(splits[s]) < before:  # said, never dropped unsaid
+            import warnings
+
+            warnings.warn(f"{cfg.data}: {before - len(splits[s])} of {before} {s} recordings "
+                          f"have no '{cfg.target}' and are left out", stacklevel=2)
+    empty = [s for s in ("train", "val", "test") if len(splits[s]) == 0]
+    if empty:
         raise ConfigError(f"{cfg.data}: target '{cfg.target}' needs labelled recordings in "
-                          "train and val")
+                          f"train, val and test; none in {', '.join(empty)}")
     y = {s: splits[s][cfg.target].to_numpy() for s in splits}
     if cfg.task != "classification":
         yt = y["train"].astype(np.float64)
@@ -251,7 +262,8 @@ def _finetune_subjects(run: _Run, on_epoch=None) -> dict:
             "classes": classes, "target_mean": mu, "target_std": sd, "window": run.window,
             "patch_size": None if is_released(model) else int(model.config.patch_size),
             "best_val_loss": best, "epochs_run": len(history), "history": history,
-            "store": str(Path(cfg.data).resolve()), "model": str(Path(cfg.model).resolve())}
+            "store": str(Path(cfg.data).resolve()), "model": str(Path(cfg.model).resolve()),
+            **sources(cfg)}
     _write_outputs(cfg, model, head, run.splits, preds, classes, mu, sd, meta)
     return meta
 
@@ -342,6 +354,18 @@ def _save_weights(out: Path, head, model, full: bool, store) -> None:
 
 RUN_FILES = ("finetune.json", "finetuned.safetensors", "scaler.safetensors",
              "predictions.parquet", "forecast.npz", "evaluation")  # evaluate's default out
+
+
+def sources(cfg: FinetuneConfig) -> dict:
+    """Fingerprints of the store and the encoder's weights the run was made from: evaluate and
+    the predictor refuse a store rebuilt or an encoder retrained since (a probe run keeps only
+    its head, so the encoder it reads must be the one it was trained on)."""
+    from ..data.store import store_fingerprint
+    from ..fileio import sha256_file
+
+    weights = Path(cfg.model) / "model.safetensors"
+    return {"store_fingerprint": store_fingerprint(cfg.data),
+            "model_sha256": sha256_file(weights) if weights.is_file() else None}
 
 
 def check_run_folder(out) -> None:
@@ -460,7 +484,8 @@ def _finetune_forecast(run: _Run, on_epoch=None) -> dict:
     meta = {"config": _config_json(cfg),
             "window": run.window, "horizon": cfg.horizon, "best_val_loss": best,
             "epochs_run": len(history), "history": history,
-            "store": str(Path(cfg.data).resolve()), "model": str(Path(cfg.model).resolve())}
+            "store": str(Path(cfg.data).resolve()), "model": str(Path(cfg.model).resolve()),
+            **sources(cfg)}
     _write_forecast(run, head, predict, meta)
     return meta
 

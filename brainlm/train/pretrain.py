@@ -67,7 +67,8 @@ def settle(pending: list, lr: float) -> tuple[list[dict], str | None]:
         for name, value in (("loss", loss), ("gradient norm", norm)):
             if not math.isfinite(value):
                 return records, (f"the {name} became {value} at step {step}: lower the "
-                                 f"learning rate (now {lr:.2e})")
+                                 f"learning rate (now {lr:.2e}), or look for huge values in "
+                                 "the store (brainlm validate)")
         records.append({"step": step, "loss": loss, "lr": step_lr, "grad_norm": norm})
     return records, None
 
@@ -100,8 +101,13 @@ def shaping_settings(cfg) -> dict:
     """The run's settings a checkpoint records (JSON-safe)."""
     from dataclasses import asdict
 
-    return {k: v for k, v in json.loads(json.dumps(asdict(cfg), default=str)).items()
-            if k not in NOT_SHAPING}
+    from ..data.store import store_fingerprint
+
+    settings = {k: v for k, v in json.loads(json.dumps(asdict(cfg), default=str)).items()
+                if k not in NOT_SHAPING}
+    # the data by content, not by path: a store moved is the same, one rebuilt is not
+    settings["store (its settings, manifest and scaler)"] = store_fingerprint(cfg.data)[:16]
+    return settings
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history: list,
@@ -195,6 +201,22 @@ class Run:
         return Path(self.cfg.out) / "checkpoints" / "last.pt"
 
 
+def check_model_folder(cfg: PretrainConfig) -> None:
+    """`--out` is a model folder: new, empty, or an earlier pretraining output (config.json or
+    checkpoints/); never the store or a folder of other files it would write into."""
+    out, data = Path(cfg.out).resolve(), Path(cfg.data).resolve()
+    if out == data or data in out.parents or out in data.parents:
+        raise ConfigError(f"--out {cfg.out} overlaps the store {cfg.data}: write the model to "
+                          "a separate folder")
+    if out.is_file():
+        raise ConfigError(f"--out {cfg.out} is a file, not a folder")
+    entries = [p.name for p in out.iterdir() if not p.name.startswith(".")] \
+        if out.is_dir() else []
+    if entries and not {"config.json", "checkpoints"} & set(entries):
+        raise ConfigError(f"--out {cfg.out} exists and is not a pretraining output (no "
+                          "config.json or checkpoints/); choose an empty or new folder")
+
+
 def build_run(cfg: PretrainConfig) -> Run:
     """Devices and processes, data, model, optimiser and schedule; resumed from the last
     checkpoint when asked."""
@@ -205,6 +227,7 @@ def build_run(cfg: PretrainConfig) -> Run:
 
     rank, local_rank, world = dist_info()
     cfg.validate(world)
+    check_model_folder(cfg)
     if cfg.device == "auto":
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     else:

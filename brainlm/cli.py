@@ -56,6 +56,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with `only`, the flags of that command alone (the others are listed but
     not built, so `brainlm --help` imports no job module)."""
@@ -116,7 +126,7 @@ def _analysis_arguments(sub, name: str) -> None:
         p.add_argument("--max-windows", type=_positive_int, default=64)
         p.add_argument("--window", type=_positive_int, default=None,
                        help="window of released ViTMAE weights (default 200)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=_seed, default=0)
     elif name == "perturb":
         p = sub.add_parser("perturb", help=_ANALYSIS_HELP[name],
                            description="Scale, shift or clamp some parcels over a time range and "
@@ -133,7 +143,7 @@ def _analysis_arguments(sub, name: str) -> None:
         p.add_argument("--out", required=True)
         p.add_argument("--window", type=_positive_int, default=None,
                        help="window of released ViTMAE weights (default 200)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=_seed, default=0)
     elif name == "embed":
         p = sub.add_parser("embed", help=_ANALYSIS_HELP[name],
                            description="Works with our pretrained folders and with upstream's "

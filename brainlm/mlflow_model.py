@@ -77,6 +77,11 @@ def _windows(model_input):
         x = x[None]
     if x.ndim != 3 or not x.size:
         raise ValueError(f"'signal' must hold [P, T] windows, got an array of shape {x.shape}")
+    bad = ~np.isfinite(x)  # NaN/Inf (or beyond float32) would give NaN embeddings unsaid
+    if bad.any():
+        rows = sorted({int(i) for i in np.flatnonzero(bad.any(axis=(1, 2)))})
+        raise ValueError(f"'signal' holds {int(bad.sum())} NaN/Inf values (or values beyond "
+                         f"float32) in row(s) {rows[:10]}: give finite, scaled windows")
     return x
 
 

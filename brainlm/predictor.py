@@ -113,7 +113,11 @@ class FinetunedModel:
                                   "atlas's parcel order")
             if not np.isfinite(x).all():
                 raise ConfigError(f"recording {i}: NaN or infinite values")
-            out.append(x.astype(np.float32) if scaled else self.scaler.transform(x))
+            x = x.astype(np.float32) if scaled else self.scaler.transform(x)
+            if not np.isfinite(x).all():  # finite in float64, beyond float32 once scaled
+                raise ConfigError(f"recording {i}: values too large for the model once scaled "
+                                  "(beyond float32): are they in the training data's units?")
+            out.append(x)
         return out
 
     def predict(self, recordings, scaled: bool = False):

@@ -11,11 +11,9 @@ from ..errors import ConfigError
 
 
 def _load(model_path, store_path, window=None):
-    from ..data.store import BrainStore
-    from ..model import load_model
+    from .embeddings import load_for_store
 
-    store = BrainStore(store_path)
-    return load_model(model_path, coords=store.coords, n_time=window), store
+    return load_for_store(model_path, store_path, window)
 
 
 def analyze(args) -> str:

@@ -44,6 +44,26 @@ def embed_store(model, store, split: str | None = None, batch_size: int = 16, de
     return pd.DataFrame(rows)
 
 
+def load_for_store(model_path, store_path, window=None):
+    """(model, store): the model must have been trained on the store's atlas; `window` is for
+    released ViTMAE weights only (ours know theirs, and saying otherwise is refused)."""
+    from ..data.store import BrainStore
+    from ..errors import ConfigError
+    from ..model import is_released, load_model, window_length
+
+    store = BrainStore(store_path)
+    model = load_model(model_path, coords=store.coords, n_time=window)
+    model_hash = getattr(getattr(model, "config", None), "atlas_hash", None)
+    if model_hash and model_hash != store.meta.get("atlas_hash"):
+        raise ConfigError(f"{model_path} was trained on atlas {model_hash}, the store {store_path} "
+                          f"uses {store.meta.get('atlas_hash')}")
+    if window is not None and not is_released(model) and window != window_length(model):
+        raise ConfigError(f"--window {window}: {model_path} was trained on windows of "
+                          f"{window_length(model)} timepoints (--window is for released ViTMAE "
+                          "weights)")
+    return model, store
+
+
 def export_embeddings(model_path, store_path, out_path, split: str | None = None,
                       batch_size: int = 16, window: int | None = None) -> Path:
     """Embed every recording of a store with a pretrained folder (either family) to parquet."""
@@ -54,12 +74,7 @@ def export_embeddings(model_path, store_path, out_path, split: str | None = None
     from ..fileio import atomic_path
     from ..model import load_model
 
-    store = BrainStore(store_path)
-    model = load_model(model_path, coords=store.coords, n_time=window)
-    model_hash = getattr(getattr(model, "config", None), "atlas_hash", None)
-    if model_hash and model_hash != store.meta.get("atlas_hash"):
-        raise ConfigError(f"{model_path} was trained on atlas {model_hash}, the store {store_path} "
-                          f"uses {store.meta.get('atlas_hash')}")
+    model, store = load_for_store(model_path, store_path, window)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     table = embed_store(model, store, split, batch_size, device)
     out = Path(out_path)

@@ -159,12 +159,28 @@ def network_labels(path, store) -> np.ndarray | None:
         if path.suffix == ".json":
             truth = json.loads(path.read_text())
             labels = dict(zip(truth["parcel_labels"], truth["modules"]))
+            missing = [int(v) for v in store.parcels["label"] if int(v) not in labels]
+            if missing:
+                raise ConfigError(f"{path}: no network for parcel label(s) "
+                                  f"{', '.join(map(str, missing[:10]))} of the store")
             return np.array([labels[int(v)] for v in store.parcels["label"]])
         import pandas as pd
 
-        column = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",").iloc[:, -1]
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"{path}: cannot read network labels ({exc})") from None
+        table = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
+        if "label" in table.columns and table.shape[1] > 1:  # rows keyed by parcel label
+            keyed = dict(zip(table["label"].astype(int), table.drop(columns="label").iloc[:, -1]))
+            missing = [int(v) for v in store.parcels["label"] if int(v) not in keyed]
+            if missing:
+                raise ConfigError(f"{path}: no network for parcel label(s) "
+                                  f"{', '.join(map(str, missing[:10]))} of the store")
+            column = pd.Series([keyed[int(v)] for v in store.parcels["label"]])
+        else:  # one label per parcel, in the store's parcel order
+            column = table.iloc[:, -1]
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ConfigError(f"{path}: cannot read network labels ({type(exc).__name__}: "
+                          f"{exc})") from None
     if len(column) != store.n_parcels or column.isna().any():
         raise ConfigError(f"{path}: needs one network label per parcel ({store.n_parcels}), "
                           f"got {len(column)} rows ({int(column.isna().sum())} empty)")

@@ -25,7 +25,7 @@ OPTIONS = [
     Option("out", help="default: RUN/evaluation"),
     Option("n_boot", positive=True, high=100_000,
            help="bootstrap resamples of the test subjects"),
-    Option("seed"),
+    Option("seed", low=0),
 ]
 NOT_OPTIONS: dict = {}
 

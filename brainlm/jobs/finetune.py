@@ -28,7 +28,7 @@ OPTIONS = [
     Option("horizon", help="forecast: timepoints", positive=True),
     Option("windows_per_recording", positive=True),
     Option("window", help="window of released ViTMAE weights (default 200)", positive=True),
-    Option("seed"),
+    Option("seed", low=0),
     Option("device"),
     Option("progress", "--no-progress"),
 ]

@@ -106,6 +106,20 @@ def _preprocess(cfg: PredictConfig, model, folder: Path):
     return summary, BrainStore(folder)
 
 
+def _check_out(out: Path, inputs) -> None:
+    """A .parquet file (its report beside it as .report.json) that is none of the inputs."""
+    if out.suffix != ".parquet":
+        raise ConfigError(f"--out {out}: give a .parquet file (the drift report is written "
+                          "beside it as .report.json)")
+    for path in (out, out.with_suffix(".report.json")):
+        if path.is_dir():
+            raise ConfigError(f"--out {out}: {path} is a folder")
+    for item in map(Path, inputs):
+        if out.resolve() == item.resolve():
+            raise ConfigError(f"--out {out} is one of the --input recordings: it would be "
+                              "replaced by the predictions")
+
+
 def run(cfg: PredictConfig, tags: dict | None = None) -> dict:
     import json
     import tempfile
@@ -117,6 +131,7 @@ def run(cfg: PredictConfig, tags: dict | None = None) -> dict:
     if not cfg.inputs:
         raise ConfigError("predict: no --input recordings")
     out = Path(cfg.out)
+    _check_out(out, cfg.inputs)
     with job_run(NAME, f"predict-{out.stem}", cfg, tags) as tracker, \
             tempfile.TemporaryDirectory(prefix="brainlm-predict-") as tmp:
         model = load_finetuned(cfg.model)

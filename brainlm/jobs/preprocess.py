@@ -34,7 +34,7 @@ OPTIONS = [
            "folder)"),
     Option("coords", help="parcel coordinates (x y z per row) for already-parcellated tables"),
     Option("fractions", "--split", "train,val,test fractions of subjects", parse=fractions),
-    Option("seed"),
+    Option("seed", low=0),
     Option("scaler", help="apply this scaler.safetensors (from an earlier store) instead of "
            "fitting one: for data seen only at inference"),
     Option("cache_dir", help="parcellation cache (default: the user cache)"),

@@ -35,7 +35,7 @@ OPTIONS = [
     Option("eval_windows", help="validation windows scored", positive=True),
     Option("ckpt_every", positive=True),
     Option("workers", help="DataLoader workers", low=0),
-    Option("seed"),
+    Option("seed", low=0),
     Option("resume", help="continue from out/checkpoints/last.pt"),
     Option("stop_after", help="leave after this many steps (resume later with --resume)",
            positive=True),

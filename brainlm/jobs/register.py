@@ -40,16 +40,12 @@ OPTIONS: list = []  # a pipeline stage only (brainlm stage register)
 
 def from_params(params: dict, root: Path) -> RegisterConfig:
     from . import block, shared
+    from .options import Option, from_block
 
-    reg = block(params, NAME)
-    unknown = set(reg) - {"metric", "higher_is_better", "gate"}
-    if unknown:
-        raise ConfigError(f"params.yaml register: unknown setting(s) {', '.join(sorted(unknown))}"
-                          " (known: gate, higher_is_better, metric)")
-    return RegisterConfig(root=root, mask_ratios=tuple(float(r) for r in
-                                                       shared(params, "mask_ratios")),
-                          finetune_mask_ratio=float(shared(params, "finetune_mask_ratio")),
-                          **reg)
+    settings = [Option("metric"), Option("higher_is_better"), Option("gate")]  # typed as below
+    return from_block(RegisterConfig, settings, block(params, NAME), NAME, fixed={
+        "root": root, "mask_ratios": tuple(float(r) for r in shared(params, "mask_ratios")),
+        "finetune_mask_ratio": float(shared(params, "finetune_mask_ratio"))})
 
 
 def _split_hashes(root: Path) -> dict:

@@ -34,7 +34,7 @@ OPTIONS = [
     Option("subjects", positive=True),
     Option("timepoints", positive=True),
     Option("tr", help="seconds", low=0.05, high=10),
-    Option("seed"),
+    Option("seed", low=0),
     Option("atlas", help="A424 (default) or a label NIfTI path"),
     Option("voxel_size", positive=True, high=16,
            help="grid of the written images in mm (the atlas grid or a multiple of it; "

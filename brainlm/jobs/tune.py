@@ -40,7 +40,7 @@ OPTIONS = [dataclasses.replace(o, path=f"base.{o.path}") for o in finetune_job.B
     Option("total", help="n_trials is the study's size: run only the trials still missing"),
     Option("worker", help="this worker's number (0, 1, ...)", low=0),
     Option("timeout", help="seconds", positive=True),
-    Option("seed", help="the search's seed: the sampler's and every trial's"),
+    Option("seed", low=0, help="the search's seed: the sampler's and every trial's"),
 ]
 NOT_OPTIONS = {"base.seed": "set by seed", "base.progress": "trials are quiet"}
 
@@ -118,4 +118,8 @@ def run(cfg: TuneConfig, tags: dict | None = None) -> dict:
           f"{result['n_trials']} trials ({result['n_complete']} complete, "
           f"{result['n_pruned']} pruned), best {result['best_value']} "
           f"{result['best_params']} -> {Path(cfg.base.out) / 'best.json'}")
+    if result["n_trials"] and not result["n_complete"] and not result["n_pruned"]:
+        raise ConfigError(f"study {result['study_name']}: none of its {result['n_trials']} "
+                          "trials finished (each failed: see the tune experiment's child runs "
+                          "in MLflow)")
     return result

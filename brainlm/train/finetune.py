@@ -26,6 +26,7 @@ from ..data.windows import prepare_target, random_windows, window_batches
 from ..errors import ConfigError
 from ..model import embed_windows, is_released
 from .config import FinetuneConfig
+from .run_folder import check_run_folder, save_weights, sources, write_run
 
 __all__ = ["FinetuneConfig", "ForecastHead", "Head", "early_stopping", "embed", "finetune",
            "layer_groups"]
@@ -102,6 +103,23 @@ def layer_groups(model, head: nn.Module, lr: float, decay: float, weight_decay: 
 # ---------------------------------------------------------------------------- early stopping
 
 
+class Diverged(ConfigError):
+    """The validation loss became NaN or infinite (a search records such a trial as failed)."""
+
+
+def check_inputs(cfg: FinetuneConfig) -> None:
+    """What every run of `cfg` (every trial of a search) would find wrong with the store, the
+    encoder and the target, found once before any training."""
+    import warnings
+
+    cfg.validate()
+    run = _open(cfg, np.random.default_rng(cfg.seed))
+    if cfg.task != "forecast":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the real runs say it
+            _subject_targets(cfg, dict(run.splits))
+
+
 def early_stopping(epochs: int, patience: int, train_epoch, val_loss, modules,
                    on_epoch=None) -> tuple[float, list[dict]]:
     """Run `train_epoch()` then `val_loss()` up to `epochs` times; stop after `patience`
@@ -115,7 +133,7 @@ def early_stopping(epochs: int, patience: int, train_epoch, val_loss, modules,
         loss = val_loss()
         history.append({"epoch": epoch + 1, "val_loss": loss})
         if not math.isfinite(loss):  # NaN never compares: it would be "best" or pass unsaid
-            raise ConfigError(f"the validation loss became {loss} at epoch {epoch + 1}: lower "
+            raise Diverged(f"the validation loss became {loss} at epoch {epoch + 1}: lower "
                               "--lr, or look for huge or missing values in the data and target")
         if on_epoch is not None:
             on_epoch(epoch + 1, loss)
@@ -338,53 +356,6 @@ def _config_json(cfg: FinetuneConfig) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
 
 
-def _save_weights(out: Path, head, model, full: bool, store) -> None:
-    """finetuned.safetensors: the head as `head.*`, the tuned encoder as `encoder.*` (full);
-    beside it the store's scaler, so the run can score unscaled recordings (`predictor`)."""
-    import shutil
-
-    from safetensors.torch import save_file
-
-    shutil.copyfile(Path(store) / "scaler.safetensors", out / "scaler.safetensors")
-    state = {f"head.{k}": v.contiguous() for k, v in head.state_dict().items()}
-    if full:
-        state.update({f"encoder.{k}": v.contiguous() for k, v in model.state_dict().items()})
-    save_file(state, str(out / "finetuned.safetensors"))
-
-
-RUN_FILES = ("finetune.json", "finetuned.safetensors", "scaler.safetensors",
-             "predictions.parquet", "forecast.npz", "evaluation")  # evaluate's default out
-
-
-def sources(cfg: FinetuneConfig) -> dict:
-    """Fingerprints of the store and the encoder's weights the run was made from: evaluate and
-    the predictor refuse a store rebuilt or an encoder retrained since (a probe run keeps only
-    its head, so the encoder it reads must be the one it was trained on)."""
-    from ..data.store import store_fingerprint
-    from ..fileio import sha256_file
-
-    weights = Path(cfg.model) / "model.safetensors"
-    return {"store_fingerprint": store_fingerprint(cfg.data),
-            "model_sha256": sha256_file(weights) if weights.is_file() else None}
-
-
-def check_run_folder(out) -> None:
-    """A run folder is replaced whole, so `--out` must be new, empty or an earlier run: never a
-    store, the model or a folder of the user's files."""
-    from ..fileio import check_replaceable
-
-    check_replaceable(out, "fine-tuning run", "finetune.json", RUN_FILES)
-
-
-def _write_run(out: Path, write) -> None:
-    """`write(folder)` fills a temporary folder beside `out`, which then takes out's place:
-    a crash or kill at any moment leaves the previous run whole, never a mix of two runs."""
-    from ..fileio import atomic_dir
-
-    with atomic_dir(out) as tmp:
-        write(tmp)
-
-
 def _write_outputs(cfg, model, head, splits, preds, classes, mu, sd, meta):
     import pandas as pd
 
@@ -403,11 +374,11 @@ def _write_outputs(cfg, model, head, splits, preds, classes, mu, sd, meta):
             rows.append(row)
 
     def write(folder: Path) -> None:
-        _save_weights(folder, head, model, cfg.mode == "full", cfg.data)
+        save_weights(folder, head, model, cfg.mode == "full", cfg.data)
         pd.DataFrame(rows).to_parquet(folder / "predictions.parquet", index=False)
         (folder / "finetune.json").write_text(json.dumps(meta, indent=2, default=str))
 
-    _write_run(Path(cfg.out), write)
+    write_run(Path(cfg.out), write)
 
 
 # ---------------------------------------------------------------------------- forecasting
@@ -501,7 +472,7 @@ def _write_forecast(run: _Run, head, predict, meta: dict) -> None:
 
     def write(folder: Path) -> None:
         np.savez(folder / "forecast.npz", **arrays)
-        _save_weights(folder, head, run.model, run.cfg.mode == "full", run.cfg.data)
+        save_weights(folder, head, run.model, run.cfg.mode == "full", run.cfg.data)
         (folder / "finetune.json").write_text(json.dumps(meta, indent=2, default=str))
 
-    _write_run(Path(run.cfg.out), write)
+    write_run(Path(run.cfg.out), write)

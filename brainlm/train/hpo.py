@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..fileio import write_bytes_atomic
-from .finetune import FinetuneConfig, finetune
+from .finetune import Diverged, FinetuneConfig, check_inputs, finetune
 
 # name -> (kind, low, high) or ("categorical", choices). Names are FinetuneConfig fields.
 SEARCH_SPACE: dict[str, tuple] = {
@@ -49,6 +49,11 @@ TRIAL_FOLDER = "trial-{number}"
 
 STORAGE_ENV = "BRAINLM_OPTUNA_STORAGE"
 JOURNAL_SCHEME = "journal://"
+
+
+def _flag(url: str) -> str:
+    """How the user gave the storage, for messages: the flag, or the environment variable."""
+    return f"{STORAGE_ENV}=" if os.environ.get(STORAGE_ENV) == url else "--storage"
 
 
 def storage_url(storage: str | None = None) -> str:
@@ -116,12 +121,13 @@ def tune(base: FinetuneConfig, n_trials: int, study_name: str, storage: str | No
     Returns the dict written to best.json.
     """
     _check_tune_args(n_trials, study_name, timeout, worker)
-    base.validate()
+    check_inputs(base)  # a wrong target or store is one message, not a failed trial each
     url = storage_url(storage)
     shown = _masked(url)
     out = Path(out if out is not None else base.out)
     study, to_run, counted = _load_study(url, shown, study_name, n_trials, seed, worker, total,
                                          pruner)
+    _same_question(study, base, shown)
     if tracker is not None:
         return _optimize(study, base, out, n_trials, to_run, counted, timeout, worker, total,
                          shown, tracker)
@@ -134,6 +140,28 @@ def tune(base: FinetuneConfig, n_trials: int, study_name: str, storage: str | No
                  uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "") as parent:
         return _optimize(study, base, out, n_trials, to_run, counted, timeout, worker, total,
                          shown, parent)
+
+
+def _same_question(study, base: FinetuneConfig, shown: str) -> None:
+    """A study answers one question: minimise the validation loss of one target, task and
+    mode. A study of the same name made otherwise (another target, maximised, several
+    objectives) is refused, not mixed into one "best"."""
+    import optuna
+
+    where = f"study '{study.study_name}' in {shown}"
+    if len(study.directions) != 1 or study.direction != optuna.study.StudyDirection.MINIMIZE:
+        goal = "/".join(d.name.lower() for d in study.directions)
+        raise ConfigError(f"{where} was created to {goal}; brainlm minimises one validation "
+                          "loss: use another --study")
+    question = {"target": base.target or "", "task": base.task, "mode": base.mode}
+    asked = study.user_attrs.get("brainlm.question")  # one attribute: set whole, never half
+    if asked is None:
+        study.set_user_attr("brainlm.question", question)  # workers starting together agree
+    elif asked != question:
+        differ = ", ".join(f"{k} {asked.get(k)!r} there, {v!r} now"
+                           for k, v in question.items() if asked.get(k) != v)
+        raise ConfigError(f"{where} holds trials of another question ({differ}): their losses "
+                          "are not comparable; use another --study")
 
 
 def _check_tune_args(n_trials, study_name, timeout, worker) -> None:
@@ -219,12 +247,14 @@ def _trial(trial, cfg: FinetuneConfig, parent) -> float:
         except optuna.TrialPruned as exc:  # a finished run, stopped by the pruner
             child.tags({"optuna.state": "PRUNED"})
             pruned = exc
+        except Diverged:  # these settings blow up (a large lr): a failed trial, go on
+            meta = {"best_val_loss": float("nan"), "epochs_run": None}
         except BaseException:
             child.tags({"optuna.state": "FAIL"})
             raise
         if pruned is None:
             value = float(meta["best_val_loss"])
-            child.summary({"best_val_loss": value, "epochs_run": meta["epochs_run"],
+            child.summary({"best_val_loss": value, "epochs_run": meta["epochs_run"] or 0,
                            **({"value": value} if math.isfinite(value) else {})})
             child.tags({"optuna.state": "COMPLETE" if math.isfinite(value) else "FAIL"})
             if not math.isfinite(value):
@@ -299,7 +329,11 @@ def _file_lock(path: Path):
     except ImportError:  # Windows: no lock, start the first worker before the others
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"study storage {path}: cannot create its folder "
+                          f"({exc.strerror or exc})") from None
     with open(path.with_name(path.name + ".lock"), "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
@@ -319,7 +353,7 @@ def _pg_lock(url: str):
         engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
         conn = engine.connect()
     except Exception as e:  # noqa: BLE001 - missing driver, unreachable server
-        raise ConfigError(f"--storage {_masked(url)!r}: cannot open it: {_first_line(e)}") \
+        raise ConfigError(f"{_flag(url)} {_masked(url)!r}: cannot open it: {_first_line(e)}") \
             from None
     try:
         conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
@@ -345,7 +379,7 @@ def _open_storage(url: str, shown: str):
     try:
         make_url(url)
     except Exception as e:  # noqa: BLE001 - sqlalchemy raises ArgumentError or ValueError
-        raise ConfigError(f"--storage {shown!r} is not a database URL (e.g. "
+        raise ConfigError(f"{_flag(url)} {shown!r} is not a database URL (e.g. "
                           f"sqlite:///abs/path/optuna.db or postgresql://host/db): "
                           f"{_first_line(e)}") from None
     path = _sqlite_file(url)
@@ -360,7 +394,7 @@ def _open_storage(url: str, shown: str):
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                     max_retry=1))
     except Exception as e:  # noqa: BLE001 - missing driver, unreachable server, bad file
-        raise ConfigError(f"--storage {shown!r}: cannot open it: {_first_line(e)}") from None
+        raise ConfigError(f"{_flag(url)} {shown!r}: cannot open it: {_first_line(e)}") from None
 
 
 def _open_journal(url: str, shown: str):
@@ -369,13 +403,13 @@ def _open_journal(url: str, shown: str):
 
     path = Path(url[len(JOURNAL_SCHEME):])
     if not path.is_absolute() or path.name == "":
-        raise ConfigError(f"--storage {shown!r}: a journal storage needs an absolute file path "
+        raise ConfigError(f"{_flag(url)} {shown!r}: a journal storage needs an absolute file path "
                           f"(journal:///shared/path/optuna.log)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     except OSError as e:
-        raise ConfigError(f"--storage {shown!r}: cannot open it: {_first_line(e)}") from None
+        raise ConfigError(f"{_flag(url)} {shown!r}: cannot open it: {_first_line(e)}") from None
 
 
 def _backend(url: str) -> str:

@@ -1,0 +1,55 @@
+"""A fine-tuning run's folder: what it holds, written whole beside `--out` and swapped in,
+and the fingerprints of the store and encoder it was made from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import FinetuneConfig
+
+
+def save_weights(out: Path, head, model, full: bool, store) -> None:
+    """finetuned.safetensors: the head as `head.*`, the tuned encoder as `encoder.*` (full);
+    beside it the store's scaler, so the run can score unscaled recordings (`predictor`)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copyfile(Path(store) / "scaler.safetensors", out / "scaler.safetensors")
+    state = {f"head.{k}": v.contiguous() for k, v in head.state_dict().items()}
+    if full:
+        state.update({f"encoder.{k}": v.contiguous() for k, v in model.state_dict().items()})
+    save_file(state, str(out / "finetuned.safetensors"))
+
+
+RUN_FILES = ("finetune.json", "finetuned.safetensors", "scaler.safetensors",
+             "predictions.parquet", "forecast.npz", "evaluation")  # evaluate's default out
+
+
+def sources(cfg: FinetuneConfig) -> dict:
+    """Fingerprints of the store and the encoder's weights the run was made from: evaluate and
+    the predictor refuse a store rebuilt or an encoder retrained since (a probe run keeps only
+    its head, so the encoder it reads must be the one it was trained on)."""
+    from ..data.store import store_fingerprint
+    from ..fileio import sha256_file
+
+    weights = Path(cfg.model) / "model.safetensors"
+    return {"store_fingerprint": store_fingerprint(cfg.data),
+            "model_sha256": sha256_file(weights) if weights.is_file() else None}
+
+
+def check_run_folder(out) -> None:
+    """A run folder is replaced whole, so `--out` must be new, empty or an earlier run: never a
+    store, the model or a folder of the user's files."""
+    from ..fileio import check_replaceable
+
+    check_replaceable(out, "fine-tuning run", "finetune.json", RUN_FILES)
+
+
+def write_run(out: Path, write) -> None:
+    """`write(folder)` fills a temporary folder beside `out`, which then takes out's place:
+    a crash or kill at any moment leaves the previous run whole, never a mix of two runs."""
+    from ..fileio import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        write(tmp)

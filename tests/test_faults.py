@@ -644,3 +644,277 @@ def test_a_damaged_store_is_named_with_the_file_at_fault(project, tmp_path, caps
     assert main(["validate", "--data", str(store), "--window", "40"]) == 2
     err = capsys.readouterr().err
     assert message in err and "brainlm preprocess" in err, err
+
+
+# -------------------------------------------------- models, runs and what they were made from
+
+def _damaged_copy(src: Path, dst: Path, damage) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    damage(dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: (m / "config.json").write_text("[1, 2]"), "config.json: not a model configuration"),
+    (lambda m: (m / "model.safetensors").unlink(), "cannot load the model"),
+    (lambda m: (m / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{"),
+     "cannot load the model"),
+    (lambda m: (m / "config.json").write_text((m / "config.json").read_text().replace(
+        '"hidden_size": ', '"hidden_size": 2')), "cannot load the model"),
+])
+def test_a_model_folder_that_cannot_load_is_named(project, tmp_path, capsys, damage, message):
+    from brainlm.cli import main
+
+    model = _damaged_copy(project / "model", tmp_path / "model", damage)
+    assert main(["embed", "--model", str(model), "--data", str(project / "store"), "--out",
+                 str(tmp_path / "e.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(model) in err and "unexpected" not in err, err
+
+
+@pytest.fixture(scope="module")
+def finetuned(project, tmp_path_factory):
+    """A probe run on a copy of the project's store and model (tests may change those)."""
+    import shutil
+
+    from brainlm.train.config import FinetuneConfig
+    from brainlm.train.finetune import finetune
+
+    root = tmp_path_factory.mktemp("ft")
+    shutil.copytree(project / "store", root / "store")
+    shutil.copytree(project / "model", root / "model")
+    finetune(FinetuneConfig(model=root / "model", data=root / "store", out=root / "run",
+                            target="age", epochs=1, batch_size=8, progress=False))
+    return root
+
+
+def test_a_run_refuses_a_store_rebuilt_or_an_encoder_retrained_since(finetuned, tmp_path,
+                                                                     capsys):
+    """A probe run keeps only its head: evaluate and predict must see the store and encoder it
+    was made from, or say so (before, both went on with whatever sat at those paths)."""
+    import shutil
+
+    from brainlm.cli import main
+    from brainlm.predictor import FinetunedModel
+
+    root = tmp_path / "p"
+    shutil.copytree(finetuned, root)
+    meta = json.loads((root / "run" / "finetune.json").read_text())
+    meta.update(store=str(root / "store"), model=str(root / "model"))
+    (root / "run" / "finetune.json").write_text(json.dumps(meta))
+    FinetunedModel(root / "run")  # unchanged: loads
+    import pandas as pd
+
+    manifest = pd.read_parquet(root / "store" / "manifest.parquet")
+    manifest.loc[0, "age"] = 99.0  # the store written again with another phenotype
+    manifest.to_parquet(root / "store" / "manifest.parquet")
+    assert main(["evaluate", "--run", str(root / "run"), "--n-boot", "10"]) == 2
+    assert "the store was written again since" in capsys.readouterr().err
+    weights = root / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x00\x00")  # retrained
+    with pytest.raises(Exception, match="the pretrained model changed since this run"):
+        FinetunedModel(root / "run")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: (r / "finetune.json").write_text("[]"), "not a finished fine-tuning run"),
+    (lambda r: (r / "finetuned.safetensors").write_bytes(b"junk"),
+     "cannot read the fine-tuned weights"),
+    (lambda r: (r / "predictions.parquet").unlink(), "the run's outputs cannot be read"),
+])
+def test_a_damaged_run_folder_is_named(finetuned, tmp_path, capsys, damage, message):
+    from brainlm.cli import main
+    from brainlm.predictor import FinetunedModel
+
+    run = _damaged_copy(finetuned / "run", tmp_path / "run", damage)
+    try:
+        FinetunedModel(run)
+        assert main(["evaluate", "--run", str(run), "--n-boot", "10"]) == 2
+        err = capsys.readouterr().err
+    except Exception as exc:  # the predictor refused it first
+        err = str(exc)
+    assert message in err and "unexpected" not in err, err
+
+
+def test_resume_on_another_store_is_refused(project, tmp_path, capsys):
+    import shutil
+
+    import pandas as pd
+
+    from brainlm.cli import main
+
+    store = tmp_path / "store"
+    shutil.copytree(project / "store", store)
+    args = _pretrain_args(project, tmp_path / "m") + ["--max-steps", "4", "--stop-after", "2"]
+    args[args.index("--data") + 1] = str(store)
+    assert main(args) == 0
+    manifest = pd.read_parquet(store / "manifest.parquet")
+    manifest.loc[0, "age"] = 1.0  # rebuilt: same path, other content
+    manifest.to_parquet(store / "manifest.parquet")
+    assert main(args + ["--resume"]) == 2
+    assert "store (its settings, manifest and scaler)" in capsys.readouterr().err
+
+
+def test_a_diverging_finetune_is_named_and_a_search_carries_on(finetuned, tmp_path, capsys,
+                                                               monkeypatch):
+    """NaN is never a best validation loss: a single run stops with the reason; in a search
+    that trial fails and the others go on; a wrong target is one message before any trial; a
+    study made for another target is refused."""
+    from brainlm.cli import main
+
+    base = ["--model", str(finetuned / "model"), "--data", str(finetuned / "store"),
+            "--epochs", "1", "--batch-size", "8", "--no-progress"]
+    assert main(["finetune", *base, "--out", str(tmp_path / "nan"), "--target", "age",
+                 "--lr", "1e30"]) == 2
+    assert "the validation loss became nan" in capsys.readouterr().err
+    assert not (tmp_path / "nan").exists()
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tune = ["tune", *base[:-1], "--storage", storage, "--n-trials", "1", "--out",
+            str(tmp_path / "t")]
+    assert main([*tune, "--study", "s", "--target", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "no column 'nosuch'" in err and "Traceback" not in err, err
+    assert main([*tune, "--study", "s", "--target", "age"]) == 0
+    assert main([*tune, "--study", "s", "--target", "group", "--task", "classification"]) == 2
+    assert "holds trials of another question (target 'age' there, 'group' now" in \
+        capsys.readouterr().err
+    from brainlm.train import hpo
+    from brainlm.train.finetune import Diverged
+
+    real, calls = hpo.finetune, []
+
+    def first_diverges(cfg, on_epoch=None):
+        calls.append(cfg.out)
+        if len(calls) == 1:
+            raise Diverged("the validation loss became nan at epoch 1")
+        return real(cfg, on_epoch=on_epoch)
+
+    monkeypatch.setattr(hpo, "finetune", first_diverges)
+    assert main([*tune, "--study", "s2", "--target", "age", "--n-trials", "2"]) == 0
+    assert "2 trials (1 complete, 0 pruned)" in capsys.readouterr().out
+    monkeypatch.setattr(hpo, "finetune", lambda cfg, on_epoch=None: (_ for _ in ()).throw(
+        Diverged("the validation loss became nan at epoch 1")))
+    assert main([*tune, "--study", "s3", "--target", "age"]) == 2
+    assert "none of its 1 trials finished" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    # outputs that would replace something else
+    (lambda p, f, t: ["pretrain", "--data", f"{p}/store", "--out", f"{p}/store/m"],
+     "overlaps the store"),
+    (lambda p, f, t: ["pretrain", "--data", f"{p}/store", "--out", f"{p}/raw"],
+     "is not a pretraining output"),
+    (lambda p, f, t: ["finetune", "--model", f"{f}/model", "--data", f"{f}/store", "--out",
+                      f"{f}/store", "--target", "age"], "is not a fine-tuning run"),
+    (lambda p, f, t: ["evaluate", "--run", f"{f}/run", "--out", f"{p}/raw"],
+     "is not an evaluation"),
+    (lambda p, f, t: ["predict", "--model", f"{f}/run", "--input", f"{t}/x.npy", "--out",
+                      f"{t}/x.npy"], "give a .parquet file"),
+    (lambda p, f, t: ["validate", "--data", f"{p}/store", "--out", f"{p}/store/v",
+                      "--window", "40"], "is inside the store"),
+    # options
+    (lambda p, f, t: ["perturb", "--model", f"{p}/model", "--data", f"{p}/store",
+                      "--recording", "x", "--parcels", "1", "--out", f"{t}/o", "--seed", "-1"],
+     "--seed: -1 must be >= 0"),
+    (lambda p, f, t: ["finetune", "--model", f"{f}/model", "--data", f"{f}/store", "--out",
+                      f"{t}/r", "--target", "age", "--device", "tpu"],
+     "--device 'tpu' must be auto, cpu, cuda"),
+    (lambda p, f, t: ["embed", "--model", f"{p}/model", "--data", f"{p}/store", "--out",
+                      f"{t}/e.parquet", "--window", "30"], "--window 30: "),
+    (lambda p, f, t: ["preprocess", "--input", f"{p}/raw", "--coords", f"{p}/coords.tsv",
+                      "--out", f"{t}/s", "--high-pass", "0.1", "--low-pass", "0.05"],
+     "--high-pass 0.1 Hz must be below --low-pass 0.05 Hz"),
+])
+def test_options_and_outputs_are_checked_before_any_work(project, finetuned, tmp_path, capsys,
+                                                         argv, message):
+    from brainlm.cli import main
+
+    np.save(tmp_path / "x.npy", np.zeros((3, 3)))
+    code = main([str(a) for a in argv(project, finetuned, tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+
+
+def test_a_served_window_with_nan_is_refused_not_embedded():
+    from brainlm.mlflow_model import _windows
+
+    good = np.zeros((3, 4, 10))
+    assert _windows({"signal": good.tolist()}).shape == (3, 4, 10)
+    bad = good.copy()
+    bad[1, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"1 NaN/Inf values .* in row\(s\) \[1\]"):
+        _windows({"signal": bad.tolist()})
+    with pytest.raises(ValueError, match="beyond float32"):
+        _windows({"signal": (good + 1e300).tolist()})
+
+
+def test_network_truth_tables_are_read_by_label(project, tmp_path):
+    """A truth table with a `label` column is matched by parcel label, whatever its row
+    order (it was read by row order, silently wrong when shuffled)."""
+    from brainlm.analysis.networks import network_labels
+    from brainlm.data.store import BrainStore
+
+    store = BrainStore(project / "store")
+    labels = store.parcels["label"].astype(int).tolist()
+    table = pd.DataFrame({"label": labels, "network": [f"n{v % 3}" for v in labels]})
+    table.iloc[::-1].to_csv(tmp_path / "truth.tsv", sep="\t", index=False)
+    np.testing.assert_array_equal(network_labels(tmp_path / "truth.tsv", store),
+                                  [f"n{v % 3}" for v in labels])
+    table.iloc[1:].to_csv(tmp_path / "short.tsv", sep="\t", index=False)
+    with pytest.raises(Exception, match=f"no network for parcel label.* {labels[0]}"):
+        network_labels(tmp_path / "short.tsv", store)
+    (tmp_path / "t.json").write_text("[1, 2]")
+    with pytest.raises(Exception, match="cannot read network labels \\(TypeError"):
+        network_labels(tmp_path / "t.json", store)
+
+
+def test_participants_tables_that_pandas_would_bend_are_named(tmp_path):
+    from brainlm.data.ingest import read_participants
+    from brainlm.errors import InputError
+
+    path = tmp_path / "participants.tsv"
+    path.write_text("participant_id\tage\tage\nsub-01\t30\t31\n")
+    with pytest.raises(InputError, match="column 'age' appears more than once"):
+        read_participants(path)  # pandas renamed the second to age.1
+    path.write_text("participant_id\tage\tsex\nsub-01\t30\tF\nsub-02\t31\n")
+    with pytest.raises(InputError, match="line 3 has fewer fields than the 3 columns"):
+        read_participants(path)  # pandas padded it with a missing value
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(InputError, match="not a regular file"):
+        read_participants(path)
+
+
+def test_a_damaged_cache_entry_is_computed_again(project, tmp_path):
+    """An edited or damaged parcellation-cache entry (NaN, transposed, JSON without its
+    fields) is never trusted: the recording is parcellated again and the store is finite."""
+    from brainlm.cli import main
+    from brainlm.data.store import BrainStore
+
+    args = ["preprocess", "--input", str(project / "raw"), "--coords",
+            str(project / "coords.tsv"), "--input-tr", "0.735", "--window", "40",
+            "--cache-dir", str(tmp_path / "c"), "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    entries = sorted((tmp_path / "c").rglob("*.npy"))
+    np.save(entries[0], np.full(np.load(entries[0]).shape, np.nan, np.float32))
+    np.save(entries[1], np.load(entries[1]).T.copy())
+    entries[2].with_suffix(".json").write_text("{}")
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    a, b = BrainStore(tmp_path / "a"), BrainStore(tmp_path / "b")
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(a._array(split), b._array(split))
+
+
+def test_an_in_memory_tracking_store_is_refused(tmp_path):
+    from brainlm.errors import ConfigError
+    from brainlm.tracking import check_reachable
+
+    for uri in ("sqlite://", "sqlite:///"):
+        with pytest.raises(ConfigError, match="runs would live in memory and be lost"):
+            check_reachable(uri)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="cannot create or open"):
+        check_reachable(f"sqlite:///{tmp_path / 'afile' / 'mlflow.db'}")

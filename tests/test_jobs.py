@@ -315,3 +315,18 @@ def test_tracked_params_hide_passwords_fit_mlflow_and_nest_under_a_callers_run(t
     assert len(run.data.params["inputs"]) <= MAX_PARAM and "chars)" in run.data.params["inputs"]
     assert run.data.tags["mlflow.parentRunId"] == caller.info.run_id
     assert run.info.status == "FINISHED" and mlflow.active_run() is None
+
+
+def test_register_settings_are_typed_like_every_stage(tmp_path):
+    """gate: 'false' (text) was read as true."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["demo"]["register"]["gate"] = "false"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="register.gate: 'false' is not true or false"):
+        job("register").from_params(load_params(tmp_path / "params.yaml"), tmp_path)
+    raw["demo"]["register"]["gate"] = False
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert job("register").from_params(load_params(tmp_path / "params.yaml"),
+                                       tmp_path).gate is False

@@ -65,13 +65,19 @@ def load_finetuned(model: str):
     if str(model).startswith("models:/"):
         import mlflow
 
-        from ..registry import _use_tracking_uri
+        from ..registry import _use_tracking_uri, tracking_uri
+        from ..tracking import masked_uri
 
+        uri = tracking_uri()
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+            raise ConfigError(f"{model}: no registry at {uri} (this folder is in no project "
+                              "with a store): run from the project, or set MLFLOW_TRACKING_URI")
         _use_tracking_uri()
         try:
             loaded = mlflow.pyfunc.load_model(str(model))
         except Exception as exc:  # unknown name/alias, unreachable registry
-            raise ConfigError(f"{model}: cannot load the registered model ({exc})") from None
+            raise ConfigError(f"{model}: cannot load the registered model from "
+                              f"{masked_uri(mlflow.get_tracking_uri())} ({exc})") from None
         task = getattr(loaded.unwrap_python_model(), "task", None)
         if task is None:
             raise ConfigError(f"{model} is a pretrained model without a head: it embeds, it "

@@ -827,6 +827,10 @@ def test_a_diverging_finetune_is_named_and_a_search_carries_on(finetuned, tmp_pa
     (lambda p, f, t: ["preprocess", "--input", f"{p}/raw", "--coords", f"{p}/coords.tsv",
                       "--out", f"{t}/s", "--high-pass", "0.1", "--low-pass", "0.05"],
      "--high-pass 0.1 Hz must be below --low-pass 0.05 Hz"),
+    (lambda p, f, t: ["analyze", "--model", f"{p}/model", "--data", f"{p}/store", "--out",
+                      f"{t}/a", "--networks", "500"], "--networks 500: more networks than"),
+    (lambda p, f, t: ["pretrain", "--data", f"{p}/store", "--out", f"{t}/m",
+                      "--probe-target", "nosuch"], "--probe-target nosuch: no such column"),
 ])
 def test_options_and_outputs_are_checked_before_any_work(project, finetuned, tmp_path, capsys,
                                                          argv, message):

@@ -27,13 +27,16 @@ def analyze(args) -> str:
     from .reconstruction import plot_reconstruction, reconstruct_recording
 
     model, store = _load(args.model, args.data, args.window)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.networks > store.n_parcels:
+        raise ConfigError(f"--networks {args.networks}: more networks than the store's "
+                          f"{store.n_parcels} parcels")
     window = window_length(model)
     ds = WindowDataset(store, args.split, window=window, mode="sliding", stride=window)
+    truth = network_labels(args.truth, store)  # checked before any model work
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     n = min(len(ds), args.max_windows)
     windows = np.stack([ds[i]["signal"] for i in range(n)])
-    truth = network_labels(args.truth, store)
     coords = torch.as_tensor(store.coords)
     nets = identify_networks(model, windows, coords, k=args.networks, truth=truth, seed=args.seed)
     row = store.recordings(args.split).iloc[0]

@@ -236,6 +236,9 @@ def build_run(cfg: PretrainConfig) -> Run:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(cfg.seed)
     store = BrainStore(cfg.data)
+    if cfg.probe_target and cfg.probe_target not in store.manifest.columns:
+        raise ConfigError(f"--probe-target {cfg.probe_target}: no such column in {cfg.data}'s "
+                          "manifest (phenotypes come from participants.tsv)")
     if not len(store.recordings("val")):
         raise ConfigError(f"{cfg.data}: the val split is empty; validation needs held-out "
                           "subjects (preprocess with a val fraction, e.g. --split 0.8,0.1,0.1)")

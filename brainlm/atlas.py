@@ -157,9 +157,8 @@ def atlas_from_coords(path) -> Atlas:
         table = pd.read_csv(io.StringIO(text), sep=sep, header=None, dtype=str,
                             engine="python", skip_blank_lines=True).apply(lambda c: c.str.strip())
     except (OSError, StopIteration, ValueError, pd.errors.ParserError) as exc:
-        raise InputError(path, "unreadable coordinates table (" + (
-            str(exc) or "the file is empty" if not isinstance(exc, StopIteration)
-            else "the file is empty") + ")") from None
+        raise InputError(path, f"unreadable coordinates table ({exc or 'the file is empty'})"
+                         ) from None
     head = [str(v).lower() for v in table.iloc[0]]
     if set(XYZ) <= set(head):  # a header row names the columns
         table = table.iloc[1:].set_axis(head, axis=1)

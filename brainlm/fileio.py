@@ -103,6 +103,12 @@ def _recover(target: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def overlaps(a, b) -> bool:
+    """Whether two paths are the same folder or one lies inside the other."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
 def check_replaceable(out, kind: str, marker: str, ours: tuple, flag: str = "--out") -> None:
     """`out` is about to be replaced whole (atomic_dir): it must be new, empty, or an earlier
     output of this `kind` (it holds `marker`) holding nothing but what such an output holds

@@ -249,8 +249,8 @@ class Tracker:
     def params(self, params: dict) -> None:
         """Logged as text: credentials in URLs masked, values cut at MLflow's length limit
         (a long --input list must not stop the run)."""
-        if self.active:
-            self._call(self._mlflow.log_params, {k: _param_text(v) for k, v in params.items()})
+        self._call(lambda: self._mlflow.log_params({k: _param_text(v)
+                                                    for k, v in params.items()}))
 
     def metrics(self, metrics: dict, step: int) -> None:
         self.metrics_steps([(step, metrics)])

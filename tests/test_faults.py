@@ -4,7 +4,6 @@ half-written): the classes of the README's "Faults and bad input" table."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys

@@ -69,10 +69,7 @@ def export_embeddings(model_path, store_path, out_path, split: str | None = None
     """Embed every recording of a store with a pretrained folder (either family) to parquet."""
     import torch
 
-    from ..data.store import BrainStore
-    from ..errors import ConfigError
     from ..fileio import atomic_path
-    from ..model import load_model
 
     model, store = load_for_store(model_path, store_path, window)
     device = "cuda" if torch.cuda.is_available() else "cpu"

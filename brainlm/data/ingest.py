@@ -101,7 +101,7 @@ def _walk(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
             continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in _NOT_RECORDINGS)
-        for name in sorted(dirs):
+        for name in dirs:
             if _looks_like_recording(name):
                 odd.append((Path(folder) / name, "a folder named like a recording, not a file"))
         for name in sorted(names):
@@ -254,9 +254,9 @@ def read_participants(path) -> tuple["object", dict[str, str], list[str]]:
     recording, so its row is left out, and said. Duplicate ids cannot be joined safely (which
     age is right?), so those subjects are reported rather than guessed.
     """
-    import pandas as pd
-
     import io
+
+    import pandas as pd
 
     path = Path(path)
     if not path.is_file():  # a folder or a pipe (which would wait forever)

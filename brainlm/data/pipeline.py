@@ -14,8 +14,6 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import BrainLMError, ConfigError, InputError
 from .parcellate import ENGINES, STANDARDIZE, ParcellationSettings, parcellate_recording
 from .split import SPLITS, assign_splits
@@ -54,15 +52,14 @@ class PreprocessConfig:
         if s.min_timepoints < 1:
             raise ConfigError(f"window/min timepoints must be >= 1, got {s.min_timepoints}")
         assign_splits([], self.fractions)  # checks the fractions
-        out = Path(self.out).resolve()
-        for item in self.inputs:
-            src = Path(item).resolve()
-            if out == src or src in out.parents or out in src.parents:
-                raise ConfigError(f"--out {self.out} overlaps the input {item}: write the store "
-                                  "to a separate folder")
+        from ..fileio import overlaps
         from .store import check_replaceable
 
-        check_replaceable(out)
+        for item in self.inputs:
+            if overlaps(self.out, item):
+                raise ConfigError(f"--out {self.out} overlaps the input {item}: write the store "
+                                  "to a separate folder")
+        check_replaceable(self.out)
         nyquist = 0.5 / s.target_tr
         for name, f in (("high_pass", s.high_pass), ("low_pass", s.low_pass)):
             if f is not None and not (0 < f < nyquist):

@@ -128,7 +128,7 @@ class BrainStore:
         self._arrays: dict[str, np.ndarray] = {}
         from .scale import RobustScaler
 
-        self._read("scaler.safetensors", RobustScaler.load)  # copied into every model
+        self._scaler = self._read("scaler.safetensors", RobustScaler.load)  # checked here
         ok = self.manifest[self.manifest["status"] == "ok"]
         for split, rows in ok.groupby("split"):  # each array holds what the manifest says
             need = int((rows["offset"] + rows["n_parcels"] * rows["n_timepoints"]).max())
@@ -159,9 +159,7 @@ class BrainStore:
         return np.array(self.parcels[["x", "y", "z"]], dtype=np.float32)  # writable copy
 
     def scaler(self):
-        from .scale import RobustScaler
-
-        return RobustScaler.load(self.path / "scaler.safetensors")
+        return self._scaler
 
     def recordings(self, split: str | None = None):
         """Kept recordings (status ok), optionally of one split, in storage order."""

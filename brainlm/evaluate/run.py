@@ -62,8 +62,6 @@ def evaluate_run(run_dir, out_dir=None, n_boot: int = 1000, seed: int = 0) -> di
         else:
             rows = _subject_rows(run, store, meta, n_boot, seed)
     except (KeyError, OSError, ValueError) as exc:  # a run folder edited or cut short
-        if isinstance(exc, ConfigError):
-            raise
         kind = "a missing entry" if isinstance(exc, KeyError) else type(exc).__name__
         raise ConfigError(f"{run}: the run's outputs cannot be read ({kind}: {exc}); "
                           "fine-tune again into this folder") from None

@@ -225,8 +225,9 @@ def _typed(option: Option, kind, value, default_value, where: str):
         if ok and numbers:
             ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
             need = "a list of numbers"
-        if ok and numbers and not all(math.isfinite(v) for v in value):
-            raise ConfigError(f"{where}: {list(value)} holds a value that is not a finite number")
+            if ok and not all(math.isfinite(v) for v in value):
+                raise ConfigError(f"{where}: {list(value)} holds a value that is not a finite "
+                                  "number")
         value = tuple(value) if ok and base is tuple else value
     else:
         return value

@@ -107,10 +107,10 @@ def _pretrained(cfg: RegisterConfig, root: Path, split: dict) -> dict:
     for r in cfg.mask_ratios:
         folder = root / "models" / f"pretrain-{r:g}"
         fp = registry.pretrained_fingerprint(folder)
-        m = json.loads((folder / "metrics.json").read_text())
-        atlas = json.loads((folder / "config.json").read_text()).get("atlas_hash")
 
-        def decide(version, m=m, atlas=atlas):
+        def decide(version, folder=folder):  # read only for a version still to decide
+            m = json.loads((folder / "metrics.json").read_text())
+            atlas = json.loads((folder / "config.json").read_text()).get("atlas_hash")
             if "val_common_r2" not in m:  # no common-mask score (a parcel or future strategy)
                 return registry.note_decision("brainlm-pretrain", version.version,
                                               "not_comparable", "no common-mask validation R^2")

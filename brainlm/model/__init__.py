@@ -37,9 +37,10 @@ def load_model(path, coords=None, n_time: int | None = None):
         from .legacy import ReleasedBrainLM
 
         return ReleasedBrainLM.from_folder(path, coords, n_time=n_time or 200).eval()
-    except ConfigError as exc:
-        raise ConfigError(f"{path / 'config.json'}: {exc}") if str(path) not in str(exc) \
-            else exc from None
+    except ConfigError as exc:  # a config value the model refuses: name the file
+        if str(path) in str(exc):
+            raise
+        raise ConfigError(f"{path / 'config.json'}: {exc}") from None
     except Exception as exc:  # missing or damaged weights, a config that does not fit them
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{path}: cannot load the model ({first[:300]}): the folder must "

@@ -192,6 +192,7 @@ class Run:
     steps_per_epoch: int
     step: int = 0
     history: list = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # shaping_settings: recorded, checked on resume
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -204,8 +205,10 @@ class Run:
 def check_model_folder(cfg: PretrainConfig) -> None:
     """`--out` is a model folder: new, empty, or an earlier pretraining output (config.json or
     checkpoints/); never the store or a folder of other files it would write into."""
-    out, data = Path(cfg.out).resolve(), Path(cfg.data).resolve()
-    if out == data or data in out.parents or out in data.parents:
+    from ..fileio import overlaps
+
+    out = Path(cfg.out).resolve()
+    if overlaps(out, cfg.data):
         raise ConfigError(f"--out {cfg.out} overlaps the store {cfg.data}: write the model to "
                           "a separate folder")
     if out.is_file():
@@ -260,7 +263,7 @@ def build_run(cfg: PretrainConfig) -> Run:
         optimizer, lambda s: lr_lambda(s, warmup, cfg.max_steps, cfg.min_lr_ratio))
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     run = Run(cfg, store, model, model, optimizer, scheduler, train_ds, sampler, device, bf16,
-              rank, world, micro, steps_per_epoch)
+              rank, world, micro, steps_per_epoch, settings=shaping_settings(cfg))
     _resume(run)
     if cfg.compile:
         run.train_model = torch.compile(model)
@@ -295,7 +298,7 @@ def _build_model(cfg: PretrainConfig, store):
 def _resume(run: Run) -> None:
     previous = run.checkpoint.with_name("previous.pt")  # alone after a kill mid-rotation
     if run.cfg.resume and (run.checkpoint.exists() or previous.exists()):
-        state = resume_state(run.checkpoint, shaping_settings(run.cfg))
+        state = resume_state(run.checkpoint, run.settings)
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
@@ -396,7 +399,7 @@ def train(run: Run, tracker) -> dict:
             tracker.metrics(val, step=step)
         if run.rank == 0 and ckpt_due:
             save_checkpoint(run.checkpoint, model, run.optimizer, run.scheduler, step,
-                            run.history, shaping_settings(cfg))
+                            run.history, run.settings)
     bar.close()
     return {**last_eval, "ridges": ridges}
 

@@ -390,6 +390,10 @@ def test_participant_ids_follow_the_bids_label_rule_and_mismatches_are_said(tmp_
     assert "(00 as sub-00)" in text
     assert "2 row(s) left out, participant_id not a BIDS label" in text
     assert "line 4 'sub-0 2'" in text and "line 5 nan" in text
+    (tmp_path / "participants.tsv").write_text("participant_id\tage\n00\t30\n0 2\t32\n")
+    said = "\n".join(attach_phenotypes(discover([tmp_path]), tmp_path / "participants.tsv"))
+    assert "1 participant_id without the 'sub-' prefix read with it (00 as sub-00)" in said
+    assert "line 3 '0 2'" in said  # left out, not also said to be read with the prefix
 
 
 _KILL_AT = r'''

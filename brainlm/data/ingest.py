@@ -285,12 +285,13 @@ def read_participants(path) -> tuple["object", dict[str, str], list[str]]:
     raw = table["participant_id"]
     ids = raw.fillna("").astype(str).str.strip()
     warnings_: list[str] = []
-    bare = ids[(ids != "") & ~ids.str.startswith("sub-")]
+    prefixed = ids.where(ids.str.startswith("sub-") | (ids == ""), "sub-" + ids)
+    bad = ~prefixed.str.fullmatch(r"sub-[a-zA-Z0-9]+")
+    bare = ids[(prefixed != ids) & ~bad]  # read with the prefix (the bad ones are left out)
     if len(bare):
         warnings_.append(f"{path}: {len(bare)} participant_id without the 'sub-' prefix read "
                          f"with it ({_examples(bare, lambda i: f'{i} as sub-{i}')})")
-    ids = ids.where(ids.str.startswith("sub-") | (ids == ""), "sub-" + ids)
-    bad = ~ids.str.fullmatch(r"sub-[a-zA-Z0-9]+")
+    ids = prefixed
     if bad.any():  # line numbers as in an editor: the header is line 1
         warnings_.append(f"{path}: {int(bad.sum())} row(s) left out, participant_id not a "
                          "BIDS label (sub- then letters and digits): " + _examples(

@@ -1,4 +1,4 @@
-"""The MLflow model registry: register BrainLM models with their lineage, promote by metric.
+"""The MLflow model registry: register BrainLM models with their lineage (promotion: promotion.py).
 
 Registered versions carry what is needed to trust them later: the git commit and the hashes of
 `data.dvc`, `dvc.lock` and `params.yaml` (lineage), the model's own metrics as `metric.<name>`
@@ -362,7 +362,9 @@ def find_version(name: str, fingerprint_: str, client=None):
 
 
 def champion_version(name: str, client=None) -> str | None:
-    champion = _alias_version(_client(client), name, CHAMPION)
+    from .promotion import alias_version
+
+    champion = alias_version(_client(client), name, CHAMPION)
     return None if champion is None else str(champion.version)
 
 
@@ -381,25 +383,6 @@ def training_run(experiment: str, fingerprint_: str, client=None) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def hold_back(name: str, version, decision: str, reason: str, client=None) -> dict:
-    """A candidate that may not become champion (below its baseline): the `challenger`, with
-    the decision and reason tagged on the version; the champion stays."""
-    client = _client(client)
-    client.set_registered_model_alias(name, CHALLENGER, str(version))
-    return note_decision(name, version, decision, reason, client)
-
-
-def note_decision(name: str, version, decision: str, reason: str, client=None) -> dict:
-    """A decision that moves no alias (`not_comparable`), written on the version with its
-    reason; the decision tag last, so a version without one is decided again."""
-    client = _client(client)
-    version = str(version)
-    client.set_model_version_tag(name, version, "promotion.reason", reason[:5000])
-    client.set_model_version_tag(name, version, DECISION, decision)
-    return {"decision": decision, "champion_version": champion_version(name, client),
-            "candidate_version": version, "reason": reason}
-
-
 def model_card_text(readme: str) -> str:
     """A model card as a version description: without its YAML front matter (Hugging Face
     metadata, which MLflow would show as text)."""
@@ -408,87 +391,3 @@ def model_card_text(readme: str) -> str:
         if end != -1:
             return readme[end + 4:].lstrip("\n")
     return readme
-
-
-# ---------------------------------------------------------------------------- promotion
-
-def _alias_version(client, name: str, alias: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(exc).lower():
-            return None
-        raise
-
-
-def promote(name: str, version, metric: str, value: float, higher_is_better: bool,
-            client=None, split: str | None = None) -> dict:
-    """Make `version` the champion only if its `value` of `metric` is strictly better than the
-    current champion's (recorded as its tag `metric.<metric>`), or if there is no champion.
-    A refused candidate becomes the `challenger`.
-
-    The values must come from the same test split: the caller computes both; `split` (e.g. a
-    hash of the test subjects), when given for both versions, is checked to be equal. Every
-    decision is written on the candidate version as `promotion.*` tags, and `value` as its
-    `metric.<metric>` tag, so the next comparison reads it. Not safe against two promotions
-    of the same model at once.
-
-    Returns {"decision": "promoted" | "kept_champion", "champion_version" (after the decision),
-    "candidate_version", "candidate_value", "champion_value" (of the version compared with,
-    None without one), "compared_with" (that version, or None)}.
-    """
-    value = _number(value)
-    if value is None:
-        raise ValueError(f"{metric} of candidate {name} v{version} must be a finite number")
-    client = _client(client)
-    version = str(version)
-    client.get_model_version(name, version)  # fails early for an unknown version
-    champion = _alias_version(client, name, CHAMPION)
-    # versions are ints from the SQLite store of MLflow 3.17 and strings elsewhere: use str
-    current = None if champion is None else str(champion.version)
-    compared_with = current if current != version else None
-    champion_value = None
-    if compared_with is not None:
-        try:
-            champion_value = _number(float(champion.tags.get(f"metric.{metric}", "nan")))
-        except ValueError:
-            champion_value = None
-        if champion_value is None:
-            raise ValueError(f"champion {name} v{current} has no finite tag metric.{metric}: "
-                             "evaluate it on the same split and set the tag before promoting "
-                             "against it")
-        theirs = champion.tags.get("promotion.split")
-        if split and theirs and theirs != split:
-            raise ValueError(f"champion {name} v{current} was scored on split {theirs!r}, the "
-                             f"candidate on {split!r}: not comparable")
-        promoted = value > champion_value if higher_is_better else value < champion_value
-    else:  # no champion yet; or the candidate already is it (a register killed before
-        promoted = True  # its decision was written, deciding again)
-    decision = "promoted" if promoted else "kept_champion"
-    # the order is what a kill at any call leaves decidable: the candidate's score first, the
-    # aliases next, its decision last (a version without a decision is decided again)
-    tags = {f"metric.{metric}": value, "promotion.metric": metric,
-            "promotion.higher_is_better": str(higher_is_better),
-            "promotion.compared_with": compared_with or "none",
-            "promotion.candidate_value": value,
-            "promotion.champion_value": "none" if champion_value is None else champion_value}
-    if split:
-        tags["promotion.split"] = split
-    for key, v in tags.items():
-        client.set_model_version_tag(name, version, key, str(v))
-    if promoted:
-        if compared_with is not None:
-            client.set_model_version_tag(name, compared_with, "promotion.replaced_by", version)
-        client.set_registered_model_alias(name, CHAMPION, version)
-        challenger = _alias_version(client, name, CHALLENGER)
-        if challenger is not None and str(challenger.version) == version:
-            client.delete_registered_model_alias(name, CHALLENGER)
-    elif compared_with is not None:
-        client.set_registered_model_alias(name, CHALLENGER, version)
-    client.set_model_version_tag(name, version, DECISION, decision)
-    return {"decision": decision,
-            "champion_version": version if promoted else current,
-            "candidate_version": version, "candidate_value": value,
-            "champion_value": champion_value, "compared_with": compared_with}

@@ -486,8 +486,8 @@ def test_a_register_killed_at_any_registry_write_is_decided_by_the_next(tmp_path
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from brainlm import registry
-    from brainlm.jobs.register import _candidate, _decide
+    from brainlm import promotion, registry
+    from brainlm.jobs.register import Candidate, _candidate, _decide
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -515,8 +515,12 @@ def test_a_register_killed_at_any_registry_write_is_decided_by_the_next(tmp_path
                 pass  # exists
             return client.create_model_version(name, source=(tmp_path / fp).as_uri(),
                                                tags={registry.FINGERPRINT: fp})
-        return _decide(name, fp, log, lambda v: _candidate(name, v, "r2", value, True, "split",
-                                                           baseline, True))
+        gain = value - baseline
+        floor = {"name": "base", "value": gain, "low": gain - 0.05, "high": gain + 0.05,
+                 "verdict": "better" if gain > 0.05 else "worse"}
+        scores = promotion.subject_scores({f"sub-{i}": value + 0.01 * i for i in range(-4, 5)})
+        return _decide(name, fp, log, lambda v: _candidate(
+            name, v, Candidate("r2", value, True, "split", scores, floor), True))
 
     candidates = [("a", 0.3, 0.1), ("b", 0.2, 0.1), ("c", 0.5, 0.1), ("d", 0.6, 0.9)]
 

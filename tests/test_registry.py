@@ -19,7 +19,7 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 mlflow = pytest.importorskip("mlflow")
 torch = pytest.importorskip("torch")
 
-from brainlm import registry  # noqa: E402
+from brainlm import promotion, registry  # noqa: E402
 from brainlm.errors import ConfigError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -229,6 +229,17 @@ def _champion(client, name):
     return str(client.get_model_version_by_alias(name, "champion").version)
 
 
+def _evidence(value: float, spread: float = 0.01, n: int = 12, seed: int = 0) -> dict:
+    """Per-subject validation scores whose mean is `value`: each subject's score is the value
+    plus a subject effect (shared by every version, so it cancels in a paired difference) and
+    `spread` of version-specific noise."""
+    rng = np.random.default_rng(seed)
+    subject = np.random.default_rng(99).normal(0, 0.2, n)
+    noise = rng.normal(0, spread, n)
+    scores = value + subject - subject.mean() + noise - noise.mean()
+    return promotion.subject_scores({f"sub-{i:02d}": v for i, v in enumerate(scores)})
+
+
 @pytest.mark.parametrize("metric,higher,values", [
     ("r2", True, (0.30, 0.25, 0.35)),   # first, worse, better
     ("mse", False, (0.50, 0.60, 0.40)),
@@ -238,14 +249,18 @@ def test_promotion_by_metric(store, tmp_path, metric, higher, values):
     name = f"promo-{metric}"
     v1, v2, v3 = _versions(client, name, 3, tmp_path)
 
-    first = registry.promote(name, v1, metric, values[0], higher, client=client)
+    def promote(v, value, seed):
+        return promotion.promote(name, v, metric, value, higher, client=client,
+                                 evidence=_evidence(value, seed=seed))
+
+    first = promote(v1, values[0], 1)
     assert first["decision"] == "promoted" and first["compared_with"] is None
     assert first["champion_value"] is None and _champion(client, name) == v1
 
-    worse = registry.promote(name, v2, metric, values[1], higher, client=client)
-    assert worse == {"decision": "kept_champion", "champion_version": v1,
-                     "candidate_version": v2, "candidate_value": values[1],
-                     "champion_value": values[0], "compared_with": v1}
+    worse = promote(v2, values[1], 2)
+    assert worse["decision"] == "kept_champion" and worse["compared_with"] == v1
+    assert worse["champion_value"] == values[0] and worse["difference"]["verdict"] == "worse"
+    assert worse["difference"]["high"] < 0
     assert _champion(client, name) == v1
     assert str(client.get_model_version_by_alias(name, "challenger").version) == v2
     tags = client.get_model_version(name, v2).tags
@@ -254,14 +269,77 @@ def test_promotion_by_metric(store, tmp_path, metric, higher, values):
     assert float(tags["promotion.champion_value"]) == values[0]
     assert float(tags[f"metric.{metric}"]) == values[1]
 
-    better = registry.promote(name, v3, metric, values[2], higher, client=client)
+    better = promote(v3, values[2], 3)
     assert better["decision"] == "promoted" and better["champion_version"] == v3
+    assert better["difference"]["low"] > 0
     assert _champion(client, name) == v3
     assert client.get_model_version(name, v3).tags["promotion.decision"] == "promoted"
     assert client.get_model_version(name, v1).tags["promotion.replaced_by"] == v3
-    # a tie is not strictly better
-    tie = registry.promote(name, v2, metric, values[2], higher, client=client)
+    # the challenger is the best version that is not champion (v1 at values[0]), not the
+    # latest one (v2)
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == v1
+    # a tie is not shown better
+    tie = promote(v2, values[2], 4)
     assert tie["decision"] == "kept_champion" and _champion(client, name) == v3
+    assert tie["difference"]["verdict"] == "undecided"
+
+
+def test_a_better_point_whose_interval_spans_zero_is_not_promoted(store, tmp_path):
+    """Promotion needs the paired interval over validation subjects above 0: a challenger
+    better on average by noise across subjects stays the challenger."""
+    client = mlflow.MlflowClient()
+    name = "promo-noisy"
+    v1, v2, v3 = _versions(client, name, 3, tmp_path)
+    promotion.promote(name, v1, "r2", 0.50, True, client=client, evidence=_evidence(0.50))
+    noisy = _evidence(0.53, spread=0.15, seed=5)  # +0.03 on average, +-0.15 per subject
+    point = np.mean(list(noisy["scores"].values()))
+    out = promotion.promote(name, v2, "r2", float(point), True, client=client, evidence=noisy)
+    assert point > 0.50 and out["difference"]["value"] > 0
+    assert out["difference"]["low"] < 0 < out["difference"]["high"]
+    assert out["decision"] == "kept_champion" and _champion(client, name) == v1
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == v2
+    assert client.get_model_version(name, v2).tags["promotion.verdict"] == "undecided"
+    # the same gain, consistent across subjects, is promoted
+    clear = promotion.promote(name, v3, "r2", 0.53, True, client=client,
+                              evidence=_evidence(0.53, spread=0.005, seed=6))
+    assert clear["decision"] == "promoted" and clear["difference"]["low"] > 0
+
+
+def test_predictions_are_paired_on_the_shared_recordings(store, tmp_path):
+    """Fine-tuned models carry their validation predictions; the metric (R^2 here) is
+    recomputed on each resample of subjects for both, on the same recordings."""
+    client = mlflow.MlflowClient()
+    name = "promo-preds"
+    v1, v2 = _versions(client, name, 2, tmp_path)
+    rng = np.random.default_rng(0)
+    y = rng.uniform(20, 80, 30)
+
+    def ev(err):
+        return promotion.predictions("regression", "r2", None, [
+            (f"sub-{i:02d}_rest", f"sub-{i:02d}", float(y[i]), float(y[i] + e))
+            for i, e in enumerate(err)])
+
+    weak, strong = rng.normal(0, 15, 30), rng.normal(0, 3, 30)
+    promotion.promote(name, v1, "r2", 0.1, True, client=client, evidence=ev(weak))
+    out = promotion.promote(name, v2, "r2", 0.9, True, client=client, evidence=ev(strong))
+    assert out["decision"] == "promoted" and out["difference"]["low"] > 0
+    assert out["difference"]["n_subjects"] == 30
+    # other recordings: nothing to pair, not comparable
+    other = promotion.predictions("regression", "r2", None, [("sub-99_rest", "sub-99", 1.0,
+                                                               2.0)])
+    with pytest.raises(ValueError, match="no validation recording"):
+        promotion.paired_difference(other, ev(strong), True)
+
+
+def test_long_evidence_is_split_over_tags(store, tmp_path):
+    client = mlflow.MlflowClient()
+    name = "promo-long"
+    (v1,) = _versions(client, name, 1, tmp_path)
+    big = promotion.subject_scores({f"sub-{i:06d}": i / 7 for i in range(12_000)})
+    promotion.write_evidence(client, name, v1, big)
+    tags = client.get_model_version(name, v1).tags
+    assert tags[promotion.EVIDENCE].startswith("chunks:")
+    assert promotion.read_evidence(client.get_model_version(name, v1)) == big
 
 
 def test_promotion_refuses_what_it_cannot_compare(store, tmp_path):
@@ -269,23 +347,28 @@ def test_promotion_refuses_what_it_cannot_compare(store, tmp_path):
     name = "promo-guard"
     v1, v2 = _versions(client, name, 2, tmp_path)
     with pytest.raises(ValueError, match="finite"):
-        registry.promote(name, v1, "r2", float("nan"), True, client=client)
+        promotion.promote(name, v1, "r2", float("nan"), True, client=client)
     client.set_registered_model_alias(name, "champion", v1)  # set by hand: no recorded value
     with pytest.raises(ValueError, match="no finite tag metric.r2"):
-        registry.promote(name, v2, "r2", 0.5, True, client=client)
+        promotion.promote(name, v2, "r2", 0.5, True, client=client, evidence=_evidence(0.5))
     client.set_model_version_tag(name, v1, "metric.r2", "0.1")
-    client.set_model_version_tag(name, v1, "promotion.split", "test-A")
+    client.set_model_version_tag(name, v1, "promotion.split", "val-A")
     with pytest.raises(ValueError, match="not comparable"):
-        registry.promote(name, v2, "r2", 0.5, True, client=client, split="test-B")
+        promotion.promote(name, v2, "r2", 0.5, True, client=client, split="val-B",
+                          evidence=_evidence(0.5))
+    with pytest.raises(ValueError, match="no per-subject validation evidence"):
+        promotion.promote(name, v2, "r2", 0.5, True, client=client, split="val-A",
+                          evidence=_evidence(0.5))
+    promotion.write_evidence(client, name, v1, _evidence(0.1))
     assert _champion(client, name) == v1
-    assert registry.promote(name, v2, "r2", 0.5, True, client=client,
-                            split="test-A")["decision"] == "promoted"
+    assert promotion.promote(name, v2, "r2", 0.5, True, client=client, split="val-A",
+                             evidence=_evidence(0.5))["decision"] == "promoted"
 
 
 def test_registered_champion_loads_by_alias(registered, pretrained):
     """The deployment path: promote the pretrained model, then load `models:/name@champion`."""
     mv, _ = registered
-    result = registry.promote(mv.name, mv.version, "val_mse", 0.42, higher_is_better=False)
+    result = promotion.promote(mv.name, mv.version, "val_mse", 0.42, higher_is_better=False)
     assert result["decision"] == "promoted"
     out = mlflow.pyfunc.load_model("models:/brainlm-pretrain@champion").predict(
         {"signal": windows(1)[0].tolist()})
@@ -329,22 +412,34 @@ def test_a_nightly_run_that_ran_nothing_reports_the_registry_not_stale_words(
         "decision"] == "promoted"
 
 
-def test_the_gate_needs_a_measured_baseline_to_promote(store, tmp_path):
-    """register's gate: below its baseline, or with no baseline measured (it could not be
-    fitted), a candidate is the challenger with that decision; above it, it competes."""
+def test_the_gate_needs_an_interval_above_the_baseline(store, tmp_path):
+    """register's gate: with no baseline measured (it could not be fitted), shown below it, or
+    with an interval that holds 0, a candidate is held back with that decision; only a gain
+    whose interval is above 0 competes for champion."""
     from types import SimpleNamespace
 
-    from brainlm.jobs.register import _candidate
+    from brainlm.jobs.register import Candidate, _candidate
 
     client = mlflow.MlflowClient()
     name = "promo-gate"
-    v1, v2 = _versions(client, name, 2, tmp_path)
-    unmeasured = _candidate(name, SimpleNamespace(version=v1), "r2", 0.5, True, "k", None, True)
+    v1, v2, v3, v4 = _versions(client, name, 4, tmp_path)
+
+    def gate(v, value, verdict, low=-0.1, high=0.1):
+        floor = None if verdict is None else {"name": "fc_linear", "value": 0.0, "low": low,
+                                              "high": high, "verdict": verdict}
+        return _candidate(name, SimpleNamespace(version=v), Candidate(
+            "r2", value, True, "k", _evidence(value), floor), True)
+
+    unmeasured = gate(v1, 0.5, None)
     assert unmeasured["decision"] == "no_baseline" and "could not be fitted" in \
         unmeasured["reason"]
     assert str(client.get_model_version_by_alias(name, "challenger").version) == v1
-    below = _candidate(name, SimpleNamespace(version=v2), "r2", 0.5, True, "k", 0.6, True)
-    assert below["decision"] == "below_baseline"
-    above = _candidate(name, SimpleNamespace(version=v2), "r2", 0.7, True, "k", 0.6, True)
-    assert above["decision"] == "promoted" and _champion(client, name) == v2
+    assert gate(v2, 0.45, "worse", -0.3, -0.1)["decision"] == "below_baseline"
+    undecided = gate(v3, 0.55, "undecided")
+    assert undecided["decision"] == "baseline_undecided" and "not shown above" in \
+        undecided["reason"]
+    # the best held-back version is the challenger, whatever came last
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == v3
+    above = gate(v4, 0.7, "better", 0.05, 0.2)
+    assert above["decision"] == "promoted" and _champion(client, name) == v4
     assert client.get_model_version(name, v1).tags["promotion.decision"] == "no_baseline"

@@ -178,9 +178,9 @@ def test_pretraining_logs_to_the_team_mlflow(mlflow_server, postgres, s3, setup,
     # brainlm-pretrain, promoted to champion, loaded back by alias
     code = textwrap.dedent(f"""
         import json, numpy as np, mlflow
-        from brainlm import registry
+        from brainlm import promotion, registry
         mv = registry.log_pretrained({str(out)!r}, repo_root={str(tmp_path)!r})
-        result = registry.promote(mv.name, mv.version, "val_mse", 0.5, higher_is_better=False)
+        result = promotion.promote(mv.name, mv.version, "val_mse", 0.5, higher_is_better=False)
         model = mlflow.pyfunc.load_model(f"models:/{{mv.name}}@champion")
         x = np.random.default_rng(0).normal(size=(10, 40)).astype("float32")
         emb = model.predict({{"signal": x.tolist()}})

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from ..errors import ConfigError
+from .intervals import members_by_group, percentile_interval, subject_draws
 
 TASKS = ("regression", "classification", "forecast")
 TASK_METRICS = {
@@ -167,15 +168,6 @@ def _mean_finite(values) -> float:
 
 # ----------------------------------------------------------------------------- bootstrap
 
-def _group_members(groups, n: int) -> list[np.ndarray]:
-    groups = np.asarray(groups)
-    if groups.shape != (n,):
-        raise ConfigError(f"groups must have one entry per row ({n}), got shape {groups.shape}")
-    _, inverse = np.unique(groups, return_inverse=True)
-    order = np.argsort(inverse, kind="stable")
-    return np.split(order, np.cumsum(np.bincount(inverse))[:-1])
-
-
 def bootstrap_ci(metric: Callable, y_true, y_pred, groups, n_boot: int = 1000, seed: int = 0,
                  alpha: float = 0.05) -> dict:
     """Percentile CI of `metric(y_true, y_pred)` resampling GROUPS (subjects) with replacement.
@@ -194,29 +186,14 @@ def bootstrap_ci(metric: Callable, y_true, y_pred, groups, n_boot: int = 1000, s
     Returns {"value", "low", "high", "n_boot", "n_skipped", "widened"}.
     """
     y_true, y_pred = _same_length(y_true, y_pred, "bootstrap_ci")
-    if int(n_boot) < 1:
-        raise ConfigError(f"bootstrap_ci: n_boot must be >= 1, got {n_boot}")
-    if not 0 < alpha < 1:
-        raise ConfigError(f"bootstrap_ci: alpha must be in (0, 1), got {alpha}")
-    members = _group_members(groups, len(y_true))
+    _, members = members_by_group(groups, len(y_true))
     value = float(metric(y_true, y_pred))
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(members), size=(int(n_boot), len(members)))
     stats = []
-    for draw in draws:
+    for draw in subject_draws(len(members), n_boot, seed):
         idx = np.concatenate([members[g] for g in draw])
-        s = float(metric(y_true[idx], y_pred[idx]))
-        if np.isfinite(s):
-            stats.append(s)
-    out = {"value": value, "low": math.nan, "high": math.nan, "n_boot": len(stats),
-           "n_skipped": int(n_boot) - len(stats), "widened": False}
-    if stats:
-        low, high = np.percentile(stats, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-        low, high = float(low), float(high)
-        if np.isfinite(value) and not low <= value <= high:
-            low, high = min(low, value), max(high, value)
-            out["widened"] = True
-        out.update(low=low, high=high)
+        stats.append(float(metric(y_true[idx], y_pred[idx])))
+    out = percentile_interval(stats, value, alpha)
+    out["n_skipped"] = int(n_boot) - out["n_boot"]
     return out
 
 

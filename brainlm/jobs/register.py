@@ -1,15 +1,20 @@
 """Job `register`: the pipeline's pretrained and fine-tuned models into the MLflow registry,
-each promoted to `champion` only if it is comparable with the champion and beats it, and beats
-its baseline.
+each promoted to `champion` only when it is shown better than the champion on the VALIDATION
+subjects (the paired interval of the difference above 0) and shown above its best baseline.
 
 - Every mask ratio's pretrained model is a candidate for `brainlm-pretrain`, on one yardstick:
-  validation R^2 at the common mask (the same masks for every ratio); it must also beat the best
-  reconstruction baseline there (gain > 0).
-- The fine-tuned model competes on the params' test metric; it must also beat FC + linear on
-  the same test subjects.
-- Comparable means the same atlas, target, task and subjects (a key of them is tagged on each
-  version); otherwise the decision is `not_comparable` and the champion stays. A model below its
-  baseline is the `challenger` with decision `below_baseline` (`gate: false` turns this off).
+  validation R^2 at the common mask (the same masks for every ratio), compared with the
+  champion as the mean of per-subject differences; the gate is the gain over the best
+  reconstruction rung (`val_common_verdict` must be `learned`).
+- The fine-tuned model competes on the params' metric on the validation split, its validation
+  predictions re-scored on each resample of subjects beside the champion's; the gate is BrainLM
+  minus the best baseline on validation (`comparisons.json`: `better`). The test split is scored
+  and reported by `evaluate`, never read here.
+- Comparable means the same atlas, target, task and validation subjects (a key of them is tagged
+  on each version); otherwise `not_comparable` and the champion stays. A model not shown above
+  its baseline is held back (`below_baseline` when shown below, `baseline_undecided` when its
+  interval holds 0, `no_baseline` when none was measured; `gate: false` turns this off); the
+  `challenger` alias marks the best version on validation that is not champion.
 - An unchanged model (same fingerprint) keeps its version: decision `unchanged`.
 - A version's source run is the run that trained it, when this store has it.
 """
@@ -29,7 +34,7 @@ class RegisterConfig:
     root: Path  # the project: models/, runs/, processed/
     mask_ratios: tuple  # params.yaml's: every pretrained model is registered
     finetune_mask_ratio: float  # params.yaml's: the pretrained model that competes
-    metric: str = "r2"  # the fine-tuned model's test metric (results.json)
+    metric: str = "r2"  # the fine-tuned model's validation metric (results.json)
     higher_is_better: bool = True
     gate: bool = True  # a champion must beat its baseline too
 
@@ -56,7 +61,7 @@ def _split_hashes(root: Path) -> dict:
     manifest = pd.read_parquet(root / "processed" / "manifest.parquet")
     return {s: hashlib.sha256(",".join(sorted(set(
         manifest.loc[manifest["split"] == s, "subject"]))).encode()).hexdigest()[:16]
-        for s in ("val", "test")}
+        for s in ("val",)}  # promotion never reads the test split
 
 
 def _key(*parts) -> str:
@@ -66,22 +71,46 @@ def _key(*parts) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
 
 
-def _candidate(name, version, metric, value, higher, key, baseline, gate):
-    """Promote, hold back below the baseline, or keep the champion when not comparable."""
-    from .. import registry
+@dataclass
+class Candidate:
+    """A model's validation score, what a paired comparison re-scores, and its gate."""
+    metric: str
+    value: float
+    higher: bool
+    key: str  # atlas, target, task, validation subjects
+    evidence: dict | None  # promotion.subject_scores / promotion.predictions
+    floor: dict | None  # {"name", "value", "low", "high", "verdict"}: model minus its best
+    # baseline on validation; None when no baseline was measured
 
-    if gate and baseline is None:  # no floor was measured: nothing says the model beats it
-        return registry.hold_back(name, version.version, "no_baseline",
-                                  f"{metric} {value:.4g}: its baseline could not be fitted, so "
-                                  "the gate cannot pass")
-    if gate and not (value > baseline if higher else value < baseline):
-        return registry.hold_back(name, version.version, "below_baseline",
-                                  f"{metric} {value:.4g} does not beat its baseline "
-                                  f"({baseline:.4g})")
+
+GATE_DECISIONS = {"not learned": "below_baseline", "worse": "below_baseline",
+                  "undecided": "baseline_undecided"}
+
+
+def _candidate(name, version, c: Candidate, gate: bool):
+    """Promote, hold back when not shown above the baseline, or keep the champion when not
+    comparable."""
+    from .. import promotion
+
+    score = dict(metric=c.metric, value=c.value, higher_is_better=c.higher, split=c.key,
+                 evidence=c.evidence)
+    if gate and c.floor is None:  # no floor was measured: nothing says the model beats it
+        return promotion.hold_back(name, version.version, "no_baseline",
+                                   f"{c.metric} {c.value:.4g}: its baseline could not be "
+                                   "fitted, so the gate cannot pass", **score)
+    verdict = None if c.floor is None else c.floor.get("verdict")
+    if gate and verdict not in ("learned", "better"):
+        f = c.floor
+        return promotion.hold_back(
+            name, version.version, GATE_DECISIONS.get(verdict, "baseline_undecided"),
+            f"{c.metric} {c.value:.4g}: minus its best baseline ({f.get('name')}) "
+            f"{promotion.fmt_interval({**f, 'verdict': verdict or 'no interval'})} on the "
+            "validation subjects: not shown above it", **score)
     try:
-        return registry.promote(name, version.version, metric, value, higher, split=key)
+        return promotion.promote(name, version.version, c.metric, c.value, c.higher,
+                                 split=c.key, evidence=c.evidence)
     except ValueError as exc:  # the champion was scored on other subjects, atlas or target
-        return registry.note_decision(name, version.version, "not_comparable", str(exc))
+        return promotion.note_decision(name, version.version, "not_comparable", str(exc))
 
 
 def _decide(name: str, fingerprint: str, log, decide) -> dict:
@@ -97,11 +126,32 @@ def _decide(name: str, fingerprint: str, log, decide) -> dict:
     return decide(known if known is not None else log())
 
 
-def _pretrained(cfg: RegisterConfig, root: Path, split: dict) -> dict:
-    """Every mask ratio's model, in params order, on the common-mask yardstick."""
+def _pretrained_candidate(folder: Path, split: dict) -> Candidate | None:
+    """A pretrained model on the common-mask yardstick (None: it has no common-mask score, as
+    with the parcel or future masking strategies)."""
     import json
 
-    from .. import registry
+    from .. import promotion
+
+    m = json.loads((folder / "metrics.json").read_text())
+    atlas = json.loads((folder / "config.json").read_text()).get("atlas_hash")
+    if "val_common_r2" not in m:
+        return None
+    by_subject = m.get("val_common_r2_by_subject")
+    floor = None
+    if m.get("val_common_r2_best_baseline") is not None:
+        floor = {"name": m.get("val_common_best_baseline"), "value": m.get("val_common_r2_gain"),
+                 "low": m.get("val_common_r2_gain_low", float("nan")),
+                 "high": m.get("val_common_r2_gain_high", float("nan")),
+                 "verdict": m.get("val_common_verdict")}
+    return Candidate("val_common_r2", m["val_common_r2"], True,
+                     _key(atlas, "common-mask", split["val"]),
+                     promotion.subject_scores(by_subject) if by_subject else None, floor)
+
+
+def _pretrained(cfg: RegisterConfig, root: Path, split: dict) -> dict:
+    """Every mask ratio's model, in params order, on the common-mask yardstick."""
+    from .. import promotion, registry
 
     out = {}
     for r in cfg.mask_ratios:
@@ -109,14 +159,12 @@ def _pretrained(cfg: RegisterConfig, root: Path, split: dict) -> dict:
         fp = registry.pretrained_fingerprint(folder)
 
         def decide(version, folder=folder):  # read only for a version still to decide
-            m = json.loads((folder / "metrics.json").read_text())
-            atlas = json.loads((folder / "config.json").read_text()).get("atlas_hash")
-            if "val_common_r2" not in m:  # no common-mask score (a parcel or future strategy)
-                return registry.note_decision("brainlm-pretrain", version.version,
-                                              "not_comparable", "no common-mask validation R^2")
-            return _candidate("brainlm-pretrain", version, "val_common_r2", m["val_common_r2"],
-                              True, _key(atlas, "common-mask", split["val"]),
-                              m["val_common_r2_best_baseline"], cfg.gate)
+            c = _pretrained_candidate(folder, split)
+            if c is None:
+                return promotion.note_decision("brainlm-pretrain", version.version,
+                                               "not_comparable",
+                                               "no common-mask validation R^2")
+            return _candidate("brainlm-pretrain", version, c, cfg.gate)
 
         out[f"brainlm-pretrain@{r:g}"] = _decide(
             "brainlm-pretrain", fp, lambda folder=folder, r=r, fp=fp: registry.log_pretrained(
@@ -125,29 +173,67 @@ def _pretrained(cfg: RegisterConfig, root: Path, split: dict) -> dict:
     return out
 
 
-def _finetuned(cfg: RegisterConfig, root: Path, split: dict) -> dict:
+def _finetuned_candidate(cfg: RegisterConfig, root: Path, split: dict) -> Candidate:
+    """The fine-tuned model on the validation split: its score and best baseline from
+    `evaluate` (results.json, comparisons.json), its validation predictions as evidence."""
     import json
 
+    run_dir, ev = root / "runs" / "finetune", root / "runs" / "evaluation"
+    rows = [r for r in json.loads((ev / "results.json").read_text())
+            if r.get("split") == "val" and r["metric"] == cfg.metric]
+    score = {r["method"]: r["value"] for r in rows}
+    if "brainlm" not in score:
+        raise ConfigError(f"{ev / 'results.json'}: no validation brainlm row for "
+                          f"register.metric '{cfg.metric}' (evaluate again: promotion "
+                          "chooses on the validation split)")
+    vs = [c for c in json.loads((ev / "comparisons.json").read_text())
+          if c.get("split") == "val" and c.get("metric") == cfg.metric]
+    best = max(vs, key=lambda c: c["baseline_value"] if cfg.higher_is_better
+               else -c["baseline_value"], default=None)
+    floor = None if best is None else {"name": best["baseline"], **{
+        k: best[k] for k in ("value", "low", "high", "verdict")}}
+    meta = json.loads((run_dir / "finetune.json").read_text())
+    atlas = json.loads((root / "processed" / "store.json").read_text()).get("atlas_hash")
+    c = meta["config"]
+    return Candidate(cfg.metric, score["brainlm"], cfg.higher_is_better,
+                     _key(atlas, c.get("target"), c.get("task"), split["val"]),
+                     _validation_predictions(run_dir, c.get("task"), cfg.metric,
+                                             meta.get("classes")), floor)
+
+
+def _validation_predictions(run_dir: Path, task, metric: str, classes) -> dict | None:
+    """The run's validation predictions as promotion evidence (None for forecasting, whose
+    forecasts are not kept per recording)."""
+    import pandas as pd
+
+    from .. import promotion
+
+    path = run_dir / "predictions.parquet"
+    if task not in ("regression", "classification") or not path.is_file():
+        return None
+    p = pd.read_parquet(path)
+    p = p[p["split"] == "val"]
+    if task == "classification":
+        preds = p[[f"proba_{c}" for c in classes]].to_numpy(float).tolist()
+        truth = p["y_true"].astype(str).tolist()
+    else:
+        preds, truth = p["y_pred"].astype(float).tolist(), p["y_true"].astype(float).tolist()
+    return promotion.predictions(task, metric, classes, zip(
+        p["recording_id"].astype(str), p["subject"].astype(str), truth, preds))
+
+
+def _finetuned(cfg: RegisterConfig, root: Path, split: dict) -> dict:
     from .. import registry
 
     run_dir = root / "runs" / "finetune"
     name = registry.finetuned_name(run_dir)
     fp = registry.finetuned_fingerprint(run_dir)
-    results = root / "runs" / "evaluation" / "results.json"
-    rows = json.loads(results.read_text())
-    score = {r["method"]: r["value"] for r in rows if r["metric"] == cfg.metric}
-    if "brainlm" not in score:
-        raise ConfigError(f"{results}: no brainlm row for register.metric '{cfg.metric}' (have: "
-                          f"{', '.join(sorted({r['metric'] for r in rows}))})")
-    meta = json.loads((run_dir / "finetune.json").read_text())["config"]
-    atlas = json.loads((root / "processed" / "store.json").read_text()).get("atlas_hash")
-    key = _key(atlas, meta.get("target"), meta.get("task"), split["test"])
+    candidate = _finetuned_candidate(cfg, root, split)  # checked before anything is logged
     return {name: _decide(
         name, fp, lambda: registry.log_finetuned(
             run_dir, repo_root=root, tags={registry.FINGERPRINT: fp},
             run_id=registry.training_run("finetune", fp)),
-        lambda version: _candidate(name, version, cfg.metric, score["brainlm"],
-                                   cfg.higher_is_better, key, score.get("fc_linear"), cfg.gate))}
+        lambda version: _candidate(name, version, candidate, cfg.gate))}
 
 
 def run(cfg: RegisterConfig, tags: dict | None = None) -> dict:

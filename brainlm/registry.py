@@ -273,7 +273,8 @@ def log_finetuned(run_dir, target: str | None = None, name: str | None = None,
     unscaled recordings, its output the prediction per recording.
 
     Version tags: lineage, `config.*`, `finetune.*` (task, mode, pooling, target), and
-    `metric.<m>` (+ `metric.<m>.low/high`) for the brainlm rows of evaluation/results.json
+    `metric.<m>` (+ `metric.<m>.low/high`) for the brainlm validation rows of
+    evaluation/results.json (`metric.test_<m>` for its test rows)
     when `brainlm evaluate` has been run (its results.md becomes the description), plus
     `metric.best_val_loss`. Only fine-tuning from our ('brainlm') pretrained folders.
     """
@@ -296,10 +297,13 @@ def log_finetuned(run_dir, target: str | None = None, name: str | None = None,
     if results.is_file():
         for row in _read_json(results, "evaluation results"):
             if row.get("method") == "brainlm" and (v := _number(row.get("value"))) is not None:
-                metrics[row["metric"]] = v
+                # validation scores are what promotion compares (metric.<m>); test scores are
+                # reported beside them (test.<m>), never chosen on
+                key = row["metric"] if row.get("split") == "val" else f"test_{row['metric']}"
+                metrics[key] = v
                 for end in ("low", "high"):
                     if (b := _number(row.get(end))) is not None:
-                        ci[f"metric.{row['metric']}.{end}"] = b
+                        ci[f"metric.{key}.{end}"] = b
     version_tags = {**lineage_tags(repo_root), **_config_tags(config),
                     **{f"finetune.{k}": cfg.get(k) for k in ("task", "mode", "pooling", "target")
                        if cfg.get(k) is not None},

@@ -43,7 +43,8 @@ def test_finetune_and_evaluate_on_known_effects(chain):
         assert run("evaluate", "--run", out, "--n-boot", "100") == 0
         rows = json.loads((out / "evaluation" / "results.json").read_text())
         floor = "train_mean" if task == "regression" else "majority"
-        assert {r["method"] for r in rows} == {"brainlm", "fc_linear", "raw_roi_mlp", floor}
+        assert {r["method"] for r in rows} == {"brainlm", "fc_linear", "tangent_linear",
+                                               "raw_roi_mlp", floor}
         control = json.loads((out / "evaluation" / "positive_control.json").read_text())
         assert control["status"] in ("passed", "failed", "undetermined"), control  # synthetic
         assert "## Positive control" in (out / "evaluation" / "results.md").read_text()

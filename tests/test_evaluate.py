@@ -398,29 +398,29 @@ def test_plots_write_png(tmp_path):
 # ----------------------------------------------------------------------------- sane baselines
 
 def test_fc_baseline_row_space_projection_is_exact():
-    """_RowSpace changes the solver's problem size, not the answer: same predictions as the
-    full-width L2 fits (ridge and logistic) on the same inner folds."""
-    from sklearn.linear_model import LogisticRegressionCV, RidgeCV
+    """_RowSpace changes the solver's problem size, not the answer: same penalty grid, same
+    choice and same predictions as the full-width L2 fits (ridge and logistic) on the same
+    inner folds."""
     from sklearn.pipeline import make_pipeline
 
-    from brainlm.evaluate.baselines import _inner_cv, _PooledScaler
+    from brainlm.evaluate.baselines import _inner_cv
+    from brainlm.evaluate.heads import ScaledLogisticCV, ScaledRidgeCV, _PooledScaler
 
     xs, y, subjects = _planted_fc(n_subjects=16, parcels=20)
     tr, te = _split(subjects, 12)
     fast = FCBaseline("regression").fit(_take(xs, tr), y[tr], groups=subjects[tr])
     X = np.stack([fc_features(x) for x in xs])
-    full = make_pipeline(_PooledScaler(), RidgeCV(
-        alphas=np.logspace(-3, 5, 17), cv=_inner_cv("regression", y[tr], subjects[tr], 0)))
+    full = make_pipeline(_PooledScaler(), ScaledRidgeCV(
+        cv=_inner_cv("regression", y[tr], subjects[tr], 0)))
     full.fit(X[tr], y[tr])
+    np.testing.assert_allclose(fast.model[-1].alphas_, full[-1].alphas_, rtol=1e-9)
     np.testing.assert_allclose(fast.predict(_take(xs, te)), full.predict(X[te]), rtol=1e-6,
                                atol=1e-8)
     # weakly informative labels: a well-conditioned optimum (separable data has none)
     label = ((y + np.random.default_rng(1).normal(0, 1.5, len(y))) > 0).astype(int)
     fast = FCBaseline("classification").fit(_take(xs, tr), label[tr], groups=subjects[tr])
-    full = make_pipeline(_PooledScaler(), LogisticRegressionCV(
-        Cs=np.logspace(-3, 5, 17), l1_ratios=(0.0,), scoring="neg_log_loss",
-        cv=_inner_cv("classification", label[tr], subjects[tr], 0), solver="lbfgs",
-        max_iter=5000, tol=1e-10, random_state=0, use_legacy_attributes=False))
+    full = make_pipeline(_PooledScaler(), ScaledLogisticCV(
+        cv=_inner_cv("classification", label[tr], subjects[tr], 0)))
     full.fit(X[tr], label[tr])
     assert fast.model[-1].C_ == pytest.approx(full[-1].C_)
     np.testing.assert_allclose(fast.predict_proba(_take(xs, te)), full.predict_proba(X[te]),
@@ -484,14 +484,201 @@ def test_raw_roi_mlp_penalty_chosen_by_inner_cv():
 
 
 
+# ----------------------------------------------------------------------------- fair baselines
+
+def test_window_starts_are_brainlms_windows():
+    """The MLP's windows are exactly those BrainLM averages over (sliding_batches)."""
+    from brainlm.data.windows import sliding_batches
+    from brainlm.evaluate.baselines import window_starts
+
+    assert window_starts(300, 100) == [0, 100, 200]
+    assert window_starts(350, 100) == [0, 100, 200, 250]  # the last ends at the last timepoint
+    assert window_starts(100, 100) == [0] and window_starts(120, 40, 30) == [0, 30, 60, 80]
+    xs = [np.arange(2 * t, dtype=np.float32).reshape(2, t) for t in (100, 130, 255)]
+    seen = [x.numpy() for x, _ in sliding_batches(xs, 50, 50, 100)][0]
+    mine = [x[:, s:s + 50] for x in xs for s in window_starts(x.shape[1], 50)]
+    np.testing.assert_array_equal(seen, np.stack(mine))
+    with pytest.raises(ConfigError, match="no window"):
+        window_starts(40, 50)
+
+
+def test_raw_roi_mlp_sees_every_window():
+    """The target is only in the SECOND window of each recording (a first-window MLP sees
+    nothing); trained on every window and averaged per recording, the MLP finds it."""
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=120)
+    xs = rng.normal(size=(120, 8, 400))
+    xs[:, 0, 200:] += 0.8 * y[:, None]
+    subjects = np.array([f"s{i // 2}" for i in range(120)])
+    model = RawROIMLP("regression", seed=0).fit(xs[:80], y[:80], groups=subjects[:80])
+    X, owner = model._design(list(xs[80:]))
+    assert X.shape == (80, 8 * 10) and list(np.bincount(owner)) == [2] * 40
+    window_pred = model.model.predict(X)
+    pred = model.predict(xs[80:])  # the mean of each recording's two windows
+    np.testing.assert_allclose(pred, window_pred.reshape(40, 2).mean(axis=1))
+    assert regression_metrics(y[80:], pred)["pearson_r"] > 0.4
+
+
+def test_penalty_grid_follows_the_data_scale():
+    """Features x 1e3 -> every candidate penalty and the chosen one x 1e6 (logistic C / 1e6),
+    the same predictions; the grid spans the trace of the centred Gram matrix."""
+    from brainlm.evaluate.heads import RIDGE_FACTORS, ScaledLogisticCV, ScaledRidgeCV
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 30))
+    y = X[:, 0] + rng.normal(size=60)
+    a, b = ScaledRidgeCV().fit(X, y), ScaledRidgeCV().fit(1e3 * X, y)
+    trace = float(np.sum((X - X.mean(0)) ** 2))
+    np.testing.assert_allclose(a.alphas_, trace * np.asarray(RIDGE_FACTORS))
+    assert b.alpha_ == pytest.approx(1e6 * a.alpha_, rel=1e-9) and a.edge_ is None
+    np.testing.assert_allclose(a.predict(X), b.predict(1e3 * X), rtol=1e-6)
+    label = (y > 0).astype(int)
+    c, d = ScaledLogisticCV().fit(X, label), ScaledLogisticCV().fit(1e3 * X, label)
+    assert d.C_ == pytest.approx(c.C_ / 1e6, rel=1e-6) and c.edge_ is None
+
+
+def test_penalty_edge_warned_only_when_the_grid_limits_it():
+    """Healthy data: an interior penalty and no warning. A grid forced far below the data's
+    scale (nothing to learn, every penalty too light): the highest edge, warned with the
+    baseline's name and penalty, and marked for the results row."""
+    xs, y, subjects = _planted_fc()
+    tr, _ = _split(subjects, 22)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        healthy = FCBaseline("regression").fit(_take(xs, tr), y[tr], groups=subjects[tr])
+    assert not [w for w in caught if "penalty" in str(w.message)]
+    assert healthy.penalty_["penalty_edge"] is None and not healthy.penalty_["penalty_at_edge"]
+    noise, target, subj = _noise_cohort(30, 1)
+    with pytest.warns(UserWarning, match=r"fc_linear: .*highest penalty .*alpha="):
+        forced = FCBaseline("regression", factors=(1e-9, 1e-8, 1e-7)).fit(
+            list(noise), target, groups=subj)
+    assert forced.penalty_["penalty_at_edge"] and forced.penalty_["penalty_edge"] == "highest"
+    # on the default grid the same data end on the floor's plateau: not limiting, not warned
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        floor = FCBaseline("regression").fit(list(noise), target, groups=subj)
+    assert not floor.penalty_["penalty_at_edge"]
+    assert not [w for w in caught if "penalty" in str(w.message)]
+
+
+def test_tangent_baseline_recovers_planted_covariance_effect():
+    """Tangent-space connectome + ridge finds a planted covariance effect; its reference mean
+    is the training recordings' alone."""
+    from nilearn.connectome import ConnectivityMeasure
+
+    from brainlm.evaluate.baselines import TangentBaseline
+
+    xs, y, subjects = _planted_fc(seed=1)
+    tr, te = _split(subjects, 22)
+    model = TangentBaseline("regression").fit(_take(xs, tr), y[tr], groups=subjects[tr])
+    assert model.name == "tangent_linear"
+    assert regression_metrics(y[te], model.predict(_take(xs, te)))["r2"] > 0.5
+    ref = ConnectivityMeasure(kind="tangent").fit([xs[i].T for i in tr])
+    np.testing.assert_allclose(model.measure_.mean_, ref.mean_, rtol=1e-6)
+    with pytest.raises(ConfigError, match="fit"):
+        TangentBaseline("regression").predict(xs[:2])
+
+
+def test_paired_comparisons_orientation_and_verdict_rule():
+    """BrainLM minus the baseline with > 0 = BrainLM better, error metrics flipped; `better`
+    / `worse` only when the interval excludes 0, `undecided` when it spans 0."""
+    from brainlm.evaluate.comparisons import paired_comparisons
+
+    rng = np.random.default_rng(0)
+    subjects = np.repeat(np.arange(30), 2)
+    y = rng.normal(size=60)
+    good, bad = y + 0.3 * rng.normal(size=60), y + 1.5 * rng.normal(size=60)
+    twin = good + 0.01 * rng.normal(size=60)  # as good as BrainLM
+    out = paired_comparisons("regression", "age", "val", y,
+                             {"brainlm": good, "bad": bad, "twin": twin}, subjects,
+                             n_boot=200)
+    by = {(c["baseline"], c["metric"]): c for c in out}
+    assert len(out) == 6 and {c["split"] for c in out} == {"val"}
+    for metric in ("r2", "mae", "pearson_r"):
+        assert by["bad", metric]["verdict"] == "better" and by["bad", metric]["value"] > 0
+    mae = by["bad", "mae"]
+    assert mae["value"] == pytest.approx(mae["baseline_value"] - mae["brainlm"])
+    assert mae["brainlm"] == pytest.approx(mae_fn := float(np.mean(np.abs(y - good))))
+    assert mae_fn < mae["baseline_value"] and not mae["higher_is_better"]
+    flipped = paired_comparisons("regression", "age", "val", y, {"brainlm": bad, "x": good},
+                                 subjects, n_boot=200)
+    assert {c["verdict"] for c in flipped} == {"worse"}
+    for c in out + flipped:
+        assert c["verdict"] == ("better" if c["low"] > 0 else "worse" if c["high"] < 0
+                                else "undecided")
+    assert any(c["verdict"] == "undecided" and c["low"] < 0 < c["high"]
+               for c in out if c["baseline"] == "twin")
+
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory):
+    """A store (tests.helpers.age_effect_setup) and a fine-tuning run folder written by hand:
+    BrainLM's val and test predictions are the truth itself (so it beats the floor on any
+    resample), no training needed."""
+    import pandas as pd
+
+    from brainlm.data.store import BrainStore, store_fingerprint
+    from tests.helpers import age_effect_setup
+
+    root = age_effect_setup(tmp_path_factory.mktemp("ev"), 20, 120, 6)
+    store = BrainStore(root / "store")
+    rows = [{"recording_id": r["recording_id"], "subject": r["subject"], "split": split,
+             "y_true": r["age"], "y_pred": r["age"]}
+            for split in ("val", "test") for _, r in store.recordings(split).iterrows()]
+    run = root / "run"
+    run.mkdir()
+    pd.DataFrame(rows).to_parquet(run / "predictions.parquet", index=False)
+    (run / "finetune.json").write_text(json.dumps({
+        "config": {"task": "regression", "target": "age"}, "store": str(root / "store"),
+        "store_fingerprint": store_fingerprint(root / "store"), "window": 40,
+        "patch_size": 10, "classes": None}))
+    return run
+
+
+def test_evaluate_run_scores_val_and_test_and_compares_paired(scored_run):
+    from brainlm.evaluate import evaluate_run
+    from brainlm.evaluate.comparisons import tracking_values
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # grid edges on 12 training subjects
+        result = evaluate_run(scored_run, n_boot=100)
+    out = scored_run / "evaluation"
+    rows = json.loads((out / "results.json").read_text())
+    methods = {"brainlm", "fc_linear", "tangent_linear", "raw_roi_mlp", "train_mean"}
+    for split in ("val", "test"):
+        assert {r["method"] for r in rows if r["split"] == split} == methods
+    assert all("penalty" in r and "penalty_at_edge" in r for r in rows
+               if r["method"] in ("fc_linear", "tangent_linear", "raw_roi_mlp"))
+    comparisons = json.loads((out / "comparisons.json").read_text())
+    assert {(c["split"], c["baseline"]) for c in comparisons} == {
+        (s, m) for s in ("val", "test") for m in methods - {"brainlm"}}
+    keys = {"split", "metric", "baseline", "value", "low", "high", "verdict", "brainlm",
+            "baseline_value", "n_subjects"}
+    for c in comparisons:
+        assert keys <= set(c)
+        assert c["verdict"] == ("better" if c["low"] > 0 else "worse" if c["high"] < 0
+                                else "undecided"), c
+    perfect = [c for c in comparisons if c["baseline"] == "train_mean" and c["metric"] == "r2"]
+    assert [c["verdict"] for c in perfect] == ["better", "better"]  # test, then val
+    text = (out / "results.md").read_text()
+    assert "## Validation split" in text and "paired over subjects" in text
+    assert text.index("## Validation split") < text.index("## Positive control")
+    values = tracking_values(result["rows"], result["comparisons"])
+    assert values["verdict.vs_train_mean.r2"] == "better"
+    assert values["verdict.val_vs_train_mean.r2"] == "better"
+    assert values["vs_fc_linear_mae_low"] <= values["vs_fc_linear_mae"] <= \
+        values["vs_fc_linear_mae_high"]
+    assert "val_brainlm_r2" in values and "brainlm_r2" in values
+
+
 # ----------------------------------------------------------------------------- positive controls
 
-def _control_rows(value, metric="r2", task="regression", target="age"):
+def _control_rows(value, metric="r2", task="regression", target="age", high=0.9):
     base = {"task": task, "target": target, "n_subjects": 8}
     return [{**base, "method": "brainlm", "metric": metric, "value": -0.1, "low": -0.5,
              "high": 0.2},
             {**base, "method": "fc_linear", "metric": metric, "value": value, "low": 0.1,
-             "high": 0.9}]
+             "high": high}]
 
 
 def test_positive_control_section():
@@ -505,10 +692,10 @@ def test_positive_control_section():
     assert summary["status"] == "passed" and summary["threshold"] == 0.5
     assert summary["brainlm"]["value"] == -0.1  # reported whatever it scores
     assert "## Positive control" in md and "PASSED" in md and "brainlm" in md and "-0.100" in md
-    summary, md = positive_controls(_control_rows(0.31), "age", "regression", truth)
+    summary, md = positive_controls(_control_rows(0.31, high=0.45), "age", "regression", truth)
     assert summary["status"] == "failed" and "FAILED" in md
-    summary, _ = positive_controls(_control_rows(0.79, "roc_auc", "classification", "sex"),
-                                   "sex", "classification", truth)
+    summary, _ = positive_controls(_control_rows(0.79, "roc_auc", "classification", "sex",
+                                                 high=0.79), "sex", "classification", truth)
     assert summary["status"] == "failed"
     summary, _ = positive_controls(_control_rows(float("nan"), "roc_auc", "classification",
                                                  "sex"), "sex", "classification", truth)

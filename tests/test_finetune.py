@@ -118,10 +118,10 @@ def test_evaluate_scores_model_and_baselines_on_the_same_test_subjects(setup, tm
     printed = capsys.readouterr().out
     results = json.loads((run / "evaluation" / "results.json").read_text())
     methods = {r["method"] for r in results}
-    assert methods == {"brainlm", "fc_linear", "raw_roi_mlp", "train_mean"}
-    test_subjects = BrainStore(setup / "store").recordings("test")["subject"].nunique()
-    for r in results:
-        assert r["n_subjects"] == test_subjects  # every method on exactly the test subjects
+    assert methods == {"brainlm", "fc_linear", "tangent_linear", "raw_roi_mlp", "train_mean"}
+    store = BrainStore(setup / "store")
+    for r in results:  # every method on exactly the subjects of its split
+        assert r["n_subjects"] == store.recordings(r["split"])["subject"].nunique()
         if r["value"] is not None:
             assert r["low"] <= r["value"] <= r["high"]
     assert {r["metric"] for r in results} == {"r2", "mae", "pearson_r"}
@@ -140,6 +140,10 @@ def test_evaluate_classification_and_forecast_runs(setup, tmp_path):
     rows = json.loads((tmp_path / "f" / "evaluation" / "results.json").read_text())
     assert {r["method"] for r in rows} == {"brainlm", "persistence", "parcel_mean", "linear_ar",
                                            "train_mean"}
+    assert {r["split"] for r in rows} == {"val", "test"}  # forecast.npz holds both
+    vs = json.loads((tmp_path / "f" / "evaluation" / "comparisons.json").read_text())
+    assert {(c["split"], c["metric"]) for c in vs} == {
+        (s, m) for s in ("val", "test") for m in ("mse", "r2")}
     assert (tmp_path / "f" / "evaluation" / "forecast_r2.png").is_file()
 
 

@@ -182,8 +182,12 @@ def test_log_finetuned_serves_the_tuned_encoder(registered, pretrained, tmp_path
               | {"head.linear.weight": head_w, "head.linear.bias": torch.full((1,), 0.5)},
               str(run / "finetuned.safetensors"))
     (run / "evaluation" / "results.json").write_text(json.dumps([
-        {"method": "brainlm", "metric": "r2", "value": 0.31, "low": 0.1, "high": 0.5},
-        {"method": "fc_linear", "metric": "r2", "value": 0.2, "low": 0.0, "high": 0.4}]))
+        {"method": "brainlm", "metric": "r2", "value": 0.31, "low": 0.1, "high": 0.5,
+         "split": "val"},
+        {"method": "brainlm", "metric": "r2", "value": 0.27, "low": 0.05, "high": 0.45,
+         "split": "test"},
+        {"method": "fc_linear", "metric": "r2", "value": 0.2, "low": 0.0, "high": 0.4,
+         "split": "val"}]))
     (run / "evaluation" / "results.md").write_text("| method | r2 |\n")
     with pytest.raises(ConfigError, match="age"):
         registry.log_finetuned(run, "sex")
@@ -195,7 +199,8 @@ def test_log_finetuned_serves_the_tuned_encoder(registered, pretrained, tmp_path
     logged = client.get_run(training_run).data
     assert logged.tags["lineage.git_commit"] == "unknown" and not logged.metrics
     assert float(mv.tags["metric.r2"]) == pytest.approx(0.31)  # brainlm's row, not fc_linear's
-    assert float(mv.tags["metric.r2.low"]) == pytest.approx(0.1)
+    assert float(mv.tags["metric.r2.low"]) == pytest.approx(0.1)  # validation: promotion's
+    assert float(mv.tags["metric.test_r2"]) == pytest.approx(0.27)  # test: reported only
     assert mv.tags["finetune.mode"] == "full"
     assert mv.description.startswith("| method | r2 |")
     x = windows(3, seed=2)  # three recordings of one window each, already scaled

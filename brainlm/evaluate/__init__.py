@@ -5,8 +5,10 @@ beats fMRI foundation models, so every result here is meant to be shown next to 
 fitted on exactly the same recordings and subject-level split, with confidence intervals that
 resample test SUBJECTS (a subject may contribute several recordings, which are not
 independent). The package is split by what changes together: `metrics` (scores, bootstrap),
-`baselines`, `report` (tables, JSON, plots), `controls` (planted-effect positive controls) and
-`run` (`brainlm evaluate` of a fine-tuning run). The public names are re-exported here.
+`intervals` (paired bootstraps over subjects, three-valued verdicts), `baselines` (FC, tangent,
+raw-ROI MLP, floors), `heads` (penalty grids on the data's scale), `forecasting`,
+`comparisons` (BrainLM minus each baseline, paired), `report` (tables, JSON, plots), `controls`
+(planted-effect positive controls) and `run` (`brainlm evaluate` of a fine-tuning run). The public names are re-exported here.
 
 Shapes: one recording is [parcels, time]; stacks are [n, parcels, time]; forecasting arrays are
 [n, parcels, horizon].
@@ -18,6 +20,7 @@ from .baselines import (
     FCBaseline,
     LinearAR,
     RawROIMLP,
+    TangentBaseline,
     TrainMean,
     fc_features,
     parcel_mean,
@@ -43,7 +46,7 @@ from .run import evaluate_run
 
 __all__ = [
     "BASELINE_METHODS", "FCBaseline", "LinearAR", "NULL_METHODS", "RawROIMLP", "TASKS",
-    "TASK_METRICS", "TrainMean", "bootstrap_ci", "classification_metrics", "evaluate_run",
+    "TASK_METRICS", "TangentBaseline", "TrainMean", "bootstrap_ci", "classification_metrics", "evaluate_run",
     "fc_features", "find_ground_truth", "forecast_metrics", "metric_fn", "parcel_mean",
     "persistence", "plot_comparison", "plot_forecast", "positive_controls",
     "regression_metrics", "results_table", "roi_block_features", "score_rows",

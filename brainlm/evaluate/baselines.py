@@ -1,10 +1,19 @@
 """The baselines every model result is shown beside, fitted on the same recordings and split.
 
 Independent benchmarks found that functional connectivity + a linear model often matches or
-beats fMRI foundation models, so a model score means little without FC + linear, a generic
-non-linear model of the same inputs (raw ROI MLP), the training-mean / majority floor, and for
-forecasting persistence, parcel means and a linear AR model. Inner cross-validation is by
-subject where subjects are given, so no penalty is tuned on a subject's other recordings.
+beats fMRI foundation models, so a model score means little without FC + linear, the
+tangent-space connectome + linear (the field's standard strong baseline for phenotypes), a
+generic non-linear model of the same inputs (raw ROI MLP), the training-mean / majority
+floor, and for forecasting persistence, parcel means and a linear AR model (forecasting.py,
+re-exported here). Inner
+cross-validation is by subject where subjects are given, so no penalty is tuned on a subject's
+other recordings; penalty grids follow the data's scale (heads.py).
+
+Every baseline sees what BrainLM sees: BrainLM averages its head over every window of a
+recording (stride = window, the last window ending at the last timepoint:
+brainlm.data.windows.sliding_batches), so the connectomes are computed on all of a
+recording's timepoints (the union of those windows) and the MLP is trained on every training
+window and its outputs averaged per recording.
 
 Shapes: one recording is [parcels, time]; forecasting contexts and futures are
 [n, parcels, time].
@@ -19,6 +28,34 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.model_selection import GridSearchCV
 
 from ..errors import ConfigError, check_orientation
+from .forecasting import LinearAR, parcel_mean, persistence
+from .heads import (
+    RIDGE_FACTORS,
+    ScaledLogisticCV,
+    ScaledRidgeCV,
+    _PooledScaler,
+    _RowSpace,
+    grid_edge,
+    warn_edge,
+)
+
+__all__ = ["FCBaseline", "LinearAR", "RawROIMLP", "TangentBaseline", "TrainMean", "fc_features",
+           "parcel_mean", "persistence", "roi_block_features", "roi_window_features",
+           "window_starts"]
+
+# The MLP's L2 penalties as multiples of n_rows - 1, the eigenvalue of each whitened input
+# component in the Gram matrix: 1e-3 is nearly unpenalised, 1e3 shrinks the network to its
+# output bias (the training mean / class frequencies).
+MLP_FACTORS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+
+def _one_blas_thread():
+    """BLAS on one thread while a baseline fits or predicts: its matrices are small (a few
+    hundred rows, or [P, P] with P in the hundreds), and on a busy 2-core machine two BLAS
+    threads per process contend: measured 6x (tangent, A424) to 10x (the MLP) slower."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1, user_api="blas")
+
 
 # ----------------------------------------------------------------------------- features
 
@@ -51,8 +88,8 @@ def fc_features(x) -> np.ndarray:
 
 def roi_block_features(x, block: int = 20, window: int = 200) -> np.ndarray:
     """The first `window` timepoints of a [P, T] recording averaged in non-overlapping blocks
-    of `block` (the model's patch) and flattened parcel-major: the numbers the model sees,
-    without the transformer. Length P * window / block."""
+    of `block` (the model's patch) and flattened parcel-major: the numbers the model sees in
+    one window, without the transformer. Length P * window / block."""
     x = np.asarray(x, dtype=np.float64)
     if block < 1 or window < block or window % block:
         raise ConfigError(f"window {window} must be a positive multiple of block {block}")
@@ -62,17 +99,47 @@ def roi_block_features(x, block: int = 20, window: int = 200) -> np.ndarray:
     return x[:, :window].reshape(len(x), window // block, block).mean(axis=2).ravel()
 
 
+def window_starts(n_time: int, window: int, stride: int | None = None) -> list[int]:
+    """Where BrainLM's windows of a recording of `n_time` timepoints start: every `stride`
+    (default: the window) from 0, and one more ending at the last timepoint when the stride
+    does not reach it (the rule of brainlm.data.windows.sliding_batches)."""
+    stride = int(stride or window)
+    if n_time < window or stride < 1:
+        raise ConfigError(f"a recording of {n_time} timepoints has no window of {window} "
+                          f"(stride {stride})")
+    starts = list(range(0, n_time - window + 1, stride))
+    if starts[-1] != n_time - window:
+        starts.append(n_time - window)
+    return starts
+
+
+def roi_window_features(x, block: int = 20, window: int = 200,
+                        stride: int | None = None) -> np.ndarray:
+    """roi_block_features of every window of a [P, T] recording (window_starts):
+    [n_windows, P * window / block]."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] < window:
+        raise ConfigError(f"roi_window_features: need a [parcels, time>={window}] recording, "
+                          f"got shape {x.shape}; lower `window` or use longer recordings")
+    return np.stack([roi_block_features(x[:, s:s + window], block, window)
+                     for s in window_starts(x.shape[1], window, stride)])
+
+
 def _inner_cv(task: str, y, groups, seed: int):
     """Folds for hyper-parameter search inside the training set. With `groups` they keep each
-    subject in one fold, so the penalty is not tuned on a subject's other recordings."""
+    subject (or recording, for windows) in one fold, so the penalty is not tuned on a
+    subject's other recordings; for classification there are at most as many folds as the
+    rarest class has groups, so every held-out fold can hold every class."""
     from sklearn.model_selection import (GroupKFold, StratifiedGroupKFold,
                                          StratifiedKFold)
 
     if task == "classification":
-        n_min = int(np.min(np.unique(y, return_counts=True)[1]))
+        y = np.asarray(y)
+        n_min = (int(np.min(np.unique(y, return_counts=True)[1])) if groups is None else
+                 min(len(np.unique(np.asarray(groups)[y == c])) for c in np.unique(y)))
         if n_min < 2:
             raise ConfigError("classification baseline: every class needs >= 2 training "
-                              "recordings for cross-validation")
+                              "subjects (recordings) for cross-validation")
         k = min(5, n_min)
         if groups is None:
             return StratifiedKFold(k, shuffle=True, random_state=seed)
@@ -87,49 +154,12 @@ def _inner_cv(task: str, y, groups, seed: int):
     return list(GroupKFold(k).split(np.zeros(len(y)), y, groups))
 
 
-class _PooledScaler(TransformerMixin, BaseEstimator):
-    """Centre each feature, divide all by one pooled SD (keeps their relative variances)."""
-
-    def fit(self, X, y=None):
-        X = np.asarray(X, dtype=np.float64)
-        self.mean_ = X.mean(axis=0)
-        sd = float(np.sqrt(np.mean((X - self.mean_) ** 2)))
-        self.scale_ = sd if sd > 0 else 1.0
-        return self
-
-    def transform(self, X):
-        return (np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_
-
-
-class _RowSpace(TransformerMixin, BaseEstimator):
-    """Project onto the span of the (centred) training rows when there are fewer rows than
-    features: [n, p] -> [n, rank]. Exact for L2-penalised linear models with an unpenalised
-    intercept (ridge, L2 logistic regression): their weights lie in that span, and
-    ||V b|| = ||b|| keeps the penalty, so the fit, the inner CV and every prediction are
-    unchanged while the solver sees 24 columns instead of 89,676 (A424 edges)."""
-
-    def fit(self, X, y=None):
-        X = np.asarray(X, dtype=np.float64)
-        self.mean_ = X.mean(axis=0)
-        if X.shape[0] >= X.shape[1]:
-            self.components_ = None
-            return self
-        _, sv, vt = np.linalg.svd(X - self.mean_, full_matrices=False)
-        keep = sv > 1e-10 * max(float(sv[0]), 1e-300) if len(sv) else sv > 0
-        self.components_ = vt[keep] if keep.any() else vt[:1]
-        return self
-
-    def transform(self, X):
-        X = np.asarray(X, dtype=np.float64)
-        if self.components_ is None:
-            return X
-        # centring is a shift of the intercept; it keeps the scores small
-        return (X - self.mean_) @ self.components_.T
-
-
 class _Baseline:
-    """Shared fit/predict over a list of [P, T] recordings; subclasses set `name` and build
-    the sklearn pipeline from the feature matrix."""
+    """Shared fit/predict over a list of [P, T] recordings. Subclasses set `name`, the design
+    matrix (`_design`: rows and the recording each row belongs to; one row per recording
+    unless overridden) and the sklearn pipeline; outputs of a recording's rows are averaged,
+    as BrainLM averages its windows. After fit, `penalty_` holds the penalty inner CV chose
+    and whether it is an edge of its grid (also said as a warning)."""
 
     name = "baseline"
 
@@ -137,27 +167,48 @@ class _Baseline:
         if task not in ("regression", "classification"):
             raise ConfigError(f"{type(self).__name__}: task must be 'regression' or "
                               f"'classification', got {task!r}")
-        self.task, self.seed, self.model = task, seed, None
+        self.task, self.seed, self.model, self.penalty_ = task, seed, None, None
 
     def features(self, xs) -> np.ndarray:
         raise NotImplementedError
 
-    def _pipeline(self, y, groups):
+    def _design(self, xs, fit: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        X = self.features(xs)
+        return X, np.arange(len(X))
+
+    def _pipeline(self, X, y, groups):
         raise NotImplementedError
 
+    def _chosen_penalty(self) -> tuple[str, float, object]:
+        """(its name, the value inner CV chose in its own units, the fitted head with
+        alphas_, edge_ and edge_limiting_)."""
+        head = self.model[-1]
+        return ("C", head.C_, head) if isinstance(head, ScaledLogisticCV) else \
+            ("alpha", head.alpha_, head)
+
     def fit(self, xs, y, groups=None):
-        """Fit on training recordings; `groups` (their subjects) makes inner CV subject-wise."""
-        X = self.features(xs)
+        """Fit on training recordings; `groups` (their subjects) makes inner CV subject-wise
+        (a recording's rows always stay in one fold)."""
+        xs = _recordings(xs, self.name)
         y = np.asarray(y)
-        if len(y) != len(X):
-            raise ConfigError(f"{self.name}: {len(X)} recordings but {len(y)} targets")
+        if len(y) != len(xs):
+            raise ConfigError(f"{self.name}: {len(xs)} recordings but {len(y)} targets")
         if self.task == "regression":
             y = y.astype(np.float64)
         elif len(np.unique(y)) < 2:
             raise ConfigError(f"{self.name}: the training labels hold one class only")
         if groups is not None and len(groups) != len(y):
             raise ConfigError(f"{self.name}: {len(y)} recordings but {len(groups)} groups")
-        self.model = self._pipeline(y, groups).fit(X, y)
+        with _one_blas_thread():
+            X, owner = self._design(xs, fit=True)
+            rows_groups = (np.asarray(groups)[owner] if groups is not None
+                           else owner if len(owner) > len(xs) else None)
+            self.model = self._pipeline(X, y[owner], rows_groups).fit(X, y[owner])
+        what, value, head = self._chosen_penalty()
+        self.penalty_ = {"penalty_name": what, "penalty": float(value),
+                         "penalty_edge": head.edge_, "penalty_at_edge": warn_edge(
+                             self.name, head.edge_, head.edge_limiting_, head.alphas_, what,
+                             float(value))}
         return self
 
     def _fitted(self):
@@ -169,98 +220,150 @@ class _Baseline:
     def classes_(self):
         return self._fitted().classes_
 
+    def _averaged(self, xs, method: str) -> np.ndarray:
+        model = self._fitted()
+        with _one_blas_thread():
+            X, owner = self._design(_recordings(xs, self.name))
+            out = np.asarray(getattr(model, method)(X), dtype=np.float64)
+        counts = np.bincount(owner)
+        sums = np.zeros((len(counts),) + out.shape[1:])
+        np.add.at(sums, owner, out)
+        return sums / counts.reshape((-1,) + (1,) * (out.ndim - 1))
+
     def predict(self, xs) -> np.ndarray:
-        """Values (regression) or labels (classification)."""
-        return self._fitted().predict(self.features(xs))
+        """Values (regression) or labels (classification: the class of the highest averaged
+        probability), one per recording."""
+        if self.task == "regression":
+            return self._averaged(xs, "predict")
+        return np.asarray(self.classes_)[np.argmax(self.predict_proba(xs), axis=1)]
 
     def predict_proba(self, xs) -> np.ndarray:
-        """[n, n_classes] probabilities, columns in `classes_` order."""
+        """[n, n_classes] probabilities averaged over each recording's rows, columns in
+        `classes_` order."""
         if self.task != "classification":
             raise ConfigError(f"{self.name}: predict_proba is for classification")
-        return self._fitted().predict_proba(self.features(xs))
+        return self._averaged(xs, "predict_proba")
+
+
+def _linear_head(task: str, y, groups, seed: int, scaling: str, factors):
+    """scale -> row space -> ridge / L2 logistic regression, penalty grid from the data."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    cv = _inner_cv(task, y, groups, seed)
+    head = (ScaledRidgeCV(factors, cv=cv) if task == "regression"
+            else ScaledLogisticCV(factors, cv=cv, random_state=seed))
+    scaler = StandardScaler() if scaling == "feature" else _PooledScaler()
+    return make_pipeline(scaler, _RowSpace(), head)
 
 
 class FCBaseline(_Baseline):
-    """Fisher-z FC upper triangle -> scale -> RidgeCV (regression) or cross-validated L2
-    logistic regression (classification). The baseline foundation models must beat.
+    """Fisher-z FC upper triangle of every timepoint of a recording -> scale -> ridge
+    (regression) or L2 logistic regression (classification), the penalty chosen by inner CV
+    on a grid that follows the features' scale (`factors` x the trace of the training
+    features' centred Gram matrix: heads.py). The baseline foundation models must beat.
 
-    `scaling="pooled"` (default) centres every edge and divides all edges by ONE pooled SD:
-    the penalty grid becomes scale-free while edges keep their relative between-subject
-    variance. Per-edge standardization (`scaling="feature"`) blows noise edges up to the size
-    of informative ones, which an L2 penalty cannot undo when edges outnumber recordings (on a
-    planted one-edge effect with 45 training recordings held-out R^2 fell from ~0.9 to
-    0.1-0.7, depending on the seed).
+    `scaling="pooled"` (default) centres every edge and divides all edges by ONE pooled SD,
+    so edges keep their relative between-subject variance. Per-edge standardization
+    (`scaling="feature"`) blows noise edges up to the size of informative ones, which an L2
+    penalty cannot undo when edges outnumber recordings (on a planted one-edge effect with 45
+    training recordings held-out R^2 fell from ~0.9 to 0.1-0.7, depending on the seed).
     """
 
     name = "fc_linear"
 
-    def __init__(self, task: str, seed: int = 0, scaling: str = "pooled"):
+    def __init__(self, task: str, seed: int = 0, scaling: str = "pooled",
+                 factors: Sequence[float] = RIDGE_FACTORS):
         super().__init__(task, seed)
+        if not len(factors) or min(factors) <= 0:
+            raise ConfigError(f"{type(self).__name__}: penalty factors must be positive, got "
+                              f"{tuple(factors)}")
         if scaling not in ("pooled", "feature"):
-            raise ConfigError(f"FCBaseline: scaling must be 'pooled' or 'feature', got "
-                              f"{scaling!r}")
-        self.scaling = scaling
+            raise ConfigError(f"{type(self).__name__}: scaling must be 'pooled' or 'feature', "
+                              f"got {scaling!r}")
+        self.scaling, self.factors = scaling, tuple(factors)
 
     def features(self, xs) -> np.ndarray:
-        feats = np.stack([fc_features(x) for x in _recordings(xs, self.name)])
-        self._n_features = feats.shape[1]
-        return feats
+        return np.stack([fc_features(x) for x in _recordings(xs, self.name)])
 
-    def _pipeline(self, y, groups):
-        from sklearn.linear_model import LogisticRegressionCV, RidgeCV
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
+    def _pipeline(self, X, y, groups):
+        return _linear_head(self.task, y, groups, self.seed, self.scaling, self.factors)
 
-        cv = _inner_cv(self.task, y, groups, self.seed)
-        if self.task == "regression":
-            head = RidgeCV(alphas=np.logspace(-3, 5, 17), cv=cv)
+
+class TangentBaseline(FCBaseline):
+    """Tangent-space connectome + the same linear head as FCBaseline: each recording's
+    covariance (Ledoit-Wolf, of z-scored parcels over all its timepoints) whitened by the
+    geometric mean of the TRAINING recordings' covariances and mapped to the tangent space by
+    the matrix logarithm, upper triangle without the diagonal (nilearn's
+    ConnectivityMeasure(kind="tangent", vectorize=True, discard_diagonal=True)). The reference
+    mean is fitted in `fit` only; held-out recordings are transformed against it.
+
+    Cost: one eigendecomposition of a [P, P] matrix per recording and per iteration of the
+    geometric mean (A424, 105 training + 45 held-out recordings of 300 timepoints: ~30 s on
+    one thread of a busy 2-core machine, ~3 min with two contending BLAS threads)."""
+
+    name = "tangent_linear"
+
+    def __init__(self, task: str, seed: int = 0, scaling: str = "pooled",
+                 factors: Sequence[float] = RIDGE_FACTORS):
+        super().__init__(task, seed, scaling, factors)
+        self.measure_ = None
+
+    def _design(self, xs, fit: bool = False):
+        from nilearn.connectome import ConnectivityMeasure
+
+        series = [np.asarray(x, dtype=np.float64).T for x in _recordings(xs, self.name)]
+        if fit:
+            self.measure_ = ConnectivityMeasure(kind="tangent", vectorize=True,
+                                                discard_diagonal=True)
+            X = self.measure_.fit_transform(series)
+        elif self.measure_ is None:
+            raise ConfigError(f"{self.name}: call fit() before predicting")
         else:
-            # newton-cholesky: same optimum as lbfgs, ~10x faster on few columns; but its
-            # Hessian is columns^2 (60 GB for A424's 89,676 edges), so lbfgs beyond a few
-            # thousand (after _RowSpace: only with more recordings than that)
-            small = min(getattr(self, "_n_features", 0), len(y)) <= 2000
-            head = LogisticRegressionCV(Cs=np.logspace(-3, 5, 17), l1_ratios=(0.0,), cv=cv,
-                                        scoring="neg_log_loss",
-                                        solver="newton-cholesky" if small else "lbfgs",
-                                        max_iter=1000, random_state=self.seed,
-                                        use_legacy_attributes=False)
-        scaler = (StandardScaler() if self.scaling == "feature" else _PooledScaler())
-        return make_pipeline(scaler, _RowSpace(), head)
+            X = self.measure_.transform(series)
+        return np.asarray(X, dtype=np.float64), np.arange(len(series))
 
 
 class RawROIMLP(_Baseline):
-    """Small MLP on block-averaged parcel time series (roi_block_features): tells whether the
-    transformer adds anything over a generic non-linear model of the same inputs.
+    """Small MLP on block-averaged parcel time series of EVERY window of a recording
+    (roi_window_features, BrainLM's windows): tells whether the transformer adds anything over
+    a generic non-linear model of the same inputs. Trained on all training windows (each with
+    its recording's target); a recording's prediction is the mean of its windows' outputs
+    (class probabilities for classification), as BrainLM's.
 
     Built to be sane with few recordings and thousands of inputs (A424: 4,240 per window):
     inputs standardised and reduced to at most `n_components` whitened principal components
-    (fitted on the training recordings only), regression targets standardised, and the L2
-    penalty `alpha` chosen from `alphas` by inner cross-validation on the training recordings,
-    by subject when `groups` are given (the same folds as FCBaseline). The grid reaches
-    penalties that shrink the network to its output bias, i.e. the training mean (or class
-    frequencies), so when the inputs carry nothing the inner CV can fall back to that floor
-    instead of extrapolating (the former early-stopped MLP scored R^2 -59 on the demo's 8 test
-    subjects). lbfgs: full-batch, deterministic for a seed, suited to a few hundred rows."""
+    (fitted on the training windows only), regression targets standardised, and the L2
+    penalty chosen by inner cross-validation on the training windows (a recording's windows,
+    or a subject's with `groups`, in one fold) from `factors` x (n_windows - 1): whitened
+    inputs put every component's Gram eigenvalue at n_windows - 1, so the grid follows the
+    number of rows. The heaviest penalties shrink the network to its output bias, i.e. the
+    training mean (or class frequencies), so when the inputs carry nothing inner CV can fall
+    back to that floor instead of extrapolating (the former early-stopped MLP scored R^2 -59
+    on the demo's 8 test subjects). lbfgs: full-batch, deterministic for a seed."""
 
     name = "raw_roi_mlp"
 
     def __init__(self, task: str, seed: int = 0, block: int = 20, window: int = 200,
-                 hidden: Sequence[int] = (64,),
-                 alphas: Sequence[float] = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0),
-                 n_components: int = 20, max_iter: int = 200):
+                 stride: int | None = None, hidden: Sequence[int] = (64,),
+                 factors: Sequence[float] = MLP_FACTORS, n_components: int = 20,
+                 max_iter: int = 200):
         super().__init__(task, seed)
         if block < 1 or window < block or window % block:
             raise ConfigError(f"RawROIMLP: window {window} must be a positive multiple of "
                               f"block {block}")
-        if int(n_components) < 1 or not len(alphas) or min(alphas) < 0:
-            raise ConfigError(f"RawROIMLP: need n_components >= 1 and non-negative alphas, got "
-                              f"{n_components}, {tuple(alphas)}")
-        self.block, self.window, self.hidden = block, window, tuple(hidden)
-        self.alphas, self.n_components, self.max_iter = tuple(alphas), int(n_components), max_iter
+        if int(n_components) < 1 or not len(factors) or min(factors) <= 0:
+            raise ConfigError(f"RawROIMLP: need n_components >= 1 and positive factors, got "
+                              f"{n_components}, {tuple(factors)}")
+        self.block, self.window, self.stride = block, window, stride
+        self.hidden, self.factors = tuple(hidden), tuple(factors)
+        self.n_components, self.max_iter = int(n_components), max_iter
 
-    def features(self, xs) -> np.ndarray:
-        return np.stack([roi_block_features(x, self.block, self.window)
-                         for x in _recordings(xs, self.name)])
+    def _design(self, xs, fit: bool = False):
+        feats = [roi_window_features(x, self.block, self.window, self.stride)
+                 for x in _recordings(xs, self.name)]
+        owner = np.repeat(np.arange(len(feats)), [len(f) for f in feats])
+        return np.concatenate(feats), owner
 
     def _folds(self, y, groups):
         from sklearn.model_selection import KFold
@@ -273,7 +376,7 @@ class RawROIMLP(_Baseline):
             cv = list(cv.split(np.zeros(len(y)), y))
         return cv
 
-    def _pipeline(self, y, groups):
+    def _pipeline(self, X, y, groups):
         from sklearn.compose import TransformedTargetRegressor
         from sklearn.neural_network import MLPClassifier, MLPRegressor
         from sklearn.pipeline import Pipeline
@@ -286,14 +389,23 @@ class RawROIMLP(_Baseline):
         net = Pipeline([("scale", StandardScaler()),
                         ("pca", _CappedPCA(self.n_components, random_state=self.seed)),
                         ("mlp", mlp)])
+        self.alphas_ = max(len(X) - 1, 1) * np.asarray(self.factors, dtype=np.float64)
         if self.task == "regression":
             model = TransformedTargetRegressor(net, transformer=StandardScaler())
-            grid = {"regressor__mlp__alpha": list(self.alphas)}
+            grid = {"regressor__mlp__alpha": list(self.alphas_)}
             scoring = "neg_mean_squared_error"
         else:
-            model, grid, scoring = net, {"mlp__alpha": list(self.alphas)}, "neg_log_loss"
+            model, grid, scoring = net, {"mlp__alpha": list(self.alphas_)}, "neg_log_loss"
         return _QuietSearch(model, grid, cv=self._folds(y, groups), scoring=scoring,
                             refit=True, error_score="raise")
+
+    def _chosen_penalty(self):
+        search = self._fitted()
+        self.alphas_ = np.asarray(search.cv_results_[f"param_{next(iter(search.best_params_))}"],
+                                  dtype=np.float64)
+        self.scores_ = np.asarray(search.cv_results_["mean_test_score"], dtype=np.float64)
+        self.edge_, self.edge_limiting_ = grid_edge(self.alphas_, self.scores_, self.alpha_)
+        return "alpha", self.alpha_, self
 
     @property
     def alpha_(self) -> float:
@@ -372,67 +484,3 @@ class TrainMean:
         if self.task != "classification":
             raise ConfigError(f"{self.name}: predict_proba is for classification")
         return np.tile(self.priors_, (self._n(xs), 1))
-
-
-# ----------------------------------------------------------------------------- forecasting
-
-def _context(context, horizon: int, where: str) -> np.ndarray:
-    context = np.asarray(context, dtype=np.float64)
-    if context.ndim < 1 or context.shape[-1] < 1:
-        raise ConfigError(f"{where}: context needs >= 1 timepoint on its last axis, got shape "
-                          f"{context.shape}")
-    if int(horizon) < 1:
-        raise ConfigError(f"{where}: horizon must be >= 1, got {horizon}")
-    return context
-
-
-def persistence(context, horizon: int) -> np.ndarray:
-    """Last observed value repeated: [n, P, C] -> [n, P, horizon]."""
-    c = _context(context, horizon, "persistence")
-    return np.repeat(c[..., -1:], int(horizon), axis=-1)
-
-
-def parcel_mean(context, horizon: int) -> np.ndarray:
-    """Mean of each parcel's context repeated: [n, P, C] -> [n, P, horizon]."""
-    c = _context(context, horizon, "parcel_mean")
-    return np.repeat(c.mean(axis=-1, keepdims=True), int(horizon), axis=-1)
-
-
-class LinearAR:
-    """One ridge model shared by all parcels mapping a parcel's last `order` values to its next
-    `horizon` values directly (one output per step, no recursion, so errors do not compound).
-    Sharing across parcels keeps it a weak-but-honest baseline with few parameters."""
-
-    name = "linear_ar"
-
-    def __init__(self, order: int = 10, alpha: float = 1.0):
-        if int(order) < 1 or alpha < 0:
-            raise ConfigError(f"LinearAR: order must be >= 1 and alpha >= 0, got {order}, "
-                              f"{alpha}")
-        self.order, self.alpha, self.model, self.horizon = int(order), float(alpha), None, None
-
-    def _lags(self, contexts) -> np.ndarray:
-        c = np.asarray(contexts, dtype=np.float64)
-        if c.ndim != 3 or c.shape[2] < self.order:
-            raise ConfigError(f"LinearAR: contexts must be [n, parcels, time >= order "
-                              f"{self.order}], got shape {c.shape}")
-        return c[:, :, -self.order:].reshape(-1, self.order)
-
-    def fit(self, contexts, futures):
-        from sklearn.linear_model import Ridge
-
-        X = self._lags(contexts)
-        f = np.asarray(futures, dtype=np.float64)
-        if f.ndim != 3 or f.shape[:2] != np.shape(contexts)[:2]:
-            raise ConfigError(f"LinearAR: futures must be [n, parcels, horizon] matching "
-                              f"contexts {np.shape(contexts)[:2]}, got {f.shape}")
-        self.horizon = f.shape[2]
-        self.model = Ridge(alpha=self.alpha).fit(X, f.reshape(-1, self.horizon))
-        return self
-
-    def predict(self, contexts) -> np.ndarray:
-        if self.model is None:
-            raise ConfigError("LinearAR: call fit() before predict()")
-        n, p = np.shape(contexts)[:2]
-        return self.model.predict(self._lags(contexts)).reshape(n, p, self.horizon)
-

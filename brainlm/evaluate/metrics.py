@@ -26,8 +26,10 @@ TASK_METRICS = {
     "forecast": ("mse", "r2"),
 }
 # Method names the baselines report under; results_table puts every other method first.
-BASELINE_METHODS = ("fc_linear", "raw_roi_mlp", "train_mean", "majority", "persistence",
-                    "parcel_mean", "linear_ar")
+BASELINE_METHODS = ("fc_linear", "tangent_linear", "raw_roi_mlp", "train_mean", "majority",
+                    "persistence", "parcel_mean", "linear_ar")
+# Error metrics: lower is better (a comparison flips their difference so > 0 means better).
+LOWER_IS_BETTER = ("mae", "mse")
 # The floor every model must clear: the training mean (regression, forecasting) or the
 # training class frequencies (classification), whatever the input.
 NULL_METHODS = ("train_mean", "majority")

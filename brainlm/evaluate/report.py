@@ -22,15 +22,21 @@ def _is_baseline(row) -> bool:
     return bool(row.get("baseline", row["method"] in BASELINE_METHODS))
 
 
+def _split_rank(row) -> int:
+    """Test rows (and rows without a split) first, then validation rows."""
+    return 0 if row.get("split", "test") == "test" else 1
+
+
 def _ordered(rows: list[dict]) -> list[dict]:
-    """Rows grouped by (task, target, metric) in first-seen order; inside a group the model(s)
-    first, then baselines, each in the order given."""
+    """Rows by split (test first), then grouped by (task, target, metric) in first-seen order;
+    inside a group the model(s) first, then baselines, each in the order given."""
     rows = [dict(r) for r in rows]
     groups, methods = {}, {}
     for r in rows:
         groups.setdefault((r["task"], r["target"], r["metric"]), len(groups))
         methods.setdefault(r["method"], len(methods))
-    return sorted(rows, key=lambda r: (groups[(r["task"], r["target"], r["metric"])],
+    return sorted(rows, key=lambda r: (_split_rank(r),
+                                       groups[(r["task"], r["target"], r["metric"])],
                                        _is_baseline(r), methods[r["method"]]))
 
 
@@ -38,18 +44,40 @@ def _fmt(v) -> str:
     return "n/a" if v is None or not np.isfinite(float(v)) else f"{float(v):.3f}"
 
 
-def results_table(rows: list[dict]) -> str:
+def _ci(r) -> str:
+    return f"[{_fmt(r.get('low'))}, {_fmt(r.get('high'))}]" + ("*" if r.get("widened") else "")
+
+
+def results_table(rows: list[dict], compact: bool = False) -> str:
     """Markdown table, one line per (task, target, metric, method), the CI as `[low, high]`
-    (marked * where it was widened to include the point estimate). A row is a baseline when
-    its method is in BASELINE_METHODS or it has "baseline": True."""
-    head = ["task", "target", "method", "metric", "value", "95 % CI", "n_subjects"]
+    (marked * where it was widened to include the point estimate; a method marked "penalty
+    at grid edge" where inner CV chose an edge of the baseline's penalty grid). A row is a baseline when its method is in
+    BASELINE_METHODS or it has "baseline": True. `compact`: method, metric, value, CI only."""
+    head = (["method", "metric", "value", "95 % CI"] if compact else
+            ["task", "target", "method", "metric", "value", "95 % CI", "n_subjects"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in _ordered(rows):
-        ci = f"[{_fmt(r.get('low'))}, {_fmt(r.get('high'))}]" + ("*" if r.get("widened") else "")
-        cells = [r["task"], r["target"], r["method"], r["metric"], _fmt(r["value"]), ci,
-                 str(r.get("n_subjects", ""))]
+        method = r["method"] + (" (penalty at grid edge)" if r.get("penalty_at_edge") else "")
+        cells = ([method, r["metric"], _fmt(r["value"]), _ci(r)] if compact else
+                 [r["task"], r["target"], method, r["metric"], _fmt(r["value"]), _ci(r),
+                  str(r.get("n_subjects", ""))])
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def report_text(rows: list[dict], notes: str = "") -> str:
+    """results.md: the test rows' table (rows without a split count as test), then a smaller
+    validation table when there are validation rows, then `notes` (further sections)."""
+    test = [r for r in rows if _split_rank(r) == 0]
+    val = [r for r in rows if _split_rank(r) == 1]
+    text = results_table(test or rows)
+    if test and val:
+        n = max((int(r.get("n_subjects") or 0) for r in val), default=0)
+        text += ("\n## Validation split\n\nThe same methods, fitted on the training split "
+                 f"only, on the {n} validation subjects: what the registry chooses on (the "
+                 "test split above is reported, never used to choose).\n\n"
+                 + results_table(val, compact=True))
+    return text + (("\n" + notes.rstrip("\n") + "\n") if notes else "")
 
 
 def _jsonable(v):
@@ -65,13 +93,13 @@ def _jsonable(v):
 
 
 def write_results(rows: list[dict], out_dir, name: str = "results", notes: str = "") -> dict:
-    """Write `<name>.md` (results_table, then `notes`: further markdown sections) and
-    `<name>.json` (the rows, NaN as null), each atomically so a crash never leaves a truncated
-    report. Returns {"markdown", "json"}."""
+    """Write `<name>.md` (report_text: the test table, the validation table when there are
+    validation rows, then `notes`: further markdown sections) and `<name>.json` (all rows,
+    each with its "split" where given, NaN as null), each atomically so a crash never leaves
+    a truncated report. Returns {"markdown", "json"}."""
     out_dir = Path(out_dir)
     paths = {"markdown": out_dir / f"{name}.md", "json": out_dir / f"{name}.json"}
-    text = results_table(rows) + (("\n" + notes.rstrip("\n") + "\n") if notes else "")
-    write_bytes_atomic(paths["markdown"], text.encode())
+    write_bytes_atomic(paths["markdown"], report_text(rows, notes).encode())
     data = json.dumps(_jsonable(_ordered(rows)), indent=2, allow_nan=False)
     write_bytes_atomic(paths["json"], (data + "\n").encode())
     return paths
@@ -107,13 +135,14 @@ def _axis_limits(metric: str, group: list[dict]) -> tuple[float, float]:
 
 
 def plot_comparison(rows: list[dict], path) -> Path:
-    """One PNG: a panel per (task, target, metric), a horizontal bar per method with its CI as
-    error bar; model bars are coloured apart from baselines so the comparison reads at once."""
+    """One PNG of the test split (rows without a split count as test): a panel per (task,
+    target, metric), a horizontal bar per method with its CI as error bar; model bars are
+    coloured apart from baselines so the comparison reads at once."""
     from matplotlib.figure import Figure
 
-    rows = _ordered(rows)
+    rows = [r for r in _ordered(rows) if _split_rank(r) == 0]  # the test split
     if not rows:
-        raise ConfigError("plot_comparison: no rows to plot")
+        raise ConfigError("plot_comparison: no test rows to plot")
     panels: dict = {}
     for r in rows:
         panels.setdefault((r["task"], r["target"], r["metric"]), []).append(r)

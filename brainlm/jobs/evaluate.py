@@ -1,5 +1,8 @@
-"""Job `evaluate`: a fine-tuning run's test-split metrics with subject-level bootstrap CIs,
-beside baselines fitted on the same training recordings."""
+"""Job `evaluate`: a fine-tuning run's validation- and test-split metrics with subject-level
+bootstrap CIs, beside baselines fitted on the same training recordings, and BrainLM minus each
+baseline paired over subjects (MLflow: `<method>_<metric>` and `vs_<baseline>_<metric>` with
+`_low` / `_high` for test, the same names prefixed `val_` for validation; tags
+`verdict.[val_]vs_<baseline>.<metric>` = better / worse / undecided)."""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ OPTIONS = [
     Option("run", help="output folder of brainlm finetune"),
     Option("out", help="default: RUN/evaluation"),
     Option("n_boot", positive=True, high=100_000,
-           help="bootstrap resamples of the test subjects"),
+           help="bootstrap resamples of the validation and test subjects"),
     Option("seed", low=0),
 ]
 NOT_OPTIONS: dict = {}
@@ -40,12 +43,13 @@ def from_params(params: dict, root: Path) -> EvaluateConfig:
 
 def run(cfg: EvaluateConfig, tags: dict | None = None) -> dict:
     from ..evaluate import evaluate_run
+    from ..evaluate.comparisons import tracking_values
     from ..tracking import job_run
 
     out = cfg.out or Path(cfg.run) / "evaluation"
     with job_run(NAME, f"evaluate-{Path(cfg.run).name}", cfg, tags, out=out) as tracker:
         result = evaluate_run(cfg.run, cfg.out, n_boot=cfg.n_boot, seed=cfg.seed)
-        values = {f"{r['method']}_{r['metric']}": r["value"] for r in result["rows"]}
+        values = tracking_values(result["rows"], result["comparisons"])
         tracker.summary(values)
     print(result["table"])
     print(f"brainlm evaluate: {result['paths']['markdown']}")

@@ -170,7 +170,10 @@ def test_mlflow_logs_params_metrics_and_artifacts(store, tmp_path, monkeypatch):
     val_r2 = [m.step for m in client.get_metric_history(run.info.run_id, "val_r2")]
     assert sorted(val_r2) == [2, 4]  # once per evaluation step
     assert run.data.tags["brainlm.job"] == "pretrain" and run.info.status == "FINISHED"
-    assert "val_r2" in run.data.metrics
+    assert "val_r2" in run.data.metrics and "val_common_r2_gain_low" in run.data.metrics
+    # the verdict of the gain's interval, never a string among the metrics
+    assert run.data.tags["learned"] in ("learned", "not learned", "undecided")
+    assert not any(k.endswith(("_verdict", "_by_subject")) for k in run.data.metrics)
     names = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert "model/model.safetensors" in names and "model/reconstruction.png" in names
     # the same top-level path in every run: MLflow's Compare puts them side by side
@@ -194,10 +197,18 @@ def test_r2_is_per_parcel_and_not_clipped(store, tmp_path):
     assert ev["val_mse"] > 100
     # the baselines are scored on the same windows and masks, and the gain says it has not learned
     assert np.isfinite(ev["val_r2_zero"]) and ev["val_r2_zero"] > -1
-    best = max(ev[f"val_r2_{b}"] for b in ("zero", "parcel_mean", "parcel_interp", "same_time",
-                                           "ridge"))
+    from brainlm.train.reconstruction import BASELINES
+
+    best = max(ev[f"val_r2_{b}"] for b in BASELINES)
+    assert {"cond_gaussian", "space_time"} <= set(BASELINES)
     assert ev["val_r2_best_baseline"] == best
     assert ev["val_r2_gain"] == pytest.approx(ev["val_r2"] - best)
+    # ... and per validation subject; one subject gives no interval, so no verdict either
+    subjects = ev["val_r2_by_subject"]
+    assert len(subjects) == 1 and all(v < -10 for v in subjects.values())
+    assert set(ev["val_common_r2_best_baseline_by_subject"]) == set(subjects)
+    assert np.isnan(ev["val_r2_gain_low"]) and np.isnan(ev["val_common_r2_gain_high"])
+    assert ev["val_verdict"] == ev["val_common_verdict"] == "undecided"
 
 
 def test_bad_attention_kernel_is_refused_before_anything_runs(store, tmp_path):

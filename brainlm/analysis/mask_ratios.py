@@ -4,7 +4,9 @@ Why: each run's own validation R^2 is measured under its own mask ratio, and rec
 20 % of a window is an easier task than reconstructing 90 %: those numbers cannot rank the
 runs. Every run is therefore also scored at one common ratio with the same masks
 (`val_common_*`, see `brainlm.train.pretrain.evaluate`), beside the best baseline under those
-masks. This module gathers the runs' metrics into one table and one plot.
+masks, each gain with its paired subject-bootstrap 95 % interval and the verdict read from it
+(learned / not learned / undecided). This module gathers the runs' metrics into one table and
+one plot.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..fileio import save_figure, write_bytes_atomic
 
-COLUMNS = (("val_r2", "R^2 at own ratio"), ("val_r2_gain", "gain over best baseline (own)"),
+COLUMNS = (("val_r2", "R^2 at own ratio"),
+           ("val_r2_gain", "gain over best baseline (own) [95 % CI]"),
            ("val_common_r2", "R^2 at common ratio"),
-           ("val_common_r2_gain", "gain over best baseline (common)"),
+           ("val_common_r2_gain", "gain over best baseline (common) [95 % CI]"),
            ("test_common_r2", "R^2 at common ratio (test)"),
-           ("test_common_r2_gain", "gain (common, test)"),
+           ("test_common_r2_gain", "gain (common, test) [95 % CI]"),
            ("probe", "linear probe (test)"), ("probe_floor", "probe: training mean"),
            ("ari_model", "network ARI"), ("ari_flat_input", "ARI flat-input control"))
 PROBES = ("probe_r2", "probe_roc_auc")  # one of them, by the probe's task
+GAINS = ("val_r2_gain", "val_common_r2_gain", "test_common_r2_gain")  # shown with intervals
 
 
 def gather(models: dict[float, Path]) -> list[dict]:
@@ -36,27 +40,44 @@ def gather(models: dict[float, Path]) -> list[dict]:
             raise ConfigError(f"{path}: cannot read the pretraining metrics ({exc})") from None
         row = {"mask_ratio": float(ratio)}
         row.update({k: metrics.get(k) for k, _ in COLUMNS})
+        for gain in GAINS:
+            prefix = gain[:-len("_r2_gain")]
+            row.update({f"{gain}_low": metrics.get(f"{gain}_low"),
+                        f"{gain}_high": metrics.get(f"{gain}_high"),
+                        f"{prefix}_verdict": metrics.get(f"{prefix}_verdict")})
         probe = next((k for k in PROBES if k in metrics), None)
         if probe:
             row.update(probe=metrics[probe], probe_metric=probe[6:],
                        probe_low=metrics.get(f"{probe}_low"),
                        probe_high=metrics.get(f"{probe}_high"),
-                       probe_floor=metrics.get(f"{probe}_floor"))
+                       probe_floor=metrics.get(f"{probe}_floor"),
+                       probe_verdict=metrics.get("probe_verdict"))
         row["val_common_r2_best_baseline"] = metrics.get("val_common_r2_best_baseline")
         row["best_baseline"] = metrics.get("val_common_best_baseline")
         rows.append(row)
     return rows
 
 
+def _cell(row: dict, key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "n/a"
+    low, high = row.get(f"{key}_low"), row.get(f"{key}_high")
+    if key in GAINS and low is not None and high is not None:
+        return f"{value:+.4f} [{low:+.4f}, {high:+.4f}]"
+    return f"{value:+.4f}"
+
+
 def table(rows: list[dict]) -> str:
-    fmt = lambda v: "n/a" if v is None else f"{v:+.4f}"  # noqa: E731
-    head = "| mask ratio | " + " | ".join(h for _, h in COLUMNS) + " | learned |"
+    """Markdown: one row per mask ratio; gains with their 95 % interval over subjects, and the
+    verdict on the common mask (validation)."""
+    head = ("| mask ratio | " + " | ".join(h for _, h in COLUMNS)
+            + " | learned? (val, common mask) |")
     lines = [head, "|---" * (len(COLUMNS) + 2) + "|"]
     for r in rows:
-        gain = r.get("val_common_r2_gain")
-        learned = "n/a" if gain is None else ("yes" if gain > 0 else "**no**")
-        lines.append(f"| {r['mask_ratio']:g} | " + " | ".join(fmt(r.get(k)) for k, _ in COLUMNS)
-                     + f" | {learned} |")
+        said = r.get("val_common_verdict") or "n/a"
+        lines.append(f"| {r['mask_ratio']:g} | " + " | ".join(_cell(r, k) for k, _ in COLUMNS)
+                     + f" | {'**' + said + '**' if said == 'not learned' else said} |")
     return "\n".join(lines) + "\n"
 
 

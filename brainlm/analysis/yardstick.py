@@ -5,7 +5,9 @@ reconstruction numbers cannot do that. Two checks that need no fine-tuning:
 - a linear probe of a phenotype from the frozen, deterministic (nothing masked) embeddings:
   mean-pooled embeddings per recording, a ridge (or logistic) model whose penalty is chosen by
   cross-validation on the training subjects only, scored on the test subjects with a
-  subject-bootstrap CI, beside the training-mean (majority-class) predictor;
+  subject-bootstrap CI, beside the training-mean (majority-class) predictor, with the paired
+  subject-bootstrap interval of the probe's gain over that floor and its verdict (better /
+  worse / undecided);
 - zero-shot network identification: parcels clustered from the model's representations,
   compared (adjusted Rand index) with known networks, beside the same clustering of the
   model's representations of flat input (coordinates only: networks are spatial, so a model
@@ -39,10 +41,14 @@ def linear_probe(model, store, target: str, task: str = "regression", n_boot: in
                  seed: int = 0) -> dict:
     """Probe `target` from frozen embeddings: fitted on train, scored on test.
 
-    Returns {"metric": "r2" | "roc_auc", "value", "low", "high", "floor", "n_train",
-    "n_test"}; "floor" is the training-mean (majority-class) predictor's score on test."""
+    Returns {"metric": "r2" | "roc_auc", "value", "low", "high", "floor", "gain_low",
+    "gain_high", "verdict", "n_train", "n_test"}; "floor" is the training-mean
+    (majority-class) predictor's score on test, gain_low/high the paired subject-bootstrap 95 %
+    interval of value - floor (the same resamples of test subjects score both), "verdict" its
+    BETTER word (better / worse / undecided)."""
     from ..data.windows import prepare_target
     from ..evaluate import bootstrap_ci, metric_fn
+    from ..evaluate.intervals import BETTER, paired_bootstrap
     from .embeddings import embed_store
 
     if task not in ("regression", "classification"):
@@ -81,8 +87,12 @@ def linear_probe(model, store, target: str, task: str = "regression", n_boot: in
         metric = metric_fn("classification", "roc_auc", list(fit.classes_))
         name, y_true = "roc_auc", y_te
     ci = bootstrap_ci(metric, y_true, pred, groups, n_boot=n_boot, seed=seed)
+    gain = paired_bootstrap(metric, y_true, pred, floor_pred, groups, n_boot=n_boot, seed=seed,
+                            words=BETTER)
     return {"metric": name, "value": ci["value"], "low": ci["low"], "high": ci["high"],
-            "floor": float(metric(y_true, floor_pred)), "n_train": len(tr), "n_test": len(te)}
+            "floor": float(metric(y_true, floor_pred)), "gain_low": gain["low"],
+            "gain_high": gain["high"], "verdict": gain["verdict"], "n_train": len(tr),
+            "n_test": len(te)}
 
 
 def network_ari(model, store, truth, k: int | None = None, max_windows: int = 32,

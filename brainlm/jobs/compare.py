@@ -39,6 +39,8 @@ def run(cfg: CompareConfig, tags: dict | None = None) -> dict:
                              and k != "mask_ratio"}, step=int(round(row["mask_ratio"] * 100)))
         tracker.artifacts(cfg.out, "compare")
     values = {f"{k}@{r['mask_ratio']:g}": r[k] for r in rows
-              for k in ("val_common_r2", "val_common_r2_gain") if r.get(k) is not None}
+              for k in ("val_common_r2", "val_common_r2_gain", "val_common_r2_gain_low",
+                        "val_common_r2_gain_high", "val_common_verdict")
+              if r.get(k) is not None}
     print((Path(cfg.out) / "mask_ratios.md").read_text())
     return values

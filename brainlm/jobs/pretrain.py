@@ -96,11 +96,14 @@ def run(cfg: PretrainConfig, tags: dict | None = None) -> dict:
             tracker.tags({FINGERPRINT: pretrained_fingerprint(cfg.out)})
     m = result.get("metrics")
     if m and rank0:
-        words = "beats every baseline" if m["val_r2_gain"] > 0 else "HAS NOT LEARNED YET"
+        words = {"learned": "beats every baseline", "not learned": "HAS NOT LEARNED YET"}.get(
+            result["verdicts"].get("val_verdict"), "UNDECIDED: the interval holds 0")
         print(f"brainlm pretrain: {result['step']} steps, val MSE {m['val_mse']:.4f}, "
               f"val R^2 {m['val_r2']:.4f}, best baseline {m['val_r2_best_baseline']:.4f} "
-              f"(gain {m['val_r2_gain']:+.4f}: {words}) -> {cfg.out}")
+              f"(gain {m['val_r2_gain']:+.4f} [{m['val_r2_gain_low']:+.4f}, "
+              f"{m['val_r2_gain_high']:+.4f}]: {words}) -> {cfg.out}")
     elif not m and result["step"] < cfg.max_steps and rank0:
         print(f"brainlm pretrain: stopped at step {result['step']} of {cfg.max_steps}; "
               f"continue with --resume")
-    return {"mask_ratio": float(cfg.mask_ratio), **(m or {})}
+    # the verdicts (learned / not learned / undecided) beside the numbers in the stage's metrics
+    return {"mask_ratio": float(cfg.mask_ratio), **(m or {}), **result.get("verdicts", {})}

@@ -41,8 +41,10 @@ def write_outputs(model, store, cfg: PretrainConfig, out: Path, history, last_ev
     # `logged`: what this run's tracker has at the last step already (each metric once a step)
     tracker.metrics({k: v for k, v in numeric_metrics(metrics).items() if k not in logged},
                     step=metrics["step"])
+    # learned / not learned / undecided: the interval of the gain over the best rung
     tracker.tags({"best_baseline": str(metrics.get("val_best_baseline")),
-                  "learned": str(metrics.get("val_r2_gain", float("nan")) > 0)})
+                  "learned": str(metrics.get("val_verdict", "n/a")),
+                  "learned_common": str(metrics.get("val_common_verdict", "n/a"))})
     tracker.artifacts(out, "model")
     if (out / "reconstruction.png").is_file():  # top level: MLflow's Compare shows them side by side
         tracker.artifact(out / "reconstruction.png")
@@ -67,7 +69,22 @@ BASELINE_WORDS = {
     "parcel_interp": "the parcel's own visible patches (linear interpolation in time)",
     "same_time": "the visible parcels at the same time patch (mean)",
     "ridge": "ridge on the visible tokens (fitted on training windows)",
+    "cond_gaussian": "the visible parcels at the same time, conditional Gaussian (training "
+                     "mean and shrunk covariance)",
+    "space_time": "space-time linear stack: conditional Gaussian + the parcel's neighbouring "
+                  "visible patches (fitted on training windows)",
 }
+
+
+def gain_text(metrics: dict, prefix: str) -> str:
+    """'+0.1234 [+0.0500, +0.2000] learned': a gain, its 95 % interval over subjects and the
+    verdict ('' when not scored)."""
+    gain = metrics.get(f"{prefix}_r2_gain")
+    if gain is None:
+        return ""
+    low, high = metrics.get(f"{prefix}_r2_gain_low"), metrics.get(f"{prefix}_r2_gain_high")
+    ci = "" if low is None or high is None else f" [{low:+.4f}, {high:+.4f}]"
+    return f"{gain:+.4f}{ci} {metrics.get(f'{prefix}_verdict', '')}".rstrip()
 
 
 def recon_table(metrics: dict) -> str:
@@ -80,8 +97,8 @@ def recon_table(metrics: dict) -> str:
             f"| **BrainLM** | {' | '.join(fmt(metrics.get(f'{k}_r2')) for k, _ in cols)} |"]
     for name, words in BASELINE_WORDS.items():
         rows.append(f"| {words} | {' | '.join(fmt(metrics.get(f'{k}_r2_{name}')) for k, _ in cols)} |")
-    rows.append(f"| gain over the best baseline | "
-                f"{' | '.join(fmt(metrics.get(f'{k}_r2_gain')) for k, _ in cols)} |")
+    rows.append(f"| gain over the best baseline (95 % CI over subjects), verdict | "
+                f"{' | '.join(gain_text(metrics, k) for k, _ in cols)} |")
     return "\n".join(rows) + "\n"
 
 
@@ -94,6 +111,10 @@ def encoder_table(metrics: dict, cfg: PretrainConfig) -> str:
                          f"CI) | {metrics[name]:.3f} [{metrics[name + '_low']:.3f}, "
                          f"{metrics[name + '_high']:.3f}]; training-mean/majority "
                          f"{metrics[name + '_floor']:.3f} |")
+    if "probe_gain_low" in metrics:
+        lines.append(f"| probe minus training-mean/majority (paired, 95 % CI) | "
+                     f"{metrics['probe_gain']:+.3f} [{metrics['probe_gain_low']:+.3f}, "
+                     f"{metrics['probe_gain_high']:+.3f}]: **{metrics['probe_verdict']}** |")
     if "ari_model" in metrics:
         lines.append(f"| zero-shot networks (ARI vs known networks) | model "
                      f"{metrics['ari_model']:.3f}; flat-input control "
@@ -109,10 +130,15 @@ def verdict(metrics: dict) -> str:
     if gain is None:
         return ""
     best = BASELINE_WORDS.get(metrics.get("val_best_baseline"), "the best baseline")
-    if gain > 0:
-        return (f"**The model beats every baseline** (R^2 gain {gain:+.4f} over {best}).")
-    return (f"**The model has not learned yet**: it does not beat {best} (R^2 gain {gain:+.4f}); "
-            "whatever its loss says, it knows no more than that baseline.")
+    said = metrics.get("val_verdict")
+    what = f"R^2 gain over {best}: {gain_text(metrics, 'val')} (95 % interval over subjects)"
+    if said == "learned":
+        return f"**The model beats every baseline**: {what}."
+    if said == "not learned":
+        return (f"**The model has not learned yet**: {what}; whatever its loss says, it knows "
+                "no more than that baseline.")
+    return (f"**Undecided**: {what}. The interval holds 0: these validation subjects cannot "
+            "tell whether the model knows more than that baseline.")
 
 
 def model_card(model, store, cfg: PretrainConfig, metrics: dict, scaler_hash: str) -> str:

@@ -369,7 +369,7 @@ def train(run: Run, tracker) -> dict:
     length = run.store.n_parcels * (cfg.window // cfg.patch_size)
     stop_at = cfg.max_steps if cfg.stop_after is None else min(cfg.max_steps,
                                                                  run.step + cfg.stop_after)
-    last_eval, ridges, pending = {}, {}, []  # ridges: mask ratio -> fitted ridge baseline
+    last_eval, fitted, pending = {}, {}, []  # fitted: the ladder rungs fitted on training data
     batches = _batches(run)
     model.train()
     t0, windows_done = time.perf_counter(), 0
@@ -393,7 +393,7 @@ def train(run: Run, tracker) -> dict:
             rate = windows_done / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", win_s=f"{rate:.1f}")
         if run.rank == 0 and eval_due:
-            last_eval = evaluate(model, run.store, cfg, run.device, run.autocast, ridges)
+            last_eval = evaluate(model, run.store, cfg, run.device, run.autocast, fitted)
             val = numeric_metrics(last_eval)
             run.history[-1].update(val)
             tracker.metrics(val, step=step)
@@ -401,7 +401,7 @@ def train(run: Run, tracker) -> dict:
             save_checkpoint(run.checkpoint, model, run.optimizer, run.scheduler, step,
                             run.history, run.settings)
     bar.close()
-    return {**last_eval, "ridges": ridges}
+    return {**last_eval, "fitted": fitted}
 
 
 def pretrain(cfg: PretrainConfig, tracker=None) -> dict:
@@ -417,20 +417,21 @@ def pretrain(cfg: PretrainConfig, tracker=None) -> dict:
     tracker.params({"lr": cfg.lr, "n_parameters": sum(p.numel() for p in run.model.parameters()),
                     "atlas_hash": run.model.config.atlas_hash})
     last_eval = train(run, tracker)
-    ridges = last_eval.pop("ridges")
+    fitted = last_eval.pop("fitted")
     logged = set(numeric_metrics(last_eval))  # by this invocation, at its last step
     result = {"step": run.step, "finished": run.step >= cfg.max_steps, "history": run.history}
     if run.rank == 0 and run.step >= cfg.max_steps:
         if not last_eval:
-            last_eval = evaluate(run.model, run.store, cfg, run.device, run.autocast, ridges)
+            last_eval = evaluate(run.model, run.store, cfg, run.device, run.autocast, fitted)
         if len(run.store.recordings("test")):  # the held-out check, once, at the end
-            held_out = evaluate(run.model, run.store, cfg, run.device, run.autocast, ridges,
+            held_out = evaluate(run.model, run.store, cfg, run.device, run.autocast, fitted,
                                 split="test")
             last_eval = {**last_eval, **{k: v for k, v in held_out.items()
                                          if k.startswith("test_")}}
         write_outputs(run.model, run.store, cfg, Path(cfg.out), run.history, last_eval,
                       tracker, logged)
         result["metrics"] = numeric_metrics(last_eval)
+        result["verdicts"] = {k: v for k, v in last_eval.items() if k.endswith("_verdict")}
     if run.world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -5,7 +5,10 @@ Why: a reconstruction loss means nothing alone. Resting-state fMRI carries a str
 signal, so "the mean of the visible parcels at the same time" already explains a quarter to a
 third of the variance of masked patches. A model below that has learned the global signal, or
 less. Every predictor here sees exactly what the model sees (the visible patches of the window)
-and is scored by one `R2Meter` with the model's R^2 definition.
+and is scored by one `R2Meter` with the model's R^2 definition. The strongest rungs, linear
+predictors from the training covariance, are in `linear_rungs`; the paired subject-bootstrap
+interval of the model's gain over the best rung (`gain_interval`) is computed here from the
+meter's per-subject sums.
 
 Shapes: windows x [B, P, T] (scaled), token masks m [B, P, N] (True = masked, N = T / patch);
 every predictor returns [B, P, T] (only its masked entries are scored). The per-step mask noise
@@ -22,7 +25,9 @@ import torch
 from ..errors import ConfigError
 from ..fileio import save_figure
 
-BASELINES = ("zero", "parcel_mean", "parcel_interp", "same_time", "ridge")
+# every rung of the ladder, weakest first (cond_gaussian and space_time: `linear_rungs`)
+BASELINES = ("zero", "parcel_mean", "parcel_interp", "same_time", "ridge", "cond_gaussian",
+             "space_time")
 
 
 class R2Meter:
@@ -30,34 +35,92 @@ class R2Meter:
 
     R^2 = 1 - SSE / SST per parcel, SST about that parcel's mean masked value; parcels without
     variance are left out; not clipped at 0, so worse than the mean shows as negative. Several
-    predictors share the targets, so only their SSE is kept separately."""
+    predictors share the targets, so only their SSE is kept separately. Every sum is kept per
+    group (a subject: `groups` [B] indices in 0..n_groups-1) as [n_groups, P], so the same R^2
+    can be computed per subject and for any resample of subjects (`r2_from_sums`)."""
 
-    def __init__(self, n_parcels: int):
-        z = lambda: torch.zeros(n_parcels, dtype=torch.float64)  # noqa: E731
+    def __init__(self, n_parcels: int, n_groups: int = 1):
+        z = lambda: torch.zeros(n_groups, n_parcels, dtype=torch.float64)  # noqa: E731
         self.sum_y, self.sum_y2, self.count = z(), z(), z()
         self.sse: dict[str, torch.Tensor] = {}
         self._zero = z
 
-    def add_targets(self, x: torch.Tensor, mask: torch.Tensor) -> None:
-        """x [B, P, T], mask [B, P, T] bool (True where predicted)."""
-        y = x.double() * mask
-        self.sum_y += y.sum(dim=(0, 2)).cpu()
-        self.sum_y2 += (y ** 2).sum(dim=(0, 2)).cpu()
-        self.count += mask.double().sum(dim=(0, 2)).cpu()
+    @staticmethod
+    def _groups(x: torch.Tensor, groups) -> torch.Tensor:
+        if groups is None:
+            return torch.zeros(len(x), dtype=torch.long)
+        return torch.as_tensor(groups, dtype=torch.long).cpu()
 
-    def add(self, name: str, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> None:
+    def add_targets(self, x: torch.Tensor, mask: torch.Tensor, groups=None) -> None:
+        """x [B, P, T], mask [B, P, T] bool (True where predicted), groups [B] or None."""
+        g = self._groups(x, groups)
+        y = x.double() * mask
+        self.sum_y.index_add_(0, g, y.sum(2).cpu())
+        self.sum_y2.index_add_(0, g, (y ** 2).sum(2).cpu())
+        self.count.index_add_(0, g, mask.double().sum(2).cpu())
+
+    def add(self, name: str, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
+            groups=None) -> None:
         err = ((pred.double() - x.double()) ** 2) * mask
-        self.sse[name] = self.sse.get(name, self._zero()) + err.sum(dim=(0, 2)).cpu()
+        sse = self.sse.setdefault(name, self._zero())
+        sse.index_add_(0, self._groups(x, groups), err.sum(2).cpu())
+
+    def sums(self, name: str) -> tuple[np.ndarray, ...]:
+        """(sum_y, sum_y2, count, sse) of predictor `name`, each [n_groups, P]."""
+        return tuple(v.numpy() for v in (self.sum_y, self.sum_y2, self.count, self.sse[name]))
 
     def r2(self, name: str) -> float:
-        sst = self.sum_y2 - self.sum_y ** 2 / self.count.clamp(min=1)
-        ok = (self.count > 1) & (sst > 1e-12)
-        if not ok.any():
-            return float("nan")
-        return float((1 - self.sse[name][ok] / sst[ok]).mean())
+        return float(r2_from_sums(*(v.sum(0) for v in self.sums(name))))
+
+    def r2_by_group(self, name: str) -> np.ndarray:
+        """[n_groups]: the R^2 of each group's own masked values (nan for an empty group)."""
+        return r2_from_sums(*self.sums(name))
 
     def mse(self, name: str) -> float:
         return float(self.sse[name].sum() / self.count.sum().clamp(min=1))
+
+
+def r2_from_sums(sum_y, sum_y2, count, sse) -> np.ndarray:
+    """R^2 per parcel from its sums, averaged over the parcels with variance: arrays
+    [..., P] -> [...] (nan where no parcel has any)."""
+    sum_y, sum_y2, count, sse = (np.asarray(v, dtype=np.float64)
+                                 for v in (sum_y, sum_y2, count, sse))
+    sst = sum_y2 - sum_y ** 2 / np.maximum(count, 1)
+    ok = (count > 1) & (sst > 1e-12)
+    r2 = np.where(ok, 1 - sse / np.where(ok, sst, 1.0), 0.0)
+    n = ok.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, r2.sum(-1) / np.maximum(n, 1), np.nan)
+
+
+def gain_interval(meter: R2Meter, model: str, rungs, n_boot: int = 1000, seed: int = 0,
+                  alpha: float = 0.05) -> dict:
+    """Paired bootstrap over the meter's groups (subjects) of R^2(model) - max R^2(rungs).
+
+    Each resample draws subjects with replacement and pools the drawn subjects' sums (weights
+    = how often each is drawn, [n_boot, S] @ [S, P]); model and every rung are scored on the
+    same resamples, and the best rung is chosen again in each (the statistic is the gain over
+    the best rung, selection included). Groups without masked values are left out; with fewer
+    than 2 subjects there is no interval (nan) and the verdict is undecided.
+    -> percentile_interval's dict with "verdict" (LEARNED words)."""
+    from ..evaluate.intervals import (LEARNED, draw_counts, percentile_interval, subject_draws,
+                                      verdict)
+
+    keep = meter.count.sum(1).numpy() > 0
+    point = meter.r2(model) - max(meter.r2(r) for r in rungs)
+    if keep.sum() < 2:  # one subject resampled is that subject: no interval
+        out = percentile_interval([], point, alpha)
+    else:
+        w = draw_counts(subject_draws(int(keep.sum()), n_boot, seed), int(keep.sum()))
+        sy, sy2, cnt, _ = (w @ v[keep] for v in meter.sums(model))
+
+        def scored(name):
+            return r2_from_sums(sy, sy2, cnt, w @ meter.sums(name)[3][keep])
+
+        best = np.max(np.stack([scored(r) for r in rungs]), axis=0)
+        out = percentile_interval(scored(model) - best, point, alpha)
+    out["verdict"] = verdict(out["low"], out["high"], LEARNED)
+    return out
 
 
 def token_mask(n_parcels: int, n_patches: int, ids_mask: torch.Tensor) -> torch.Tensor:
@@ -131,22 +194,26 @@ def ridge_features(x: torch.Tensor, m: torch.Tensor, preds: dict | None = None) 
 class RidgeBaseline:
     """Linear prediction of a masked patch from the visible tokens (`ridge_features`), one
     weight matrix shared by all parcels, fitted on training windows under the same masking
-    distribution as the windows it is scored on. Closed form on accumulated normal equations."""
+    distribution as the windows it is scored on. Closed form on accumulated normal equations.
+    Subclasses change `features` ([B, P, N, F] from visible data only)."""
 
     def __init__(self, alpha: float = 1e-3):
         self.alpha = alpha
         self.xtx = self.xty = self.weight = None
 
-    def partial_fit(self, x: torch.Tensor, m: torch.Tensor) -> None:
-        f = ridge_features(x, m).double()
-        ps = f.shape[-1] // 2 - 1
-        y = x.double().view(*m.shape, ps)
-        f, y = f[m], y[m]  # masked tokens only: [n, F], [n, ps]
+    def features(self, x: torch.Tensor, m: torch.Tensor, preds: dict | None = None
+                 ) -> torch.Tensor:
+        return ridge_features(x, m, preds)
+
+    def partial_fit(self, x: torch.Tensor, m: torch.Tensor, preds: dict | None = None) -> None:
+        f = self.features(x, m, preds).double()
+        y = x.double().reshape(*m.shape, x.shape[-1] // m.shape[-1])
+        f, y = f[m], y[m]  # masked tokens only: [n, F], [n, patch]
         xtx, xty = f.T @ f, f.T @ y
         self.xtx = xtx if self.xtx is None else self.xtx + xtx
         self.xty = xty if self.xty is None else self.xty + xty
 
-    def fit(self) -> "RidgeBaseline":
+    def fit(self):
         k = self.xtx.shape[0]
         reg = self.alpha * torch.diagonal(self.xtx).mean() * torch.eye(k, dtype=self.xtx.dtype)
         reg[-1, -1] = 0  # the intercept is not shrunk
@@ -156,20 +223,27 @@ class RidgeBaseline:
     def predict(self, x: torch.Tensor, m: torch.Tensor, preds: dict | None = None
                 ) -> torch.Tensor:
         if self.weight is None:
-            raise RuntimeError("RidgeBaseline.predict before fit")
-        f = ridge_features(x, m, preds)
+            raise RuntimeError(f"{type(self).__name__}.predict before fit")
+        f = self.features(x, m, preds)
         out = f.double() @ self.weight.to(f.device)
         return out.to(x.dtype).reshape(x.shape)
 
 
-def predict_baselines(x: torch.Tensor, m: torch.Tensor,
-                      ridge: RidgeBaseline | None = None) -> dict[str, torch.Tensor]:
-    """Every baseline's [B, P, T] prediction for windows x under token mask m."""
+def predict_baselines(x: torch.Tensor, m: torch.Tensor, ridge: RidgeBaseline | None = None,
+                      gaussian=None, space_time: RidgeBaseline | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """Every rung's [B, P, T] prediction for windows x under token mask m: the fixed ones,
+    then those fitted on training data that are given (ridge; `linear_rungs`' GaussianRung
+    as cond_gaussian and SpaceTimeRung as space_time, which needs the Gaussian)."""
     preds = {"zero": torch.zeros_like(x),  # the training median: 0 after robust scaling
              "parcel_mean": parcel_mean(x, m), "parcel_interp": parcel_interp(x, m),
              "same_time": same_time(x, m)}
     if ridge is not None:
         preds["ridge"] = ridge.predict(x, m, preds)
+    if gaussian is not None:
+        preds["cond_gaussian"] = gaussian.condition(x, m)
+    if space_time is not None:
+        preds["space_time"] = space_time.predict(x, m, preds)
     return preds
 
 

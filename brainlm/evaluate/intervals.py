@@ -41,8 +41,25 @@ def draw_counts(draws: np.ndarray, n_subjects: int) -> np.ndarray:
     return counts
 
 
-def percentile_interval(stats, value: float, alpha: float = 0.05) -> dict:
-    """Percentile interval of the finite resampled `stats`, widened to contain `value` when the
+def expanded_alpha(alpha: float, n_subjects: int | None) -> float:
+    """The tail probability the percentiles are read at so that the interval keeps its nominal
+    coverage with few subjects (Hesterberg's expanded percentile interval: the normal quantile
+    is replaced by sqrt(n / (n - 1)) times Student's t with n - 1 degrees of freedom). Plain
+    percentiles of 8 subjects cover a known effect about 85 % of the time instead of 95 %;
+    these about 95 %. `alpha` itself without a subject count or with fewer than 2."""
+    if not n_subjects or n_subjects < 2:
+        return alpha
+    from scipy import stats
+
+    n = int(n_subjects)
+    z = math.sqrt(n / (n - 1)) * stats.t.ppf(1 - alpha / 2, n - 1)
+    return float(2 * stats.norm.sf(z))
+
+
+def percentile_interval(stats, value: float, alpha: float = 0.05,
+                        n_subjects: int | None = None) -> dict:
+    """Percentile interval of the finite resampled `stats`, expanded for few subjects
+    (`expanded_alpha`, when `n_subjects` is given) and widened to contain `value` when the
     resamples miss it (skewed statistics), so a reported interval always brackets its point.
     -> {"value", "low", "high", "n_boot" (finite resamples), "widened"}."""
     if not 0 < alpha < 1:
@@ -52,8 +69,8 @@ def percentile_interval(stats, value: float, alpha: float = 0.05) -> dict:
     out = {"value": float(value), "low": math.nan, "high": math.nan, "n_boot": int(len(stats)),
            "widened": False}
     if len(stats):
-        low, high = (float(v) for v in np.percentile(stats, [100 * alpha / 2,
-                                                             100 * (1 - alpha / 2)]))
+        a = expanded_alpha(alpha, n_subjects)
+        low, high = (float(v) for v in np.percentile(stats, [100 * a / 2, 100 * (1 - a / 2)]))
         if np.isfinite(value) and not low <= value <= high:
             low, high = min(low, value), max(high, value)
             out["widened"] = True
@@ -100,7 +117,7 @@ def paired_bootstrap(metric: Callable, y_true, pred_a, pred_b, groups, n_boot: i
         idx = np.concatenate([members[g] for g in draw])
         diffs.append(float(metric(y_true[idx], pred_a[idx])) -
                      float(metric(y_true[idx], pred_b[idx])))
-    out = percentile_interval(diffs, a - b, alpha)
+    out = percentile_interval(diffs, a - b, alpha, len(members))
     out.update(a=a, b=b, n_subjects=len(members), verdict=verdict(out["low"], out["high"], words))
     return out
 
@@ -115,7 +132,7 @@ def mean_difference(scores_a: dict, scores_b: dict, n_boot: int = 1000, seed: in
         raise ConfigError("no subject was scored on both sides: not comparable")
     d = np.array([float(scores_a[s]) - float(scores_b[s]) for s in shared])
     resampled = d[subject_draws(len(d), n_boot, seed)].mean(axis=1)
-    out = percentile_interval(resampled, float(d.mean()), alpha)
+    out = percentile_interval(resampled, float(d.mean()), alpha, len(d))
     out.update(a=float(np.mean([float(scores_a[s]) for s in shared])),
                b=float(np.mean([float(scores_b[s]) for s in shared])), n_subjects=len(shared),
                verdict=verdict(out["low"], out["high"], words))

@@ -194,7 +194,7 @@ def bootstrap_ci(metric: Callable, y_true, y_pred, groups, n_boot: int = 1000, s
     for draw in subject_draws(len(members), n_boot, seed):
         idx = np.concatenate([members[g] for g in draw])
         stats.append(float(metric(y_true[idx], y_pred[idx])))
-    out = percentile_interval(stats, value, alpha)
+    out = percentile_interval(stats, value, alpha, len(members))
     out["n_skipped"] = int(n_boot) - out["n_boot"]
     return out
 

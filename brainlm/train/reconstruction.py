@@ -118,7 +118,7 @@ def gain_interval(meter: R2Meter, model: str, rungs, n_boot: int = 1000, seed: i
             return r2_from_sums(sy, sy2, cnt, w @ meter.sums(name)[3][keep])
 
         best = np.max(np.stack([scored(r) for r in rungs]), axis=0)
-        out = percentile_interval(scored(model) - best, point, alpha)
+        out = percentile_interval(scored(model) - best, point, alpha, int(keep.sum()))
     out["verdict"] = verdict(out["low"], out["high"], LEARNED)
     return out
 

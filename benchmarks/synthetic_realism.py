@@ -2,14 +2,14 @@
 
     python benchmarks/synthetic_realism.py                      # realism table (demo shape)
     python benchmarks/synthetic_realism.py --timepoints 1200    # HCP-length runs
-    python benchmarks/synthetic_realism.py --controls 0-9       # FC + linear on 10 demo cohorts
+    python benchmarks/synthetic_realism.py --controls 0-9       # = control_sweep.py --atlas A424
 
 Realism: per-subject statistics of the raw parcel series (linear detrend only, no global
 signal regression, no filtering), averaged over subjects, printed beside the range typical of
-resting-state BOLD and where that comes from. Controls: simulate the demo cohort (40 x 300 at
-TR 0.735 s) for each seed, scale and split it as the pipeline does (split seed 0, 0.6/0.2/0.2),
-fit FC + linear on the 24 training subjects, score the 8 test subjects (the numbers quoted in
-the README). The effect sizes were chosen on seeds 100-109; seeds 0-9 are the check.
+resting-state BOLD and where that comes from. Controls: benchmarks/control_sweep.py on A424
+(the demo's design from params.yaml, one cohort per seed, FC + linear on the test subjects
+with its subject-bootstrap interval). The effect sizes were chosen on seeds 100-109; seeds
+0-9 are the check.
 """
 
 from __future__ import annotations
@@ -52,14 +52,6 @@ REFERENCE = {
 }
 
 
-def _seeds(text: str) -> list[int]:
-    out = []
-    for part in text.split(","):
-        a, _, b = part.partition("-")
-        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
-    return out
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--subjects", type=int, default=20)
@@ -67,7 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tr", type=float, default=0.735)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--controls", default="", help="cohort seeds for the positive controls, "
-                    "e.g. 0-9 (demo design: 40 subjects x 300 TRs)")
+                    "e.g. 0-9 (the demo's design, params.yaml; see control_sweep.py)")
     args = ap.parse_args(argv)
 
     from brainlm.atlas import load_atlas
@@ -89,27 +81,11 @@ def main(argv=None) -> int:
         print(f"| {key} | {v.mean():.3f} ({v.min():.3f}-{v.max():.3f}){flag} | {lo:g}-{hi:g} "
               f"| {source} |")
 
-    if args.controls:
-        from brainlm.evaluate import synthetic_control_scores
+    if args.controls:  # the demo's design from params.yaml, decided on the interval
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import control_sweep
 
-        print("\n| cohort seed | age R^2 (FC + linear) | train-mean R^2 | sex ROC-AUC | "
-              "majority AUC | both passed |")
-        print("|---|---|---|---|---|---|")
-        results = []
-        for seed in _seeds(args.controls):
-            c = simulate_cohort(atlas.coords, 40, 300, tr=0.735, seed=seed)
-            r = synthetic_control_scores(c)
-            results.append(r)
-            ok = all(v["passed"] for v in r.values())
-            print(f"| {seed} | {r['age']['value']:.3f} | {r['age']['floor']:.3f} | "
-                  f"{r['sex']['value']:.3f} | {r['sex']['floor']:.3f} | "
-                  f"{'yes' if ok else 'no'} |", flush=True)
-        age = np.array([r["age"]["value"] for r in results])
-        sex = np.array([r["sex"]["value"] for r in results])
-        print(f"\nage R^2: median {np.median(age):.3f}, min {age.min():.3f}, "
-              f">= 0.5 in {int((age >= 0.5).sum())}/{len(age)}; sex AUC: median "
-              f"{np.nanmedian(sex):.3f}, min {np.nanmin(sex):.3f}, >= 0.8 in "
-              f"{int((sex >= 0.8).sum())}/{int(np.isfinite(sex).sum())} defined")
+        control_sweep.main(["--seeds", args.controls, "--atlas", "A424"])
     return 0
 
 

@@ -73,3 +73,22 @@ def test_window_loader_smoke(tmp_path):
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "windows/s"
             not in line]
     assert len(rows) == 2 and all(float(r.split("|")[-2]) > 0 for r in rows)
+
+
+def test_control_sweep_smoke(atlas_spec):
+    """benchmarks/control_sweep.py reads the demo's design from params.yaml and prints one row
+    per seed with the interval and the verdict, then the count of passes."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import control_sweep
+    finally:
+        sys.path.pop(0)
+    design = control_sweep.demo_design()
+    assert design["subjects"] >= 40 and len(design["split"]) == 3
+    out = subprocess.run([sys.executable, str(BENCH / "control_sweep.py"), "--atlas",
+                          atlas_spec, "--seeds", "0", "--subjects", "16", "--timepoints", "100",
+                          "--n-boot", "20"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| 0 (demo) |")]
+    assert len(rows) == 1 and "[" in rows[0]
+    assert "passed: age" in out.stdout and "issue 21's bar" in out.stdout

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..data.windows import window_starts
 from ..model import is_released, window_length
 from ..errors import ConfigError, check_orientation
 from ..train.reconstruction import plot_reconstruction, r2_per_parcel
@@ -150,16 +151,6 @@ def _masked_pass(model, windows: torch.Tensor, coords, plan: RotatingMasks, g: i
 
 # ----------------------------------------------------------------------------- recordings
 
-
-def window_starts(n_time: int, window: int) -> list[int]:
-    """Consecutive windows from 0, plus one aligned to the end when the tail is left over."""
-    if n_time < window:
-        raise ConfigError(f"recording of {n_time} timepoints is shorter than the model's window "
-                          f"of {window}")
-    starts = list(range(0, n_time - window + 1, window))
-    if starts[-1] != n_time - window:
-        starts.append(n_time - window)
-    return starts
 
 
 class Reconstruction(NamedTuple):

@@ -45,16 +45,27 @@ def window_batches(store, rows, window: int, stride: int, batch_size: int):
                            batch_size)
 
 
+def window_starts(n_time: int, window: int, stride: int | None = None) -> list[int]:
+    """Where BrainLM's windows of a recording of `n_time` timepoints start: every `stride`
+    (default: the window) from 0, and one more ending at the last timepoint when the stride
+    does not reach it. The one rule for serving, evaluation baselines and reconstruction."""
+    stride = int(stride or window)
+    if n_time < window or stride < 1:
+        raise ConfigError(f"a recording of {n_time} timepoints has no window of {window} "
+                          f"(stride {stride}): it is shorter than the model's window")
+    starts = list(range(0, n_time - window + 1, stride))
+    if starts[-1] != n_time - window:
+        starts.append(n_time - window)
+    return starts
+
+
 def sliding_batches(recordings, window: int, stride: int, batch_size: int):
     """`window_batches` over [P, T] arrays (what a served model is given)."""
     import torch
 
     batch, owners = [], []
     for i, x in enumerate(recordings):
-        starts = list(range(0, x.shape[1] - window + 1, stride))
-        if starts[-1] != x.shape[1] - window:
-            starts.append(x.shape[1] - window)
-        for s in starts:
+        for s in window_starts(x.shape[1], window, stride):
             batch.append(np.asarray(x[:, s:s + window], dtype=np.float32))
             owners.append(i)
             if len(batch) == batch_size:

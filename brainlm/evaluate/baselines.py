@@ -27,6 +27,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.model_selection import GridSearchCV
 
+from ..data.windows import window_starts
 from ..errors import ConfigError, check_orientation
 from .forecasting import LinearAR, parcel_mean, persistence
 from .heads import (
@@ -98,19 +99,6 @@ def roi_block_features(x, block: int = 20, window: int = 200) -> np.ndarray:
                           f"got shape {x.shape}; lower `window` or use longer recordings")
     return x[:, :window].reshape(len(x), window // block, block).mean(axis=2).ravel()
 
-
-def window_starts(n_time: int, window: int, stride: int | None = None) -> list[int]:
-    """Where BrainLM's windows of a recording of `n_time` timepoints start: every `stride`
-    (default: the window) from 0, and one more ending at the last timepoint when the stride
-    does not reach it (the rule of brainlm.data.windows.sliding_batches)."""
-    stride = int(stride or window)
-    if n_time < window or stride < 1:
-        raise ConfigError(f"a recording of {n_time} timepoints has no window of {window} "
-                          f"(stride {stride})")
-    starts = list(range(0, n_time - window + 1, stride))
-    if starts[-1] != n_time - window:
-        starts.append(n_time - window)
-    return starts
 
 
 def roi_window_features(x, block: int = 20, window: int = 200,
@@ -340,7 +328,7 @@ class RawROIMLP(_Baseline):
     number of rows. The heaviest penalties shrink the network to its output bias, i.e. the
     training mean (or class frequencies), so when the inputs carry nothing inner CV can fall
     back to that floor instead of extrapolating (the former early-stopped MLP scored R^2 -59
-    on the demo's 8 test subjects). lbfgs: full-batch, deterministic for a seed."""
+    on the former demo's 8 test subjects). lbfgs: full-batch, deterministic for a seed."""
 
     name = "raw_roi_mlp"
 

@@ -448,3 +448,48 @@ def test_the_gate_needs_an_interval_above_the_baseline(store, tmp_path):
     above = gate(v4, 0.7, "better", 0.05, 0.2)
     assert above["decision"] == "promoted" and _champion(client, name) == v4
     assert client.get_model_version(name, v1).tags["promotion.decision"] == "no_baseline"
+
+
+def test_promotion_never_reads_the_test_split(tmp_path):
+    """register's candidates (score, key, evidence, gate) come from the validation split only:
+    changing every test score, test prediction and test subject changes none of them."""
+    import pandas as pd
+
+    from brainlm.jobs.register import RegisterConfig, _finetuned_candidate, _split_hashes
+
+    root = tmp_path
+    for d in ("processed", "runs/finetune", "runs/evaluation"):
+        (root / d).mkdir(parents=True)
+    (root / "processed" / "store.json").write_text(json.dumps({"atlas_hash": "abc"}))
+    (root / "runs" / "finetune" / "finetune.json").write_text(json.dumps(
+        {"config": {"target": "age", "task": "regression"}, "classes": None}))
+    rng = np.random.default_rng(0)
+
+    def write(test_value: float, test_subjects: list[str]):
+        subjects = [f"sub-v{i}" for i in range(6)] + test_subjects
+        split = ["val"] * 6 + ["test"] * len(test_subjects)
+        pd.DataFrame({"subject": subjects, "split": split}).to_parquet(
+            root / "processed" / "manifest.parquet")
+        y = rng.uniform(20, 80, len(subjects))
+        pd.DataFrame({"recording_id": [f"{s}_rest" for s in subjects], "subject": subjects,
+                      "split": split, "y_true": y,
+                      "y_pred": np.where(np.array(split) == "val", y + 1.0, test_value)}
+                     ).to_parquet(root / "runs" / "finetune" / "predictions.parquet")
+        rows = [{"method": m, "metric": "r2", "value": v, "split": s}
+                for s, vals in (("val", (0.6, 0.4)), ("test", (test_value, -test_value)))
+                for m, v in zip(("brainlm", "fc_linear"), vals)]
+        (root / "runs" / "evaluation" / "results.json").write_text(json.dumps(rows))
+        comps = [{"split": s, "metric": "r2", "baseline": "fc_linear", "value": d,
+                  "low": d - 0.1, "high": d + 0.1, "verdict": "better" if d > 0.1 else "worse",
+                  "brainlm": 0.0, "baseline_value": 0.0, "n_subjects": 6}
+                 for s, d in (("val", 0.2), ("test", test_value))]
+        (root / "runs" / "evaluation" / "comparisons.json").write_text(json.dumps(comps))
+        cfg = RegisterConfig(root=root, mask_ratios=(0.75,), finetune_mask_ratio=0.75)
+        return _finetuned_candidate(cfg, root, _split_hashes(root))
+
+    first = write(0.9, ["sub-t1", "sub-t2"])
+    rng = np.random.default_rng(0)  # the same validation targets again
+    second = write(-5.0, ["sub-t7", "sub-t8", "sub-t9"])
+    assert first == second
+    assert first.value == 0.6 and first.floor["verdict"] == "better"
+    assert all(s.startswith("sub-v") for s, _, _ in first.evidence["rows"].values())

@@ -39,7 +39,8 @@ demo: $(STAMP)
 	@echo "Registry:   $$(cat metrics/register.json | tr -d '\n ')"
 	@echo "MLflow UI:  ./mlflow/server.sh   then http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 
-# one pytest worker per CI core; each test file stays on one worker (its module fixtures once)
+# one pytest worker per CI core; each test file stays on one worker (its module fixtures once);
+# the longest files are collected first (tests/conftest.py)
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile

@@ -80,3 +80,15 @@ def paint_nifti(atlas, signals: np.ndarray, path, tr: float = 0.735, step: int =
 @pytest.fixture
 def painter():
     return paint_nifti
+
+
+# The longest test files first: `make test` runs one file per worker (pytest-xdist,
+# --dist loadfile) in collection order, so a long file collected last would run alone at the
+# end while the other core idles.
+_LONGEST_FIRST = ("test_dvc.py", "test_recipe.py", "test_services.py", "test_flows.py",
+                  "test_faults.py", "test_end_to_end.py", "test_hpo.py", "test_pretrain.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept

@@ -91,18 +91,14 @@ def _remember(folder: Path, cached: Path) -> None:
     """Copy A424 found in BRAINLM_ATLAS_DIR into the user cache (checked against the pinned
     sha256), so a later process without the variable (a Prefect worker, a new shell) finds
     the same atlas instead of falling back to another one."""
-    import shutil
-
-    from .fileio import atomic_path, sha256_file
+    from .fileio import copy_file_atomic, sha256_file
 
     for fname, (_, sha) in A424_FILES.items():
         dest = cached / fname
         if dest.is_file() or sha256_file(folder / fname) != sha:
             continue
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(dest) as tmp:
-                shutil.copyfile(folder / fname, tmp)
+            copy_file_atomic(folder / fname, dest)
         except OSError:  # a read-only cache: the variable still works where it is set
             return
 

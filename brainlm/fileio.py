@@ -71,7 +71,9 @@ def exclusive(target, what: str = "written", by: str = ""):
     key = hashlib.sha256(str(target).encode()).hexdigest()[:24]
     lock_path = writable_folder(cache_dir() / "locks", "the user cache (BRAINLM_CACHE_DIR, "
                                 "else ~/.cache/brainlm) holds the output locks:") / f"{key}.lock"
-    with open(lock_path, "a+") as lock:
+    # never through a link planted at the lock's name
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "r+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -149,9 +151,35 @@ def writable_folder(folder, what: str) -> Path:
     return folder
 
 
+def _write_fresh(dest, write) -> None:
+    """`write(file)` into a fresh temporary file beside `dest`, through the descriptor that
+    created it (never reopened by name, so a link planted there is never followed), then
+    swapped in whole."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            write(out)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def write_bytes_atomic(dest, data: bytes) -> None:
-    with atomic_path(dest) as tmp:
-        Path(tmp).write_bytes(data)
+    _write_fresh(dest, lambda out: out.write(data))
+
+
+def copy_file_atomic(src, dest) -> None:
+    """`src` copied to `dest`, swapped in whole (as write_bytes_atomic, streamed)."""
+    import shutil
+
+    with open(src, "rb") as inp:
+        _write_fresh(dest, lambda out: shutil.copyfileobj(inp, out, 1 << 22))
 
 
 def find_repo_root(start=None) -> Path:

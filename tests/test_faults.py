@@ -929,3 +929,33 @@ def test_an_in_memory_tracking_store_is_refused(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ConfigError, match="cannot create or open"):
         check_reachable(f"sqlite:///{tmp_path / 'afile' / 'mlflow.db'}")
+
+
+def test_copies_and_locks_never_write_through_a_planted_link(tmp_path, monkeypatch):
+    """A link planted where a copy lands is replaced, never written through; a lock file
+    that is a link is refused instead of followed."""
+    import hashlib as _h
+
+    from brainlm import fileio
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"payload")
+    dest = tmp_path / "out" / "scaler.safetensors"
+    dest.parent.mkdir()
+    dest.symlink_to(victim)
+    fileio.copy_file_atomic(src, dest)
+    assert victim.read_text() == "keep me"
+    assert not dest.is_symlink() and dest.read_bytes() == b"payload"
+
+    monkeypatch.setenv("BRAINLM_CACHE_DIR", str(tmp_path / "cache"))
+    target = (tmp_path / "store").resolve()
+    key = _h.sha256(str(target).encode()).hexdigest()[:24]
+    locks = tmp_path / "cache" / "locks"
+    locks.mkdir(parents=True)
+    (locks / f"{key}.lock").symlink_to(victim)
+    with pytest.raises(OSError):
+        with fileio.exclusive(target):
+            pass
+    assert victim.read_text() == "keep me"

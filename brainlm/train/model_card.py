@@ -14,13 +14,11 @@ def write_outputs(model, store, cfg: PretrainConfig, out: Path, history, last_ev
                   logged=()):
     """save_pretrained folder + scaler + model card + metrics, history (training steps) and
     validation (evaluation steps) + reconstruction plot."""
-    import shutil
-
-    from ..fileio import sha256_file, write_bytes_atomic
+    from ..fileio import copy_file_atomic, sha256_file, write_bytes_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    shutil.copyfile(store.path / "scaler.safetensors", out / "scaler.safetensors")
+    copy_file_atomic(store.path / "scaler.safetensors", out / "scaler.safetensors")
     metrics = {k: v for k, v in last_eval.items() if k.startswith(("val_", "test_"))}
     metrics.update(encoder_yardstick(model, store, cfg))
     metrics.update(step=history[-1]["step"], train_loss=history[-1]["loss"])

@@ -44,6 +44,9 @@ CONFIGS = {
     "demo-lr/2": dict(profile="tiny", batch_size=8, base_lr=0.096),
     "demo-b16": dict(profile="tiny", batch_size=16),
     "demo-b32": dict(profile="tiny", batch_size=32),  # brainlm pretrain's default batch
+    # the decoder starts from the space-time rung (fitted on training windows) and learns
+    # its residual
+    "prior": dict(profile="tiny", batch_size=8, model={"linear_prior": True}),
 }
 
 

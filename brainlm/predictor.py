@@ -31,7 +31,7 @@ class FinetunedModel:
         import torch
 
         from .model import load_model
-        from .train.finetune import ForecastHead, Head
+        from .model.heads import ForecastHead, Head, pooled_width
 
         run_dir = Path(run_dir)
         try:
@@ -52,13 +52,14 @@ class FinetunedModel:
             if encoder:
                 self.model.load_state_dict(encoder)
             width = self.model.config.hidden_size
+            pooled_to = pooled_width(self.model, self.pooling, len(self.model.config.parcel_coords))
             self.window = int(self.meta.get("window") or self.model.config.window)
             self.classes = self.meta.get("classes")
             if self.task == "forecast":
                 self.horizon = int(self.meta["horizon"])
                 self.head = ForecastHead(width, self.horizon)
             else:
-                self.head = Head(width, len(self.classes) if self.classes else 1, 0.0)
+                self.head = Head(pooled_to, len(self.classes) if self.classes else 1, 0.0)
             self.head.load_state_dict({k[5:]: v for k, v in state.items()
                                        if k.startswith("head.")})
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
@@ -141,11 +142,10 @@ class FinetunedModel:
         import torch
 
         from .data.windows import sliding_batches
-        from .model import embed_windows
-        from .train.finetune import average_outputs
+        from .model.heads import average_outputs, pooled
 
         with torch.no_grad():
-            batches = ((self.head(embed_windows(self.model, x, self.coords)[self.pooling]), owner)
+            batches = ((self.head(pooled(self.model, x, self.coords, self.pooling)), owner)
                        for x, owner in sliding_batches(xs, self.window, self.window, BATCH))
             return average_outputs(batches, len(xs), len(self.classes) if self.classes else 1,
                                    self.classes)
@@ -154,7 +154,7 @@ class FinetunedModel:
         """The next `horizon` timepoints of every parcel from the last window - horizon."""
         import torch
 
-        from .train.finetune import context_ids
+        from .model.heads import context_ids
 
         ctx = self.window - self.horizon
         window = np.zeros((self.n_parcels, self.window), np.float32)

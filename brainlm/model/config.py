@@ -12,6 +12,11 @@ MASK_STRATEGIES = ("random", "parcel", "future")
 # attention biases towards the same moment and between parcels, coordinates with Fourier
 # features, and a last decoder block whose masked queries attend to the visible tokens only.
 # The config defaults stay upstream's Family A (all off), so its weights still load.
+# Not in the recipe: `linear_prior` (the decoder starts from the space-time rung fitted on the
+# training split). It lifts the demo's validation R^2 from 0.45 to 0.61, level with the rung and
+# not above it, and leaves the encoder almost nothing to learn: its connectivity readout of age
+# falls from 0.80 to 0.74 test R^2 (benchmarks/README.md, "Levers"). Turn it on per run with
+# `model: {linear_prior: true}`; it needs the atlas's coordinates (`parcel_coords`).
 RECIPE = dict(coord_frequencies=6, time_attention_bias=True, space_attention_rank=16,
               decoder_cross_attention=True)
 
@@ -48,6 +53,9 @@ class BrainLMConfig(PretrainedConfig):
         features (0: none).
     decoder_cross_attention: the last decoder block's masked queries attend to CLS and the
         visible tokens only (CrossMAE); there, a masked token's key holds no signal.
+    linear_prior: the decoder starts from the space-time rung (`prior.LinearPrior`, fitted on
+        the training split by the trainer, saved with the weights) and learns its residual;
+        ties the model to its atlas's parcels (`parcel_coords`).
     """
 
     model_type = "brainlm"
@@ -60,7 +68,7 @@ class BrainLMConfig(PretrainedConfig):
                  mask_strategy: str = "random", future_patches: int = 1,
                  coord_scale: float = 100.0, coord_frequencies: int = 0,
                  decoder_cross_attention: bool = False, time_attention_bias: bool = False,
-                 space_attention_rank: int = 0,
+                 space_attention_rank: int = 0, linear_prior: bool = False,
                  layer_norm_eps: float = 1e-6,
                  initializer_range: float = 0.02, attention_backend: str = "sdpa",
                  **kwargs):
@@ -82,6 +90,7 @@ class BrainLMConfig(PretrainedConfig):
         self.decoder_cross_attention = decoder_cross_attention
         self.time_attention_bias = time_attention_bias
         self.space_attention_rank = space_attention_rank
+        self.linear_prior = linear_prior
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
         self.attention_backend = attention_backend
@@ -120,6 +129,9 @@ class BrainLMConfig(PretrainedConfig):
         if not (isinstance(self.space_attention_rank, int) and self.space_attention_rank >= 0):
             raise ConfigError(f"space_attention_rank must be an integer >= 0, got "
                               f"{self.space_attention_rank!r}")
+        if self.linear_prior and not getattr(self, "parcel_coords", None):
+            raise ConfigError("linear_prior needs the atlas's parcel_coords in the config "
+                              "(the prior is a covariance over those parcels)")
         if not self.coord_scale > 0:
             raise ConfigError(f"coord_scale must be > 0, got {self.coord_scale}")
 

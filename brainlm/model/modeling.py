@@ -32,6 +32,7 @@ from transformers.utils import ModelOutput
 from ..errors import ConfigError
 from .attention import SDPA_KERNELS, Attention, SpaceBias, TimeBias, TokenGeometry
 from .config import BrainLMConfig, check_mask
+from .prior import LinearPrior
 
 # the attention layers live in .attention; these names stay importable from here
 __all__ = ["SDPA_KERNELS", "Attention", "Block", "BrainLMForPretraining",
@@ -197,6 +198,9 @@ class BrainLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, BrainLMForPretraining):
             nn.init.normal_(module.cls_token, std=self.config.initializer_range)
             nn.init.normal_(module.mask_token, std=self.config.initializer_range)
+            if module.prior is not None:  # children first: this runs after their init
+                nn.init.zeros_(module.decoder_pred.weight)  # untrained = the prior
+                nn.init.zeros_(module.decoder_pred.bias)
 
 
 class BrainLMForPretraining(BrainLMPreTrainedModel):
@@ -220,6 +224,10 @@ class BrainLMForPretraining(BrainLMPreTrainedModel):
                              c.decoder_num_attention_heads, c.decoder_intermediate_size,
                              c.layer_norm_eps, eager, **bias)
         self.decoder_pred = nn.Linear(c.decoder_hidden_size, c.patch_size)
+        self.prior = self.prior_embed = None
+        if c.linear_prior:  # the decoder learns the residual of the space-time rung
+            self.prior = LinearPrior(len(c.parcel_coords), c.patch_size)
+            self.prior_embed = nn.Linear(self.prior.n_features, c.decoder_hidden_size)
         self.post_init()
 
     # ------------------------------------------------------------------ helpers
@@ -372,16 +380,33 @@ class BrainLMForPretraining(BrainLMPreTrainedModel):
         coords = self._coords(coords, signals)
         x = self.decoder_input(latent, coords, n_patches, ids_keep, ids_mask)
         n_keep = ids_keep.shape[1]
+        prior = None
+        if self.prior is not None:  # the rung's features and prediction of each masked token
+            feats = self.prior.features(signals, self._token_mask(p, n_patches, ids_mask))
+            feats = feats.flatten(1, 2).gather(
+                1, ids_mask[..., None].expand(-1, -1, feats.shape[-1]))  # [B, n_mask, F]
+            prior = self.prior.predict(feats)
+            x = torch.cat([x[:, :1 + n_keep],
+                           x[:, 1 + n_keep:] + self.prior_embed(feats).to(x.dtype)], dim=1)
         # masked tail only in the last block; with decoder_cross_attention it attends to the
         # CLS and visible tokens only (a masked token's key holds no signal in that block)
         geo = self.geometry(coords, n_patches, ids_keep, ids_mask)
         x = self.decoder(x, last_q_start=1 + n_keep,
                          last_kv_stop=1 + n_keep if c.decoder_cross_attention else None, geo=geo)
         pred = self.decoder_pred(x)
+        if prior is not None:
+            pred = pred + prior.to(pred.dtype)
         target = self.patchify(signals).gather(1, ids_mask[..., None].expand(-1, -1, c.patch_size))
         loss = F.mse_loss(pred.float(), target.float())
         return BrainLMPretrainingOutput(loss=loss, pred=pred, ids_keep=ids_keep,
                                         ids_mask=ids_mask, encoder_hidden=latent)
+
+    @staticmethod
+    def _token_mask(n_parcels: int, n_patches: int, ids_mask: torch.Tensor) -> torch.Tensor:
+        """ids_mask [B, n_mask] -> [B, P, N] bool, True where masked."""
+        m = torch.zeros(ids_mask.shape[0], n_parcels * n_patches, dtype=torch.bool,
+                        device=ids_mask.device)
+        return m.scatter_(1, ids_mask, True).view(-1, n_parcels, n_patches)
 
     @torch.no_grad()
     def reconstruct(self, signals: torch.Tensor, output: BrainLMPretrainingOutput):

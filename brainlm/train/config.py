@@ -97,7 +97,7 @@ class PretrainConfig:
 
 TASKS = ("regression", "classification", "forecast")
 MODES = ("probe", "full")
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "connectivity")  # brainlm.model.heads
 
 
 def check_device(device: str) -> None:
@@ -125,7 +125,7 @@ class FinetuneConfig:
     target: str | None = None  # a phenotype column (not needed for forecast)
     task: str = "regression"
     mode: str = "probe"  # probe | full
-    pooling: str = "cls"  # cls | mean
+    pooling: str = "cls"  # cls | mean | connectivity (probe: the FC baseline's head)
     epochs: int = 30
     batch_size: int = 16
     lr: float = 1e-3
@@ -146,6 +146,9 @@ class FinetuneConfig:
             raise ConfigError(f"--target is needed for {self.task}")
         _one_of("mode", self.mode, MODES)
         _one_of("pooling", self.pooling, POOLINGS)
+        if self.pooling == "connectivity" and self.mode != "probe":
+            raise ConfigError("pooling 'connectivity' is a probe (its head is fitted in closed "
+                              "form on the frozen encoder): use --mode probe")
         if not 0 < self.layer_decay <= 1:
             raise ConfigError(f"layer_decay {self.layer_decay} must be in (0, 1]")
         if not 0 <= self.head_dropout < 1:

@@ -24,61 +24,20 @@ from torch import nn
 
 from ..data.windows import prepare_target, random_windows, window_batches
 from ..errors import ConfigError
-from ..model import embed_windows, is_released
+from ..model import is_released
+from ..model.heads import (ForecastHead, Head, average_outputs, context_ids, pooled,
+                           pooled_width)
 from .config import FinetuneConfig
 from .run_folder import check_run_folder, save_weights, sources, write_run
 
 __all__ = ["FinetuneConfig", "ForecastHead", "Head", "early_stopping", "embed", "finetune",
-           "layer_groups"]
+           "layer_groups"]  # the heads live in brainlm.model.heads; named here as before
 
 # ---------------------------------------------------------------------------- model pieces
 
 
-class Head(nn.Module):
-    def __init__(self, width: int, out: int, dropout: float):
-        super().__init__()
-        self.drop = nn.Dropout(dropout)
-        self.linear = nn.Linear(width, out)
-
-    def forward(self, h):
-        return self.linear(self.drop(h))
-
-
-class ForecastHead(nn.Module):
-    """Per-parcel future from that parcel's context tokens: [B, P, 2H] -> [B, P, horizon]."""
-
-    def __init__(self, width: int, horizon: int):
-        super().__init__()
-        self.linear = nn.Linear(2 * width, horizon)
-
-    def forward(self, tokens: torch.Tensor, n_parcels: int) -> torch.Tensor:
-        """tokens: [B, P * n_ctx, H] (parcel-major) -> [B, P, horizon]."""
-        b, length, h = tokens.shape
-        per = tokens.view(b, n_parcels, length // n_parcels, h)
-        return self.linear(torch.cat([per.mean(2), per[:, :, -1]], dim=-1))
-
-
 def embed(model, x: torch.Tensor, coords: torch.Tensor, pooling: str) -> torch.Tensor:
-    return embed_windows(model, x, coords)[pooling]
-
-
-def context_ids(n_parcels: int, window: int, patch_size: int, horizon: int) -> torch.Tensor:
-    """[1, P * n_ctx]: the tokens a forecast sees, every parcel's patches before the horizon
-    (tokens are parcel-major)."""
-    n_ctx = window // patch_size - horizon // patch_size
-    return (torch.arange(n_parcels)[:, None] * (window // patch_size)
-            + torch.arange(n_ctx)[None]).reshape(1, -1)
-
-
-def average_outputs(batches, n_recordings: int, n_out: int, classes) -> np.ndarray:
-    """Per recording: the head's outputs over its windows averaged [n, n_out] (class
-    probabilities when `classes`, else the standardized target). `batches`: (outputs, owner)."""
-    sums, counts = np.zeros((n_recordings, n_out)), np.zeros(n_recordings)
-    for out, owner in batches:
-        out = out.float().softmax(-1) if classes else out.float()
-        np.add.at(sums, owner, out.cpu().numpy())
-        np.add.at(counts, owner, 1)
-    return sums / np.maximum(counts, 1)[:, None]
+    return pooled(model, x, coords, pooling)
 
 
 def layer_groups(model, head: nn.Module, lr: float, decay: float, weight_decay: float):
@@ -243,7 +202,7 @@ def _finetune_subjects(run: _Run, on_epoch=None) -> dict:
     """Regression or classification of a subject variable (probe or full)."""
     cfg, model, device = run.cfg, run.model, run.device
     targets, classes, mu, sd = _subject_targets(cfg, run.splits)
-    width = model.hidden_size if is_released(model) else model.config.hidden_size
+    width = pooled_width(model, cfg.pooling, run.store.n_parcels)
     head = Head(width, len(classes) if classes else 1, cfg.head_dropout).to(device)
     loss_fn = nn.CrossEntropyLoss() if classes else nn.MSELoss()
 
@@ -272,8 +231,12 @@ def _finetune_subjects(run: _Run, on_epoch=None) -> dict:
         val = _predict(run, head, run.splits["val"], feats.get("val"), classes)
         return _val_loss(val, targets["val"], classes)
 
-    best, history = early_stopping(cfg.epochs, cfg.patience, train_epoch, val_loss,
-                                   [head, model] if cfg.mode == "full" else [head], on_epoch)
+    if cfg.pooling == "connectivity":  # the FC baseline's head, in closed form
+        best, history = _closed_form(run, head, feats["train"], targets["train"], classes,
+                                     val_loss)
+    else:
+        best, history = early_stopping(cfg.epochs, cfg.patience, train_epoch, val_loss,
+                                       [head, model] if cfg.mode == "full" else [head], on_epoch)
     preds = {s: _predict(run, head, run.splits[s], feats.get(s), classes)
              for s in ("val", "test")}
     meta = {"config": _config_json(cfg),
@@ -284,6 +247,23 @@ def _finetune_subjects(run: _Run, on_epoch=None) -> dict:
             **sources(cfg)}
     _write_outputs(cfg, model, head, run.splits, preds, classes, mu, sd, meta)
     return meta
+
+
+def _closed_form(run: _Run, head, feats, targets, classes, val_loss):
+    """Fit the head on the training recordings' window-averaged features (inner CV over
+    subjects picks the penalty); one "epoch", its validation loss recorded."""
+    from .closed_form import fit_head
+
+    f, owner = feats
+    n = len(run.splits["train"])
+    sums = np.zeros((n, f.shape[1]))
+    np.add.at(sums, owner, f.double().numpy())
+    x = sums / np.maximum(np.bincount(owner, minlength=n), 1)[:, None]
+    penalty = fit_head(head, x, np.asarray(targets), run.splits["train"]["subject"].to_numpy(),
+                       "classification" if classes else "regression",
+                       len(classes) if classes else 1, run.cfg.seed)
+    loss = val_loss()
+    return loss, [{"epoch": 1, "val_loss": loss, **penalty}]
 
 
 def _probe_epoch(run: _Run, head, opt, loss_of, feats) -> None:

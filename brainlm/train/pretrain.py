@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from .config import PretrainConfig
 from .model_card import write_outputs
 from .reconstruction import step_noise
-from .scoring import evaluate, numeric_metrics
+from .scoring import evaluate, fit_prior, numeric_metrics
 
 LOG_EVERY = 20  # steps between waits for the device (history, MLflow, progress bar)
 
@@ -193,6 +193,7 @@ class Run:
     step: int = 0
     history: list = field(default_factory=list)
     settings: dict = field(default_factory=dict)  # shaping_settings: recorded, checked on resume
+    fitted: dict = field(default_factory=dict)  # the ladder's rungs fitted on training data
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -264,6 +265,8 @@ def build_run(cfg: PretrainConfig) -> Run:
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     run = Run(cfg, store, model, model, optimizer, scheduler, train_ds, sampler, device, bf16,
               rank, world, micro, steps_per_epoch, settings=shaping_settings(cfg))
+    if model.prior is not None:
+        fit_prior(model, store, cfg, run.fitted)
     _resume(run)
     if cfg.compile:
         run.train_model = torch.compile(model)
@@ -281,10 +284,9 @@ def _build_model(cfg: PretrainConfig, store):
 
     model_cfg = BrainLMConfig.from_preset(
         cfg.profile, window=cfg.window, patch_size=cfg.patch_size, mask_ratio=cfg.mask_ratio,
-        mask_strategy=cfg.mask_strategy, future_patches=cfg.future_patches, **cfg.model)
-    model_cfg.parcel_coords = store.coords.round(3).tolist()
-    model_cfg.atlas = store.meta.get("atlas")
-    model_cfg.atlas_hash = store.meta.get("atlas_hash")
+        mask_strategy=cfg.mask_strategy, future_patches=cfg.future_patches,
+        parcel_coords=store.coords.round(3).tolist(), atlas=store.meta.get("atlas"),
+        atlas_hash=store.meta.get("atlas_hash"), **cfg.model)
     model = BrainLMForPretraining(model_cfg)
     model.set_sdpa_kernel(cfg.attention_kernel)
     if cfg.grad_checkpointing:
@@ -369,7 +371,7 @@ def train(run: Run, tracker) -> dict:
     length = run.store.n_parcels * (cfg.window // cfg.patch_size)
     stop_at = cfg.max_steps if cfg.stop_after is None else min(cfg.max_steps,
                                                                  run.step + cfg.stop_after)
-    last_eval, fitted, pending = {}, {}, []  # fitted: the ladder rungs fitted on training data
+    last_eval, fitted, pending = {}, run.fitted, []
     batches = _batches(run)
     model.train()
     t0, windows_done = time.perf_counter(), 0

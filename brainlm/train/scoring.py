@@ -17,6 +17,7 @@ from .reconstruction import step_noise
 
 COMMON_MASK_RATIO = 0.75  # every run is also scored at this ratio, with the same masks
 COMMON_MASK_SEED = 7919  # ... drawn from this seed, whatever the run's own seed
+EVAL_SEED_OFFSET = 7919  # a run's own-ratio masks are drawn from its seed + this
 RIDGE_WINDOWS = 64  # training windows the ridge and space-time rungs are fitted on
 GAIN_BOOT, GAIN_SEED = 1000, 0  # subject resamples of every reconstruction gain (same draws)
 
@@ -72,6 +73,15 @@ def fitted_rungs(fitted: dict, store, cfg: PretrainConfig, ratio: float, seed: i
     if ratio not in fitted:
         fitted[ratio] = _fit_rungs(store, cfg, ratio, seed, model, fitted["gaussian"])
     return {"gaussian": fitted["gaussian"], **fitted[ratio]}
+
+
+def fit_prior(model, store, cfg: PretrainConfig, fitted: dict) -> None:
+    """Fill the model's linear prior (`model.prior`) with the ladder's space-time rung at the
+    run's own mask ratio: the very rung, fitted on training windows only, that the evaluation
+    then scores the model against (cached in `fitted`)."""
+    rungs = fitted_rungs(fitted, store, cfg, cfg.mask_ratio, cfg.seed + EVAL_SEED_OFFSET, model)
+    model.prior.load_fitted(rungs["gaussian"].mean, rungs["gaussian"].cov,
+                            rungs["space_time"].weight)
 
 
 def _by_subject(labels, values) -> dict:
@@ -157,7 +167,7 @@ def evaluate(model, store, cfg: PretrainConfig, device, autocast, fitted: dict,
     was_training = model.training
     model.eval()
     metrics, example = {}, None
-    plans = [(split, cfg.mask_ratio, cfg.seed + 7919)]
+    plans = [(split, cfg.mask_ratio, cfg.seed + EVAL_SEED_OFFSET)]
     if cfg.mask_strategy == "random":
         plans.append((f"{split}_common", COMMON_MASK_RATIO, COMMON_MASK_SEED))
     for prefix, ratio, seed in plans:

@@ -42,7 +42,7 @@ def test_the_closed_form_head_is_the_baselines_pipeline(task, n, d):
         y = (y > np.median(y)).astype(int)
     groups = np.arange(n)
     pipe = _linear_head(task, y, groups, 0, "pooled", RIDGE_FACTORS).fit(x, y)
-    w, b = affine_of(pipe, d)
+    w, b = affine_of(pipe)
     if task == "regression":
         want = pipe.predict(x)
     else:  # the logit of class 1

@@ -382,7 +382,9 @@ class BrainLMForPretraining(BrainLMPreTrainedModel):
         n_keep = ids_keep.shape[1]
         prior = None
         if self.prior is not None:  # the rung's features and prediction of each masked token
-            feats = self.prior.features(signals, self._token_mask(p, n_patches, ids_mask))
+            from ..train.reconstruction import token_mask  # the ladder's own mask layout
+
+            feats = self.prior.features(signals, token_mask(p, n_patches, ids_mask))
             feats = feats.flatten(1, 2).gather(
                 1, ids_mask[..., None].expand(-1, -1, feats.shape[-1]))  # [B, n_mask, F]
             prior = self.prior.predict(feats)
@@ -400,13 +402,6 @@ class BrainLMForPretraining(BrainLMPreTrainedModel):
         loss = F.mse_loss(pred.float(), target.float())
         return BrainLMPretrainingOutput(loss=loss, pred=pred, ids_keep=ids_keep,
                                         ids_mask=ids_mask, encoder_hidden=latent)
-
-    @staticmethod
-    def _token_mask(n_parcels: int, n_patches: int, ids_mask: torch.Tensor) -> torch.Tensor:
-        """ids_mask [B, n_mask] -> [B, P, N] bool, True where masked."""
-        m = torch.zeros(ids_mask.shape[0], n_parcels * n_patches, dtype=torch.bool,
-                        device=ids_mask.device)
-        return m.scatter_(1, ids_mask, True).view(-1, n_parcels, n_patches)
 
     @torch.no_grad()
     def reconstruct(self, signals: torch.Tensor, output: BrainLMPretrainingOutput):

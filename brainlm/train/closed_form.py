@@ -15,14 +15,14 @@ import numpy as np
 import torch
 
 
-def affine_of(pipeline, n_features: int) -> tuple[np.ndarray, np.ndarray]:
+def affine_of(pipeline) -> tuple[np.ndarray, np.ndarray]:
     """(W [d, k], b [k]) with decision(x) = x @ W + b for a fitted scaler -> row space -> ridge
     or logistic pipeline (`baselines._linear_head`): every step is affine, so the whole is."""
     scaler, rows, head = (pipeline.steps[i][1] for i in range(3))
     model = head.model_
     coef = np.atleast_2d(np.asarray(model.coef_, dtype=np.float64))  # [k, r]
     intercept = np.atleast_1d(np.asarray(model.intercept_, dtype=np.float64))
-    basis = rows.components_ if rows.components_ is not None else None  # [r, d]
+    basis = rows.components_  # [r, d], or None: the features themselves
     w_rows = coef.T if basis is None else basis.T @ coef.T  # [d, k]
     scale = np.asarray(getattr(scaler, "scale_", 1.0), dtype=np.float64)
     weight = w_rows / (scale[:, None] if scale.ndim else scale)
@@ -42,7 +42,7 @@ def fit_head(head: torch.nn.Module, features: np.ndarray, y: np.ndarray, groups,
 
     pipeline = _linear_head(task, y, groups, seed, "pooled", RIDGE_FACTORS)
     pipeline.fit(features, y)
-    weight, bias = affine_of(pipeline, features.shape[1])
+    weight, bias = affine_of(pipeline)
     if task == "classification" and n_classes == 2 and weight.shape[1] == 1:
         weight = np.concatenate([np.zeros_like(weight), weight], axis=1)
         bias = np.concatenate([[0.0], bias])

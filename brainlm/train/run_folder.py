@@ -11,11 +11,11 @@ from .config import FinetuneConfig
 def save_weights(out: Path, head, model, full: bool, store) -> None:
     """finetuned.safetensors: the head as `head.*`, the tuned encoder as `encoder.*` (full);
     beside it the store's scaler, so the run can score unscaled recordings (`predictor`)."""
-    import shutil
-
     from safetensors.torch import save_file
 
-    shutil.copyfile(Path(store) / "scaler.safetensors", out / "scaler.safetensors")
+    from ..fileio import copy_file_atomic
+
+    copy_file_atomic(Path(store) / "scaler.safetensors", out / "scaler.safetensors")
     state = {f"head.{k}": v.contiguous() for k, v in head.state_dict().items()}
     if full:
         state.update({f"encoder.{k}": v.contiguous() for k, v in model.state_dict().items()})

@@ -9,8 +9,11 @@ beside the ladder (`brainlm.train.reconstruction`, `linear_rungs`):
 - in_context_*: the conditional Gaussian under the training covariance updated with the
   window's own (masked values filled by the rung), shrunk towards the population (lam);
 - lowrank_*: the same update restricted to the population's top-k eigenvectors;
-- oracle_subject_cov: the subject's own covariance from its whole recording, masked values
-  included (an upper bound no predictor of one window can reach: it has seen the answers).
+- other_half_*: the subject's own covariance from the rest of its recording (the timepoints
+  outside this window: no answers seen), alone (1) or averaged with the training one (0.5);
+- leaky_subject_cov: the subject's covariance from its whole recording, this window's masked
+  values included. It has seen the answers: shown only to say how misleading such an
+  "oracle" is, never as headroom.
 Choice and report are on validation only.
 """
 
@@ -28,9 +31,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 WINDOW, PATCH = 100, 20
 
 
-def main() -> None:
+def same_recording(store, xv, m, gauss, starts) -> dict:
+    """Conditional Gaussians under the subject's own covariance (Ledoit-Wolf) from the rest of
+    its recording (other_half_1, other_half_0.5 averaged with the training covariance) and,
+    for contrast, from the whole recording with the answers in it (leaky_subject_cov)."""
     from sklearn.covariance import LedoitWolf
 
+    from brainlm.model.prior import conditional_gaussian
+
+    out = {k: torch.zeros_like(xv) for k in ("other_half_1", "other_half_0.5",
+                                             "leaky_subject_cov")}
+    pop = gauss.cov.numpy()
+    for i, (row, start) in enumerate(starts):
+        rec = np.asarray(store.load(row))
+        outside = np.ones(rec.shape[1], bool)
+        outside[start:start + WINDOW] = False
+        own = LedoitWolf().fit(rec[:, outside].T).covariance_
+        whole = LedoitWolf().fit(rec.T)
+        for name, mean, cov in (("other_half_1", gauss.mean, own),
+                                ("other_half_0.5", gauss.mean, (own + pop) / 2),
+                                ("leaky_subject_cov", whole.location_, whole.covariance_)):
+            out[name][i:i + 1] = conditional_gaussian(xv[i:i + 1], m[i:i + 1],
+                                                      torch.as_tensor(mean), torch.tensor(cov))
+    return out
+
+
+def main() -> None:
     from brainlm.data.store import BrainStore, WindowDataset
     from brainlm.model.prior import conditional_gaussian
     from brainlm.train.linear_rungs import GaussianRung, SpaceTimeRung
@@ -47,6 +73,10 @@ def main() -> None:
         ds = WindowDataset(store, split, window=WINDOW, mode="sliding", stride=WINDOW)
         return (torch.stack([torch.from_numpy(ds[i]["signal"]) for i in range(len(ds))]),
                 [str(ds.rows.at[ds.index[i][0], "subject"]) for i in range(len(ds))])
+
+    ds_val = WindowDataset(store, "val", window=WINDOW, mode="sliding", stride=WINDOW)
+    starts = [(ds_val.rows.loc[ds_val.index[i][0]], int(ds_val.index[i][1]))
+              for i in range(len(ds_val))]
 
     def mask(b, seed):
         noise = torch.rand(b, p * n, generator=torch.Generator().manual_seed(seed))
@@ -101,12 +131,7 @@ def main() -> None:
             out[i:i + 1] = conditional_gaussian(xv[i:i + 1], m[i:i + 1], gauss.mean,
                                                 torch.tensor(c))
         res[name] = out
-    own = {}
-    for _, r in store.recordings("val").iterrows():
-        lw = LedoitWolf().fit(np.asarray(store.load(r)).T)
-        own[str(r["subject"])] = (torch.tensor(lw.location_), torch.tensor(lw.covariance_))
-    res["oracle_subject_cov"] = torch.cat([conditional_gaussian(
-        xv[i:i + 1], m[i:i + 1], *own[s]) for i, s in enumerate(subs)])
+    res.update(same_recording(store, xv, m, gauss, starts))
     labels = sorted(set(subs))
     meter = R2Meter(p, len(labels))
     groups = [labels.index(s) for s in subs]

@@ -75,6 +75,49 @@ def test_a_connectivity_probe_is_fitted_once_and_served_as_it_predicted(tmp_path
     assert np.ptp(want) > 0
 
 
+def test_the_closed_form_head_chooses_its_penalty_over_subjects_not_rows():
+    """Several recordings per subject: the inner CV keeps a subject's rows together, so a
+    subject-specific offset (which says nothing about new subjects) cannot pick the penalty."""
+    from brainlm.evaluate.baselines import _inner_cv
+
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(12), 3)
+    y = rng.standard_normal(36)
+    for train, test in _inner_cv("regression", y, groups, 0):
+        assert not set(groups[train]) & set(groups[test])
+    x = rng.standard_normal((36, 50)) + np.repeat(rng.standard_normal((12, 50)), 3, axis=0)
+    head = Head(50, 1, 0.0)
+    chosen = fit_head(head, x, y, groups, "regression", 1, 0)
+    pipe = _linear_head("regression", y, groups, 0, "pooled", RIDGE_FACTORS).fit(x, y)
+    assert chosen["alpha"] == pytest.approx(pipe.steps[-1][1].alpha_)
+
+
+def test_a_connectivity_probe_never_reads_held_out_targets(tmp_path, monkeypatch):
+    """The head is the same whatever the validation and test targets are."""
+    from safetensors.torch import load_file
+
+    import brainlm.train.finetune as ft
+
+    root = age_effect_setup(tmp_path, 20, 120, 8)
+    cfg = dict(model=root / "model", data=root / "store", target="age",
+               pooling="connectivity", progress=False)
+    finetune(FinetuneConfig(out=tmp_path / "a", **cfg))
+    real = ft._subject_targets
+
+    def scrambled(cfg_, splits):
+        targets, *rest = real(cfg_, splits)
+        for s in ("val", "test"):
+            targets[s] = np.random.default_rng(0).permutation(targets[s]) * 3 + 1
+        return (targets, *rest)
+
+    monkeypatch.setattr(ft, "_subject_targets", scrambled)
+    finetune(FinetuneConfig(out=tmp_path / "b", **cfg))
+    a, b = (load_file(str(tmp_path / r / "finetuned.safetensors")) for r in "ab")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+
+
 def test_connectivity_is_a_probe_only():
     with pytest.raises(ConfigError, match="--mode probe"):
         FinetuneConfig(model="m", data="d", out="o", target="age", mode="full",

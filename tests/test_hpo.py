@@ -61,7 +61,7 @@ def test_best_json_is_the_best_completed_trial_in_the_storage(three_trials):
     best = min(complete, key=lambda t: t.value)
     assert saved["best_trial"] == best.number and saved["best_params"] == best.params
     assert set(best.params) == {"lr", "weight_decay", "pooling", "head_dropout", "epochs"}
-    assert 1e-4 <= best.params["lr"] <= 1e-2 and best.params["pooling"] in ("cls", "mean")
+    assert 1e-4 <= best.params["lr"] <= 1e-2 and best.params["pooling"] in SEARCH_SPACE["pooling"][1]
     for t in complete:  # each trial fine-tuned into its own folder, one report per epoch
         meta = json.loads((out / f"trial-{t.number}" / "finetune.json").read_text())
         assert meta["best_val_loss"] == pytest.approx(t.value)

@@ -281,6 +281,20 @@ def test_gain_verdicts_and_per_subject_r2():
     assert one.r2("model") == pytest.approx(better.r2("model"))
 
 
+def test_a_gain_too_small_to_matter_is_not_called_learned():
+    """A model built on a rung differs from it almost without noise: its interval sits just
+    above 0 yet below MIN_GAIN, and that is undecided, not learned."""
+    from brainlm.train.reconstruction import MIN_GAIN, gain_interval
+
+    rng = np.random.default_rng(2)
+    near = _cohort(rng, 12, 0.6, 0.6)
+    near.sse["model"] = near.sse["baseline"] * 0.995
+    tiny = gain_interval(near, "model", ["baseline"])
+    assert 0 < tiny["low"] < MIN_GAIN and tiny["verdict"] == "undecided"
+    near.sse["model"] = near.sse["baseline"] * 0.9
+    assert gain_interval(near, "model", ["baseline"])["verdict"] == "learned"
+
+
 def test_verdicts_and_per_subject_scores_reach_metrics_but_not_numeric_metrics():
     from brainlm.train.scoring import _plan_metrics, numeric_metrics
 

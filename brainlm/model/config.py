@@ -14,8 +14,8 @@ MASK_STRATEGIES = ("random", "parcel", "future")
 # The config defaults stay upstream's Family A (all off), so its weights still load.
 # Not in the recipe: `linear_prior` (the decoder starts from the space-time rung fitted on the
 # training split). It lifts the demo's validation R^2 from 0.45 to 0.61, level with the rung and
-# not above it, and leaves the encoder almost nothing to learn: its connectivity readout of age
-# falls from 0.80 to 0.74 test R^2 (benchmarks/README.md, "Levers"). Turn it on per run with
+# not above it, and its encoder reads out worse: the connectivity readout of age on validation
+# falls from 0.615 to 0.554 (benchmarks/README.md, "Levers"). Turn it on per run with
 # `model: {linear_prior: true}`; it needs the atlas's coordinates (`parcel_coords`).
 RECIPE = dict(coord_frequencies=6, time_attention_bias=True, space_attention_rank=16,
               decoder_cross_attention=True)

@@ -396,8 +396,8 @@ class BrainLMForPretraining(BrainLMPreTrainedModel):
         x = self.decoder(x, last_q_start=1 + n_keep,
                          last_kv_stop=1 + n_keep if c.decoder_cross_attention else None, geo=geo)
         pred = self.decoder_pred(x)
-        if prior is not None:
-            pred = pred + prior.to(pred.dtype)
+        if prior is not None:  # in float32: a bf16 sum would round the rung's prediction
+            pred = pred.float() + prior.float()
         target = self.patchify(signals).gather(1, ids_mask[..., None].expand(-1, -1, c.patch_size))
         loss = F.mse_loss(pred.float(), target.float())
         return BrainLMPretrainingOutput(loss=loss, pred=pred, ids_keep=ids_keep,

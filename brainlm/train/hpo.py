@@ -35,8 +35,9 @@ SEARCH_SPACE: dict[str, tuple] = {
     "weight_decay": ("uniform", 0.0, 0.2),
     # Layer-wise lr decay; sampled only in `full` mode (a frozen probe has no encoder lr).
     "layer_decay": ("uniform", 0.5, 1.0),
-    # Recording embedding: CLS token or mean of the patch tokens (not used by `forecast`).
-    "pooling": ("categorical", ("cls", "mean")),
+    # Recording embedding: CLS token, mean of the patch tokens, or the tokens' connectivity
+    # (a probe only: dropped in `full` mode; not used by `forecast`).
+    "pooling": ("categorical", ("cls", "mean", "connectivity")),
     # Dropout before the head (the forecast head has none).
     "head_dropout": ("uniform", 0.0, 0.5),
     # Epoch budget: the upper end is the base config's `epochs` (the budget the user set),
@@ -78,6 +79,9 @@ def search_space(base: FinetuneConfig) -> dict[str, tuple]:
     space = dict(SEARCH_SPACE)
     if base.mode != "full":
         del space["layer_decay"]
+    else:  # the connectivity head is fitted in closed form on a frozen encoder
+        space["pooling"] = ("categorical", tuple(p for p in space["pooling"][1]
+                                                 if p != "connectivity"))
     if base.task == "forecast":
         del space["pooling"], space["head_dropout"]
     kind, low, _ = space["epochs"]

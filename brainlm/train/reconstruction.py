@@ -26,6 +26,8 @@ from ..errors import ConfigError
 from ..fileio import save_figure
 
 # every rung of the ladder, weakest first (cond_gaussian and space_time: `linear_rungs`)
+MIN_GAIN = 0.005  # R^2 the interval's lower bound must clear for `learned` (gain_interval)
+
 BASELINES = ("zero", "parcel_mean", "parcel_interp", "same_time", "ridge", "cond_gaussian",
              "space_time")
 
@@ -101,10 +103,12 @@ def gain_interval(meter: R2Meter, model: str, rungs, n_boot: int = 1000, seed: i
     = how often each is drawn, [n_boot, S] @ [S, P]); model and every rung are scored on the
     same resamples, and the best rung is chosen again in each (the statistic is the gain over
     the best rung, selection included). Groups without masked values are left out; with fewer
-    than 2 subjects there is no interval (nan) and the verdict is undecided.
+    than 2 subjects there is no interval (nan) and the verdict is undecided. `learned` needs the
+    lower bound above MIN_GAIN, not just above 0: a model built on a rung (the linear prior)
+    differs from it almost without noise, so a negligible gain would otherwise decide.
     -> percentile_interval's dict with "verdict" (LEARNED words)."""
-    from ..evaluate.intervals import (LEARNED, draw_counts, percentile_interval, subject_draws,
-                                      verdict)
+    from ..evaluate.intervals import (LEARNED, UNDECIDED, draw_counts, percentile_interval,
+                                      subject_draws, verdict)
 
     keep = meter.count.sum(1).numpy() > 0
     point = meter.r2(model) - max(meter.r2(r) for r in rungs)
@@ -120,6 +124,8 @@ def gain_interval(meter: R2Meter, model: str, rungs, n_boot: int = 1000, seed: i
         best = np.max(np.stack([scored(r) for r in rungs]), axis=0)
         out = percentile_interval(scored(model) - best, point, alpha, int(keep.sum()))
     out["verdict"] = verdict(out["low"], out["high"], LEARNED)
+    if out["verdict"] == LEARNED[0] and not out["low"] > MIN_GAIN:
+        out["verdict"] = UNDECIDED  # above the rung, but not by enough to call it learned
     return out
 
 

@@ -102,3 +102,19 @@ def test_the_prior_needs_its_atlas():
     coords = torch.zeros(P + 1, 3)
     with pytest.raises(ConfigError, match=f"fitted on {P} parcels"):
         model(x, coords)
+
+
+def test_the_rungs_are_fitted_on_windows_spread_over_the_training_subjects(tmp_path):
+    """A cap on the rungs' training windows takes them from every subject, not from the first
+    few (a large cohort's first 64 windows are a handful of subjects)."""
+    from tests.helpers import age_effect_setup
+    from brainlm.data.store import BrainStore
+    from brainlm.train.config import PretrainConfig
+    from brainlm.train.scoring import _eval_windows
+
+    store = BrainStore(age_effect_setup(tmp_path, 20, 120, 8) / "store")
+    train = set(store.recordings("train")["subject"])
+    cfg = PretrainConfig(data=tmp_path, out=tmp_path / "m", window=40)  # 3 windows each
+    seen = [s for _, x, subjects in _eval_windows(store, "train", cfg, len(train))
+            for s in subjects]
+    assert len(seen) == len(train) and set(seen) == train

@@ -23,15 +23,18 @@ GAIN_BOOT, GAIN_SEED = 1000, 0  # subject resamples of every reconstruction gain
 
 
 def _eval_windows(store, split: str, cfg: PretrainConfig, limit: int):
-    """(start, windows [b, P, T], subjects [b]) batches of the first `limit` sliding windows."""
+    """(start, windows [b, P, T], subjects [b]) batches of `limit` sliding windows spread evenly
+    over the split (all of them when there are no more): the first `limit` alone would come
+    from the first few subjects of a large cohort."""
     from ..data.store import WindowDataset
 
     ds = WindowDataset(store, split, window=cfg.window, mode="sliding", stride=cfg.window)
-    n = min(len(ds), limit)
-    subjects = [str(ds.rows.at[ds.index[i][0], "subject"]) for i in range(n)]
-    for start in range(0, n, 16):
-        yield start, torch.stack([torch.from_numpy(ds[i]["signal"])
-                                  for i in range(start, min(n, start + 16))]), \
+    picked = (np.linspace(0, len(ds) - 1, limit).round().astype(int) if len(ds) > limit
+              else np.arange(len(ds)))
+    subjects = [str(ds.rows.at[ds.index[i][0], "subject"]) for i in picked]
+    for start in range(0, len(picked), 16):
+        chunk = picked[start:start + 16]
+        yield start, torch.stack([torch.from_numpy(ds[int(i)]["signal"]) for i in chunk]), \
             subjects[start:start + 16]
 
 

@@ -1,9 +1,9 @@
 """Learning curves: validation R^2 and the gain over the best baseline, against steps and wall
 time, for pretraining recipes on a processed store.
 
-    python benchmarks/learning_curve.py [--store processed] [--configs demo,base-lr,...]
+    python benchmarks/learning_curve.py [--store processed] [--configs demo,wide@60,...]
         [--steps 300] [--eval-every 50] [--mask-ratio 0.75] [--window 100] [--budget 30]
-        [--out FILE.json]
+        [--out FILE.json] [--keep DIR]
 
 Each configuration is a named set of `PretrainConfig` fields (and `model` fields over the
 profile's preset) that `brainlm pretrain` runs; the runs go through the real training loop
@@ -11,6 +11,10 @@ profile's preset) that `brainlm pretrain` runs; the runs go through the real tra
 baselines of `brainlm.train.reconstruction`, with the same windows and masks. Wall time is
 measured by running the steps in chunks of --eval-every with `--resume` (exactly the
 uninterrupted run) and includes the evaluations. `--list` prints the configurations.
+`NAME@STEPS` runs a configuration for its own number of steps (one cosine schedule over them):
+how levers are compared at equal wall-clock. The yardstick is the common one every run shares
+(`val_common_*`: random masks at 0.75 from a fixed seed), whatever mask sampler trained the
+model. `--keep DIR` keeps each finished model folder (for the readouts of `brainlm finetune`).
 
 The recipe was chosen on the validation split of the demo store; the README reports it there
 and on the test split only as a check (`--split test`), never to choose.
@@ -47,6 +51,18 @@ CONFIGS = {
     # the decoder starts from the space-time rung (fitted on training windows) and learns
     # its residual
     "prior": dict(profile="tiny", batch_size=8, model={"linear_prior": True}),
+    # levers against the linear ceiling (issue 22), each on the demo recipe alone
+    "wide": dict(profile="tiny", batch_size=8,
+                 model={"hidden_size": 128, "intermediate_size": 256,
+                        "decoder_hidden_size": 128, "decoder_intermediate_size": 256}),
+    "deep": dict(profile="tiny", batch_size=8, model={"num_hidden_layers": 4}),
+    "factorised": dict(profile="tiny", batch_size=8, model={"attention_layout": "factorised"}),
+    "factorised-deep": dict(profile="tiny", batch_size=8,
+                            model={"attention_layout": "factorised", "num_hidden_layers": 4}),
+    "norm-loss": dict(profile="tiny", batch_size=8, model={"norm_patch_loss": True}),
+    "mask-time": dict(profile="tiny", batch_size=8, mask_strategy="time"),
+    "mask-space": dict(profile="tiny", batch_size=8, mask_strategy="space"),
+    "latent": dict(profile="tiny", batch_size=8, model={"latent_loss_weight": 1.0}),
 }
 
 
@@ -54,8 +70,10 @@ def run_curve(name: str, store: Path, steps: int, every: int, ratio: float, seed
               work: Path, window: int = 200) -> list[dict]:
     from brainlm.train.pretrain import PretrainConfig, pretrain
 
+    name, _, own = name.partition("@")
+    steps = int(own) if own else steps
     fields = dict(CONFIGS[name])
-    out = work / name
+    out = work / f"{name}@{steps}"
     rows, wall = [], 0.0
     for done in range(every, steps + every, every):
         cfg = PretrainConfig(data=store, out=out, mask_ratio=ratio, max_steps=steps,
@@ -66,14 +84,14 @@ def run_curve(name: str, store: Path, steps: int, every: int, ratio: float, seed
         result = pretrain(cfg)
         wall += time.perf_counter() - t0
         last = result["history"][-1]
-        row = {"config": name, "step": last["step"], "wall_s": round(wall, 1),
+        row = {"config": name, "steps": steps, "step": last["step"], "wall_s": round(wall, 1),
                "loss": last["loss"]}
         row.update({k: v for k, v in last.items() if k.startswith("val_")})
         rows.append(row)
         print(f"{name:>10} step {row['step']:>5} {row['wall_s']:>7.1f}s loss {row['loss']:.4f} "
-              f"val_r2 {row.get('val_r2', float('nan')):+.4f} gain "
-              f"{row.get('val_r2_gain', float('nan')):+.4f} "
-              f"(best baseline {row.get('val_r2_best_baseline', float('nan')):.4f})", flush=True)
+              f"val_common_r2 {row.get('val_common_r2', float('nan')):+.4f} gain "
+              f"{row.get('val_common_r2_gain', float('nan')):+.4f} (best rung "
+              f"{row.get('val_common_r2_best_baseline', float('nan')):.4f})", flush=True)
         if done >= steps:
             break
     return rows
@@ -90,6 +108,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget", type=float, default=30.0, help="minutes; no config starts after")
     parser.add_argument("--out", default=None, help="JSON file for the rows")
+    parser.add_argument("--keep", default=None, help="folder to keep the finished models in")
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args()
     if args.list:
@@ -105,21 +124,23 @@ def main() -> None:
     t0, rows = time.perf_counter(), []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs.split(","):
-            if name not in CONFIGS:
+            if name.partition("@")[0] not in CONFIGS:
                 sys.exit(f"unknown config {name!r} (have: {', '.join(CONFIGS)})")
             if (time.perf_counter() - t0) / 60 > args.budget:
                 print(f"budget of {args.budget:g} min spent: {name} not run")
                 continue
             rows += run_curve(name, Path(args.store), args.steps, args.eval_every,
-                              args.mask_ratio, args.seed, Path(tmp), args.window)
+                              args.mask_ratio, args.seed, Path(args.keep or tmp), args.window)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
-    print("\n| config | step | wall s | val R^2 | best baseline | gain |")
+    nan = float("nan")
+    print("\n| config | step | wall s | val R^2 (common) | best rung | gain [95 %] |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['config']} | {r['step']} | {r['wall_s']} | {r.get('val_r2', float('nan')):.4f} "
-              f"| {r.get('val_r2_best_baseline', float('nan')):.4f} "
-              f"| {r.get('val_r2_gain', float('nan')):+.4f} |")
+        print(f"| {r['config']} | {r['step']} | {r['wall_s']} | {r.get('val_common_r2', nan):.4f} "
+              f"| {r.get('val_common_r2_best_baseline', nan):.4f} "
+              f"| {r.get('val_common_r2_gain', nan):+.4f} [{r.get('val_common_r2_gain_low', nan):+.4f}, "
+              f"{r.get('val_common_r2_gain_high', nan):+.4f}] |")
 
 
 if __name__ == "__main__":

@@ -25,13 +25,14 @@ BATCH = 32  # windows per forward pass
 
 
 class FinetunedModel:
-    """Encoder (the tuned one for `mode: full`), head, scaler and target coding of a run."""
+    """Encoder (the tuned one for `mode: full`), head, scaler and target coding of a run: the
+    task model the run saved (`brainlm.model.tasks`), or, for runs written before it (and
+    runs on released ViTMAE encoders), its head on the pretrained folder it names."""
 
     def __init__(self, run_dir, pretrained=None):
         import torch
 
-        from .model import load_model
-        from .model.heads import ForecastHead, Head, pooled_width
+        from .model.tasks import is_task_folder, load_task_model
 
         run_dir = Path(run_dir)
         try:
@@ -43,7 +44,29 @@ class FinetunedModel:
             raise ConfigError(f"{run_dir / 'finetune.json'}: not a finished fine-tuning run "
                               "(no config.task or model)")
         self.task, self.pooling = cfg["task"], cfg.get("pooling", "cls")
-        folder = Path(pretrained or self.meta["model"])
+        self.window = int(self.meta.get("window") or 0)
+        self.classes = self.meta.get("classes")
+        if is_task_folder(run_dir):  # the whole fine-tuned model, saved by save_pretrained
+            model = load_task_model(run_dir)
+            self.model, self.head = model.brainlm, model.head
+            self.horizon = getattr(model.config, "horizon", None)
+            self.window = self.window or int(self.model.config.window)
+            folder = run_dir
+        else:  # written before the task models: a head beside the pretrained folder
+            folder = Path(pretrained or self.meta["model"])
+            self._load_head(run_dir, folder, pretrained)
+        self.head.eval()
+        self.coords = torch.as_tensor(self.model.config.parcel_coords, dtype=torch.float32)
+        scaler = run_dir / "scaler.safetensors"
+        self.scaler_path = scaler if scaler.is_file() else folder / "scaler.safetensors"
+        self._scaler = None
+
+    def _load_head(self, run_dir: Path, folder: Path, pretrained) -> None:
+        """finetuned.safetensors (head, and the tuned encoder of `mode: full`) on the
+        pretrained encoder in `folder`: the layout of runs written before the task models."""
+        from .model import load_model
+        from .model.heads import ForecastHead, Head, pooled_width
+
         self._same_encoder(folder, pretrained)
         self.model = load_model(folder)
         state = _load_weights(run_dir / "finetuned.safetensors")
@@ -53,8 +76,7 @@ class FinetunedModel:
                 self.model.load_state_dict(encoder)
             width = self.model.config.hidden_size
             pooled_to = pooled_width(self.model, self.pooling, len(self.model.config.parcel_coords))
-            self.window = int(self.meta.get("window") or self.model.config.window)
-            self.classes = self.meta.get("classes")
+            self.window = self.window or int(self.model.config.window)
             if self.task == "forecast":
                 self.horizon = int(self.meta["horizon"])
                 self.head = ForecastHead(width, self.horizon)
@@ -66,11 +88,6 @@ class FinetunedModel:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(f"{run_dir}: finetuned.safetensors does not fit finetune.json and "
                               f"the encoder ({first[:300]}); fine-tune again") from None
-        self.head.eval()
-        self.coords = torch.as_tensor(self.model.config.parcel_coords, dtype=torch.float32)
-        scaler = run_dir / "scaler.safetensors"
-        self.scaler_path = scaler if scaler.is_file() else folder / "scaler.safetensors"
-        self._scaler = None
 
     def _same_encoder(self, folder: Path, given) -> None:
         """The encoder at the run's recorded path must still be the one it was tuned on (a

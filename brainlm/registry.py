@@ -263,7 +263,7 @@ def _config_tags(config: dict) -> dict:
 def log_finetuned(run_dir, target: str | None = None, name: str | None = None,
                   run_id: str | None = None, tags: dict | None = None, repo_root=None,
                   pretrained=None):
-    """Register a fine-tuning run folder (finetune.json, finetuned.safetensors, predictions)
+    """Register a fine-tuning run folder (finetune.json, the task model, predictions)
     as a new version of `brainlm-<target>` (`brainlm-forecast` for forecasting).
 
     The served pyfunc (`brainlm/mlflow_model.py`) answers the run's task with
@@ -340,12 +340,14 @@ def pretrained_fingerprint(folder) -> str:
 
 
 def finetuned_fingerprint(run_dir, pretrained=None) -> str:
-    """The run's head (and tuned encoder), scaler and predictions, and the encoder it started
-    from; not its evaluation (a new bootstrap of the same model is the same model)."""
+    """The run's model (task model, or head and tuned encoder), scaler and predictions, and
+    the encoder it started from; not its evaluation (a new bootstrap of the same model is the
+    same model)."""
     run_dir = Path(run_dir)
     meta = _read_json(run_dir / "finetune.json", "a fine-tuning run")
     folder = Path(pretrained or meta.get("model") or "")
-    return fingerprint([run_dir / "finetuned.safetensors", run_dir / "scaler.safetensors",
+    return fingerprint([run_dir / "model.safetensors", run_dir / "config.json",
+                        run_dir / "finetuned.safetensors", run_dir / "scaler.safetensors",
                         run_dir / "predictions.parquet", run_dir / "forecast.npz",
                         folder / "model.safetensors"])
 

@@ -112,7 +112,7 @@ def test_a_connectivity_probe_never_reads_held_out_targets(tmp_path, monkeypatch
 
     monkeypatch.setattr(ft, "_subject_targets", scrambled)
     finetune(FinetuneConfig(out=tmp_path / "b", **cfg))
-    a, b = (load_file(str(tmp_path / r / "finetuned.safetensors")) for r in "ab")
+    a, b = (load_file(str(tmp_path / r / "model.safetensors")) for r in "ab")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k])

@@ -444,7 +444,7 @@ def test_a_killed_finetune_leaves_the_previous_run_whole_or_the_new_one(project,
     finetune(FinetuneConfig(model=project / "model", data=project / "store", out=base,
                             target="age", epochs=1, batch_size=8, progress=False))
     old = _tree(base)
-    assert {"finetune.json", "finetuned.safetensors", "scaler.safetensors",
+    assert {"finetune.json", "config.json", "model.safetensors", "scaler.safetensors",
             "predictions.parquet"} <= set(old)
     script = _KILL_AT + (
         "from brainlm.train.config import FinetuneConfig\n"
@@ -719,16 +719,41 @@ def test_a_run_refuses_a_store_rebuilt_or_an_encoder_retrained_since(finetuned, 
     manifest.to_parquet(root / "store" / "manifest.parquet")
     assert main(["evaluate", "--run", str(root / "run"), "--n-boot", "10"]) == 2
     assert "the store was written again since" in capsys.readouterr().err
+    legacy = _legacy_copy(root / "run", root / "legacy")  # a head beside the encoder's path
+    recording = [np.random.default_rng(0).normal(size=(FinetunedModel(legacy).n_parcels, 120))]
+    before = FinetunedModel(root / "run").predict(recording, scaled=True)
+    # a folder written before the task models still loads, and answers the same
+    np.testing.assert_allclose(FinetunedModel(legacy).predict(recording, scaled=True)
+                               ["prediction"], before["prediction"], rtol=1e-6)
     weights = root / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x00\x00")  # retrained
     with pytest.raises(Exception, match="the pretrained model changed since this run"):
-        FinetunedModel(root / "run")
+        FinetunedModel(legacy)
+    # a run written as a whole task model carries its encoder: the retrained one is not read
+    after = FinetunedModel(root / "run").predict(recording, scaled=True)
+    assert after.equals(before)
+
+
+def _legacy_copy(run, out):
+    """The run as fine-tuning wrote it before the task models: finetuned.safetensors with the
+    head alone, read on the pretrained folder finetune.json names."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(run, out)
+    state = load_file(str(out / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if k.startswith("head.")},
+              str(out / "finetuned.safetensors"))
+    (out / "model.safetensors").unlink()
+    (out / "config.json").unlink()
+    return out
 
 
 @pytest.mark.parametrize("damage, message", [
     (lambda r: (r / "finetune.json").write_text("[]"), "not a finished fine-tuning run"),
-    (lambda r: (r / "finetuned.safetensors").write_bytes(b"junk"),
-     "cannot read the fine-tuned weights"),
+    (lambda r: (r / "model.safetensors").write_bytes(b"junk"),
+     "cannot load the fine-tuned model"),
     (lambda r: (r / "predictions.parquet").unlink(), "the run's outputs cannot be read"),
 ])
 def test_a_damaged_run_folder_is_named(finetuned, tmp_path, capsys, damage, message):

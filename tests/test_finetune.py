@@ -59,13 +59,14 @@ def test_probe_leaves_the_encoder_untouched_full_mode_changes_it(setup, tmp_path
     before = load_file(setup / "model" / "model.safetensors")
     assert all(torch.equal(after[k], before[k]) for k in before)  # frozen in memory too
     monkeypatch.undo()
-    assert set(load_file(tmp_path / "p" / "finetuned.safetensors")) == {"head.linear.weight",
-                                                                        "head.linear.bias"}
+    # the run folder holds the whole task model: the probe's encoder is the pretrained one
+    probe = load_file(tmp_path / "p" / "model.safetensors")
+    assert {"head.linear.weight", "head.linear.bias"} <= set(probe)
+    assert all(torch.equal(probe[f"brainlm.{k}"], before[k]) for k in before)
     finetune(_cfg(setup, tmp_path / "f", mode="full", epochs=1, windows_per_recording=1))
-    state = load_file(tmp_path / "f" / "finetuned.safetensors")
-    original = load_file(setup / "model" / "model.safetensors")
+    state = load_file(tmp_path / "f" / "model.safetensors")
     key = "encoder.blocks.0.attn.qkv.weight"
-    assert not torch.equal(state[f"encoder.{key}"], original[key])
+    assert not torch.equal(state[f"brainlm.{key}"], before[key])
 
 
 def test_layer_decay_orders_learning_rates(setup):

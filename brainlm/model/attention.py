@@ -27,15 +27,27 @@ class TokenGeometry:
     """Where each token of a sequence sits, for the attention biases.
 
     time: [B, S] time patch of each token (-1 for CLS); n_patches: time patches per parcel;
-    space: [B, S, F] coordinate features of each token's parcel (zeros for CLS), or None."""
+    space: [B, S, F] coordinate features of each token's parcel (zeros for CLS), or None;
+    parcel: [B, S] parcel of each token (-1 for CLS), or None."""
 
     time: torch.Tensor
     n_patches: int
     space: torch.Tensor | None = None
+    parcel: torch.Tensor | None = None
 
     def slice(self, start: int = 0, stop: int | None = None) -> "TokenGeometry":
         return TokenGeometry(self.time[:, start:stop], self.n_patches,
-                             None if self.space is None else self.space[:, start:stop])
+                             None if self.space is None else self.space[:, start:stop],
+                             None if self.parcel is None else self.parcel[:, start:stop])
+
+
+def factorised_mask(layout: str, gq: TokenGeometry, gk: TokenGeometry) -> torch.Tensor:
+    """[B, 1, Sq, Sk] True where a query may attend: "space" to the tokens of its own time
+    patch (every parcel at one moment), "time" to those of its own parcel; CLS attends to and
+    is seen by every token, so no row is empty."""
+    q, k = (gq.time, gk.time) if layout == "space" else (gq.parcel, gk.parcel)
+    allowed = (q[:, :, None] == k[:, None, :]) | (q < 0)[:, :, None] | (k < 0)[:, None, :]
+    return allowed[:, None]
 
 
 class TimeBias(nn.Module):
@@ -104,9 +116,10 @@ class SpaceBias(nn.Module):
 
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, eager: bool = False, max_patches: int = 0,
-                 space_features: int = 0, space_rank: int = 0):
+                 space_features: int = 0, space_rank: int = 0, layout: str | None = None):
         super().__init__()
         self.heads, self.eager = heads, eager
+        self.layout = layout  # None: every token; "space" / "time": factorised_mask
         self.sdpa_kernel = None  # None: PyTorch picks; else one SDPBackend (set_sdpa_kernel)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -114,7 +127,8 @@ class Attention(nn.Module):
         self.space_bias = SpaceBias(heads, space_features, space_rank) if space_rank else None
 
     def _biased(self, q, k, v, geo: TokenGeometry, q_start: int, kv_stop: int | None):
-        """SDPA with the time and space biases as extra query/key channels."""
+        """SDPA with the time and space biases as extra query/key channels (and the
+        factorised layout's mask)."""
         hd = v.shape[-1]
         scale = hd ** -0.5
         gq, gk = geo.slice(q_start), geo.slice(0, kv_stop)
@@ -128,11 +142,16 @@ class Attention(nn.Module):
             qs.append(q_extra.to(q.dtype))
             ks.append(k_extra.to(k.dtype))
         q, k = torch.cat(qs, dim=-1), torch.cat(ks, dim=-1)
+        mask = factorised_mask(self.layout, gq, gk) if self.layout else None
         if self.eager:  # the benchmark's reference: [S, S] scores materialised
-            return ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1) @ v
+            scores = (q @ k.transpose(-2, -1)) * scale
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            return scores.softmax(dim=-1) @ v
         v = F.pad(v, (0, q.shape[-1] - hd))  # fused kernels want one width
         with sdpa_kernel(self.sdpa_kernel) if self.sdpa_kernel is not None else nullcontext():
-            return F.scaled_dot_product_attention(q, k, v, scale=scale)[..., :hd]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                  scale=scale)[..., :hd]
 
     def forward(self, x: torch.Tensor, q_start: int = 0, kv_stop: int | None = None,
                 geo: TokenGeometry | None = None) -> torch.Tensor:
@@ -151,7 +170,8 @@ class Attention(nn.Module):
         else:
             q, k, v = self.qkv(x).split(d, dim=-1)
         q, k, v = (t.unflatten(-1, (h, hd)).transpose(1, 2) for t in (q, k, v))  # [B, h, S, hd]
-        if geo is not None and (self.time_bias is not None or self.space_bias is not None):
+        if geo is not None and (self.time_bias is not None or self.space_bias is not None
+                                or self.layout):
             out = self._biased(q, k, v, geo, q_start, kv_stop)
         elif self.eager:  # reference path for the benchmark: materialises [S, S] scores
             att = (q @ k.transpose(-2, -1)) * hd ** -0.5

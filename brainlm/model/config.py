@@ -6,7 +6,8 @@ from transformers import PretrainedConfig
 
 from ..errors import ConfigError
 
-MASK_STRATEGIES = ("random", "parcel", "future")
+MASK_STRATEGIES = ("random", "parcel", "future", "time", "space")
+ATTENTION_LAYOUTS = ("full", "factorised")
 
 # What makes our models learn (benchmarks/learning_curve.py, README "A recipe that learns"):
 # attention biases towards the same moment and between parcels, coordinates with Fourier
@@ -56,6 +57,16 @@ class BrainLMConfig(PretrainedConfig):
     linear_prior: the decoder starts from the space-time rung (`prior.LinearPrior`, fitted on
         the training split by the trainer, saved with the weights) and learns its residual;
         ties the model to its atlas's parcels (`parcel_coords`).
+
+    Levers tried against the linear ceiling (benchmarks/README.md; off by default, not in the
+    recipe):
+    attention_layout: "full" (every token) or "factorised" (encoder blocks alternate attention
+        within one time patch and within one parcel).
+    norm_patch_loss: MAE's loss on each masked patch normalised by its own mean and std; `pred`
+        is then the patch's shape, not its values (no reconstruction R^2).
+    latent_loss_weight: weight of a second, JEPA-style objective: predict from the decoder the
+        encoder's own embedding of each masked token with the whole window seen (stop-gradient,
+        layer-normed; no EMA copy, the pixel loss keeps it from collapsing).
     """
 
     model_type = "brainlm"
@@ -69,7 +80,8 @@ class BrainLMConfig(PretrainedConfig):
                  coord_scale: float = 100.0, coord_frequencies: int = 0,
                  decoder_cross_attention: bool = False, time_attention_bias: bool = False,
                  space_attention_rank: int = 0, linear_prior: bool = False,
-                 layer_norm_eps: float = 1e-6,
+                 attention_layout: str = "full", norm_patch_loss: bool = False,
+                 latent_loss_weight: float = 0.0, layer_norm_eps: float = 1e-6,
                  initializer_range: float = 0.02, attention_backend: str = "sdpa",
                  **kwargs):
         self.window = window
@@ -91,6 +103,9 @@ class BrainLMConfig(PretrainedConfig):
         self.time_attention_bias = time_attention_bias
         self.space_attention_rank = space_attention_rank
         self.linear_prior = linear_prior
+        self.attention_layout = attention_layout
+        self.norm_patch_loss = norm_patch_loss
+        self.latent_loss_weight = latent_loss_weight
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
         self.attention_backend = attention_backend
@@ -132,6 +147,16 @@ class BrainLMConfig(PretrainedConfig):
         if self.linear_prior and not getattr(self, "parcel_coords", None):
             raise ConfigError("linear_prior needs the atlas's parcel_coords in the config "
                               "(the prior is a covariance over those parcels)")
+        if self.attention_layout not in ATTENTION_LAYOUTS:
+            raise ConfigError(f"attention_layout {self.attention_layout!r} must be one of "
+                              f"{', '.join(ATTENTION_LAYOUTS)}")
+        if not (isinstance(self.latent_loss_weight, (int, float))
+                and 0 <= self.latent_loss_weight < float("inf")):
+            raise ConfigError(f"latent_loss_weight must be a number >= 0, got "
+                              f"{self.latent_loss_weight!r}")
+        if not isinstance(self.norm_patch_loss, bool):
+            raise ConfigError(f"norm_patch_loss must be true or false, got "
+                              f"{self.norm_patch_loss!r}")
         if not self.coord_scale > 0:
             raise ConfigError(f"coord_scale must be > 0, got {self.coord_scale}")
 

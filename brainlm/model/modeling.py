@@ -87,10 +87,10 @@ class Block(nn.Module):
     """Pre-LayerNorm transformer block."""
 
     def __init__(self, dim: int, heads: int, mlp: int, eps: float, eager: bool = False,
-                 **bias):
+                 layout: str | None = None, **bias):
         super().__init__()
         self.norm1 = InputDtypeLayerNorm(dim, eps=eps)  # feeds a linear layer only
-        self.attn = Attention(dim, heads, eager, **bias)
+        self.attn = Attention(dim, heads, eager, layout=layout, **bias)
         self.norm2 = InputDtypeLayerNorm(dim, eps=eps)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
 
@@ -101,10 +101,14 @@ class Block(nn.Module):
 
 
 class Stack(nn.Module):
-    def __init__(self, dim, layers, heads, mlp, eps, eager, **bias):
+    """Blocks and a final norm; `factorised`: the blocks alternate attention within one time
+    patch ("space") and within one parcel ("time"), as factorised video transformers do."""
+
+    def __init__(self, dim, layers, heads, mlp, eps, eager, factorised: bool = False, **bias):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp, eps, eager, **bias)
-                                    for _ in range(layers))
+        layouts = [("space", "time")[i % 2] if factorised else None for i in range(layers)]
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp, eps, eager, layout, **bias)
+                                    for layout in layouts)
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.gradient_checkpointing = False
 
@@ -177,6 +181,28 @@ def take_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return table.gather(1, ids[..., None].expand(-1, -1, table.shape[-1]))
 
 
+def _whole_masks(batch: int, n_parcels: int, n_patches: int, ratio: float, strategy: str,
+                 noise: torch.Tensor):
+    """Masks of whole time patches ("time": the same patches of every parcel) or whole
+    parcels ("space": every patch of the chosen parcels), drawn from the first N or P values
+    of each window's noise. Why: a random token mask can be filled in from the same parcel's
+    neighbouring patches or the same moment's other parcels; these samplers take one of the
+    two away, so the model must learn the other (levers of benchmarks/learning_curve.py)."""
+    rows, per = (n_patches, n_parcels) if strategy == "time" else (n_parcels, n_patches)
+    k = int(round(ratio * rows))
+    if not 0 < k < rows:
+        what = "time patches" if strategy == "time" else "parcels"
+        raise ConfigError(f"mask ratio {ratio:g} of {rows} {what} masks {k}: choose a ratio "
+                          f"that masks 1 to {rows - 1} (mask strategy '{strategy}')")
+    order = noise[:, :rows].argsort(dim=1)  # [B, rows]: the last k are masked
+    other = torch.arange(per, device=noise.device)
+    if strategy == "time":  # token p * N + n for every parcel p of the chosen patches n
+        ids = order[:, None, :] + (other * n_patches)[None, :, None]  # [B, P, N]
+        return (ids[..., : rows - k].reshape(batch, -1), ids[..., rows - k:].reshape(batch, -1))
+    ids = order[:, :, None] * n_patches + other[None, None, :]  # [B, P, N]
+    return ids[:, : rows - k].reshape(batch, -1), ids[:, rows - k:].reshape(batch, -1)
+
+
 class BrainLMPreTrainedModel(PreTrainedModel):
     config_class = BrainLMConfig
     base_model_prefix = "brainlm"
@@ -215,7 +241,8 @@ class BrainLMForPretraining(BrainLMPreTrainedModel):
                     space_features=3 + 6 * c.coord_frequencies,
                     space_rank=c.space_attention_rank)
         self.encoder = Stack(c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
-                             c.intermediate_size, c.layer_norm_eps, eager, **bias)
+                             c.intermediate_size, c.layer_norm_eps, eager,
+                             c.attention_layout == "factorised", **bias)
         self.decoder_embed = nn.Linear(c.hidden_size, c.decoder_hidden_size)
         self.decoder_pos_embed = TokenEmbedding(c.decoder_hidden_size, c.coord_scale,
                                                 c.coord_frequencies)
@@ -224,6 +251,8 @@ class BrainLMForPretraining(BrainLMPreTrainedModel):
                              c.decoder_num_attention_heads, c.decoder_intermediate_size,
                              c.layer_norm_eps, eager, **bias)
         self.decoder_pred = nn.Linear(c.decoder_hidden_size, c.patch_size)
+        self.latent_pred = (nn.Linear(c.decoder_hidden_size, c.hidden_size)
+                            if c.latent_loss_weight else None)
         self.prior = self.prior_embed = None
         if c.linear_prior:  # the decoder learns the residual of the space-time rung
             self.prior = LinearPrior(len(c.parcel_coords), c.patch_size)
@@ -269,11 +298,16 @@ class BrainLMForPretraining(BrainLMPreTrainedModel):
         """Token indices (ids_keep [B, n_keep], ids_mask [B, n_mask]), same counts per window.
 
         random: over all tokens (BrainLM); parcel: the same number of patches masked in every
-        parcel; future: the last `future_patches` patches of every parcel (forecasting).
+        parcel; future: the last `future_patches` patches of every parcel (forecasting);
+        time: whole time patches (every parcel at once); space: whole parcels (every patch).
         `noise` [B, P * N] in [0, 1) makes the masks reproducible (the trainer seeds it).
         """
         check_mask(ratio, strategy, future_patches, n_patches)
         length = n_parcels * n_patches
+        if noise is None and strategy != "future":
+            noise = torch.rand(batch, length, device=device)
+        if strategy in ("time", "space"):
+            return _whole_masks(batch, n_parcels, n_patches, ratio, strategy, noise)
         if strategy == "future" or (strategy == "parcel"):
             k = future_patches if strategy == "future" else int(round(ratio * n_patches))
             if strategy == "parcel" and ratio > 0 and not 0 < k < n_patches:
@@ -282,8 +316,6 @@ class BrainLMForPretraining(BrainLMPreTrainedModel):
             if strategy == "future":
                 order = torch.arange(n_patches, device=device).expand(batch, n_parcels, -1)
             else:
-                if noise is None:
-                    noise = torch.rand(batch, length, device=device)
                 order = noise.view(batch, n_parcels, n_patches).argsort(dim=-1)
             base = (torch.arange(n_parcels, device=device) * n_patches)[None, :, None]
             ids = order + base
@@ -296,8 +328,6 @@ class BrainLMForPretraining(BrainLMPreTrainedModel):
         if n_mask == 0:
             ids = torch.arange(length, device=device).expand(batch, -1)
             return ids, ids[:, :0]
-        if noise is None:
-            noise = torch.rand(batch, length, device=device)
         shuffle = noise.argsort(dim=1)
         return shuffle[:, : length - n_mask], shuffle[:, length - n_mask:]
 
@@ -323,18 +353,20 @@ class BrainLMForPretraining(BrainLMPreTrainedModel):
         """Time and space of the [CLS, ids...] tokens for the attention biases (None if the
         model has none). coords: [P, 3] or [B, P, 3] mm, already checked."""
         c = self.config
-        if not (c.time_attention_bias or c.space_attention_rank):
+        if not (c.time_attention_bias or c.space_attention_rank
+                or c.attention_layout == "factorised"):
             return None
         ids = torch.cat(ids, dim=1)
         b = ids.shape[0]
         time = torch.cat([ids.new_full((b, 1), -1), ids % n_patches], dim=1)
+        parcel = torch.cat([ids.new_full((b, 1), -1), ids // n_patches], dim=1)
         space = None
         if c.space_attention_rank:
             feats = self.pos_embed.coord_features(coords)  # [P or B x P, F]
             feats = feats.expand(b, -1, -1) if feats.dim() == 2 else feats
             tok = feats.gather(1, (ids // n_patches)[..., None].expand(-1, -1, feats.shape[-1]))
             space = torch.cat([tok.new_zeros(b, 1, tok.shape[-1]), tok], dim=1)
-        return TokenGeometry(time, n_patches, space)
+        return TokenGeometry(time, n_patches, space, parcel)
 
     def decoder_input(self, latent, coords, n_patches, ids_keep, ids_mask) -> torch.Tensor:
         """[CLS, visible..., masked...] for the decoder: [B, 1 + L, D].
@@ -399,9 +431,24 @@ class BrainLMForPretraining(BrainLMPreTrainedModel):
         if prior is not None:  # in float32: a bf16 sum would round the rung's prediction
             pred = pred.float() + prior.float()
         target = self.patchify(signals).gather(1, ids_mask[..., None].expand(-1, -1, c.patch_size))
-        loss = F.mse_loss(pred.float(), target.float())
+        target = target.float()
+        if c.norm_patch_loss:  # MAE: each patch by its own mean and std
+            target = (target - target.mean(-1, keepdim=True)) / (
+                target.var(-1, keepdim=True, unbiased=False) + 1e-6).sqrt()
+        loss = F.mse_loss(pred.float(), target)
+        if self.latent_pred is not None and self.training:
+            loss = loss + c.latent_loss_weight * self._latent_loss(signals, coords, ids_mask, x)
         return BrainLMPretrainingOutput(loss=loss, pred=pred, ids_keep=ids_keep,
                                         ids_mask=ids_mask, encoder_hidden=latent)
+
+    def _latent_loss(self, signals, coords, ids_mask, decoded) -> torch.Tensor:
+        """MSE between the decoder's latent prediction of each masked token [B, n_mask, H] and
+        the encoder's embedding of it with nothing masked (stop-gradient, layer-normed)."""
+        with torch.no_grad():
+            full = self.encode(signals, coords, None)[:, 1:]
+            target = full.gather(1, ids_mask[..., None].expand(-1, -1, full.shape[-1]))
+            target = F.layer_norm(target.float(), target.shape[-1:])
+        return F.mse_loss(self.latent_pred(decoded).float(), target)
 
     @torch.no_grad()
     def reconstruct(self, signals: torch.Tensor, output: BrainLMPretrainingOutput):

@@ -14,7 +14,7 @@ from ..errors import ConfigError
 BASE_LR = {"tiny": 0.192, "13m": 4e-3, "111m": 1.2e-3, "650m": 6e-4}
 
 
-MASK_STRATEGIES = ("random", "parcel", "future")
+MASK_STRATEGIES = ("random", "parcel", "future", "time", "space")
 PRECISIONS = ("auto", "fp32", "bf16")
 PROBE_TASKS = ("regression", "classification")
 

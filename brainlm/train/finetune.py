@@ -354,7 +354,8 @@ def _write_outputs(cfg, model, head, splits, preds, classes, mu, sd, meta):
             rows.append(row)
 
     def write(folder: Path) -> None:
-        save_weights(folder, head, model, cfg.mode == "full", cfg.data)
+        save_weights(folder, head, model, cfg.mode == "full", cfg.data, pooling=cfg.pooling,
+                     classes=classes, target_mean=mu, target_std=sd)
         pd.DataFrame(rows).to_parquet(folder / "predictions.parquet", index=False)
         (folder / "finetune.json").write_text(json.dumps(meta, indent=2, default=str))
 
@@ -452,7 +453,8 @@ def _write_forecast(run: _Run, head, predict, meta: dict) -> None:
 
     def write(folder: Path) -> None:
         np.savez(folder / "forecast.npz", **arrays)
-        save_weights(folder, head, run.model, run.cfg.mode == "full", run.cfg.data)
+        save_weights(folder, head, run.model, run.cfg.mode == "full", run.cfg.data,
+                     horizon=run.cfg.horizon)
         (folder / "finetune.json").write_text(json.dumps(meta, indent=2, default=str))
 
     write_run(Path(run.cfg.out), write)

@@ -8,21 +8,31 @@ from pathlib import Path
 from .config import FinetuneConfig
 
 
-def save_weights(out: Path, head, model, full: bool, store) -> None:
-    """finetuned.safetensors: the head as `head.*`, the tuned encoder as `encoder.*` (full);
-    beside it the store's scaler, so the run can score unscaled recordings (`predictor`)."""
+def save_weights(out: Path, head, model, full: bool, store, **task) -> None:
+    """The fine-tuned model and, beside it, the store's scaler (so the run can score unscaled
+    recordings: `predictor`). Our encoders: the whole task model with `save_pretrained`
+    (config.json + model.safetensors; `brainlm.model.tasks`, `task` as `from_parts` takes it).
+    Released ViTMAE encoders: finetuned.safetensors, the head as `head.*` and the tuned
+    encoder as `encoder.*` (full), read with the pretrained folder the run names."""
     from safetensors.torch import save_file
 
     from ..fileio import copy_file_atomic
+    from ..model import is_released
 
     copy_file_atomic(Path(store) / "scaler.safetensors", out / "scaler.safetensors")
+    if not is_released(model):
+        from ..model.tasks import from_parts
+
+        from_parts(model, head, **task).save_pretrained(out, safe_serialization=True)
+        return
     state = {f"head.{k}": v.contiguous() for k, v in head.state_dict().items()}
     if full:
         state.update({f"encoder.{k}": v.contiguous() for k, v in model.state_dict().items()})
     save_file(state, str(out / "finetuned.safetensors"))
 
 
-RUN_FILES = ("finetune.json", "finetuned.safetensors", "scaler.safetensors",
+RUN_FILES = ("finetune.json", "config.json", "model.safetensors", "finetuned.safetensors",
+             "scaler.safetensors",
              "predictions.parquet", "forecast.npz", "evaluation")  # evaluate's default out
 
 

@@ -48,7 +48,8 @@ def _fit_gaussian(store):
     return GaussianRung.fit(np.asarray(store.load(row)[:, ::step]) for _, row in rows.iterrows())
 
 
-def _fit_rungs(store, cfg: PretrainConfig, ratio: float, seed: int, model, gaussian) -> dict:
+def _fit_rungs(store, cfg: PretrainConfig, ratio: float, seed: int, model, gaussian,
+               strategy: str) -> dict:
     """The rungs fitted for one masking distribution on training windows only:
     {"ridge", "space_time"}."""
     from .linear_rungs import SpaceTimeRung
@@ -58,8 +59,8 @@ def _fit_rungs(store, cfg: PretrainConfig, ratio: float, seed: int, model, gauss
     n_patches = cfg.window // cfg.patch_size
     for start, x, _ in _eval_windows(store, "train", cfg, RIDGE_WINDOWS):
         noise = step_noise(seed + 104729, start, 0, len(x), store.n_parcels * n_patches, 0, 1)
-        _, ids_mask = model.masking(len(x), store.n_parcels, n_patches, ratio,
-                                    cfg.mask_strategy, cfg.future_patches, noise, "cpu")
+        _, ids_mask = model.masking(len(x), store.n_parcels, n_patches, ratio, strategy,
+                                    cfg.future_patches, noise, "cpu")
         m = token_mask(store.n_parcels, n_patches, ids_mask)
         preds = predict_baselines(x, m, gaussian=gaussian)
         ridge.partial_fit(x, m, preds)
@@ -68,14 +69,17 @@ def _fit_rungs(store, cfg: PretrainConfig, ratio: float, seed: int, model, gauss
 
 
 def fitted_rungs(fitted: dict, store, cfg: PretrainConfig, ratio: float, seed: int,
-                 model) -> dict:
-    """The rungs fitted on training data for `ratio`, cached in `fitted` for the whole run:
-    the Gaussian once ("gaussian"), the ridge and space-time stacks once per ratio."""
+                 model, strategy: str | None = None) -> dict:
+    """The rungs fitted on training data for `ratio` under `strategy`'s masks (default: the
+    run's), cached in `fitted` for the whole run: the Gaussian once ("gaussian"), the ridge
+    and space-time stacks once per ratio and strategy."""
+    strategy = strategy or cfg.mask_strategy
     if "gaussian" not in fitted:
         fitted["gaussian"] = _fit_gaussian(store)
-    if ratio not in fitted:
-        fitted[ratio] = _fit_rungs(store, cfg, ratio, seed, model, fitted["gaussian"])
-    return {"gaussian": fitted["gaussian"], **fitted[ratio]}
+    if (ratio, strategy) not in fitted:
+        fitted[ratio, strategy] = _fit_rungs(store, cfg, ratio, seed, model,
+                                             fitted["gaussian"], strategy)
+    return {"gaussian": fitted["gaussian"], **fitted[ratio, strategy]}
 
 
 def fit_prior(model, store, cfg: PretrainConfig, fitted: dict) -> None:
@@ -93,9 +97,10 @@ def _by_subject(labels, values) -> dict:
 
 @torch.no_grad()
 def score_masks(model, store, cfg: PretrainConfig, device, autocast, ratio: float, seed: int,
-                rungs: dict | None = None, split: str = "val") -> dict:
+                rungs: dict | None = None, split: str = "val", strategy: str | None = None) -> dict:
     """The model and every rung on the same deterministic windows of `split` under the same
-    masks (ratio, seed). `rungs`: fitted_rungs' dict (None: the fixed rungs only). Returns
+    masks (ratio, seed, strategy: default the model's). `rungs`: fitted_rungs' dict (None:
+    the fixed rungs only). Returns
     {"r2": {name: R^2}, "mse": model MSE, "windows": n, "best": best rung, "gain": the paired
     subject-bootstrap interval of the gain over the best rung (`gain_interval`),
     "by_subject" / "best_by_subject": {subject: R^2 of the model / best rung},
@@ -112,7 +117,8 @@ def score_masks(model, store, cfg: PretrainConfig, device, autocast, ratio: floa
         groups = [labels.index(s) for s in subjects]
         noise = step_noise(seed, start, 0, len(x), p * n_patches, 0, 1)
         with autocast():
-            out = model(x.to(device), coords, noise=noise.to(device), mask_ratio=ratio)
+            out = model(x.to(device), coords, noise=noise.to(device), mask_ratio=ratio,
+                        mask_strategy=strategy)
         recon, _ = model.reconstruct(x.to(device), out)
         m = token_mask(p, n_patches, out.ids_mask.cpu())
         mask = time_mask(m, cfg.patch_size)
@@ -170,12 +176,13 @@ def evaluate(model, store, cfg: PretrainConfig, device, autocast, fitted: dict,
     was_training = model.training
     model.eval()
     metrics, example = {}, None
-    plans = [(split, cfg.mask_ratio, cfg.seed + EVAL_SEED_OFFSET)]
-    if cfg.mask_strategy == "random":
-        plans.append((f"{split}_common", COMMON_MASK_RATIO, COMMON_MASK_SEED))
-    for prefix, ratio, seed in plans:
-        rungs = fitted_rungs(fitted, store, cfg, ratio, seed, model)
-        s = score_masks(model, store, cfg, device, autocast, ratio, seed, rungs, split)
+    plans = [(split, cfg.mask_ratio, cfg.seed + EVAL_SEED_OFFSET, cfg.mask_strategy)]
+    if cfg.mask_strategy != "future":  # the common yardstick: random masks, whatever trained
+        plans.append((f"{split}_common", COMMON_MASK_RATIO, COMMON_MASK_SEED, "random"))
+    for prefix, ratio, seed, strategy in plans:
+        rungs = fitted_rungs(fitted, store, cfg, ratio, seed, model, strategy)
+        s = score_masks(model, store, cfg, device, autocast, ratio, seed, rungs, split,
+                        strategy)
         metrics.update(_plan_metrics(prefix, s))
         if prefix == split:
             metrics[f"{split}_mse"], metrics[f"{split}_windows"] = s["mse"], s["windows"]

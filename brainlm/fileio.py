@@ -174,6 +174,39 @@ def write_bytes_atomic(dest, data: bytes) -> None:
     _write_fresh(dest, lambda out: out.write(data))
 
 
+def write_stream_atomic(dest, write) -> None:
+    """`write(file)` streams into a fresh temporary file beside `dest` (flushed to disk), which
+    then takes `dest`'s place whole; a link planted at `dest` is replaced, never followed."""
+
+    def synced(out):
+        write(out)
+        out.flush()
+        os.fsync(out.fileno())
+
+    _write_fresh(dest, synced)
+
+
+def refuse_links(paths, what: str) -> None:
+    """A ConfigError naming the first of `paths` that is a symbolic link (checked with lstat,
+    never followed): outputs are never written through a link planted in them."""
+    from .errors import ConfigError
+
+    for path in map(Path, paths):
+        if path.is_symlink():
+            raise ConfigError(f"{path} is a symbolic link (to {os.readlink(path)}); {what} is "
+                              "never written through a link: remove it, or choose another "
+                              "output")
+
+
+def link_or_copy(src, dest) -> None:
+    """`src` (a regular file) at `dest` as a hard link, or a copy where links cannot be made
+    (another file system)."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        copy_file_atomic(src, dest)
+
+
 def copy_file_atomic(src, dest) -> None:
     """`src` copied to `dest`, swapped in whole (as write_bytes_atomic, streamed)."""
     import shutil

@@ -472,6 +472,77 @@ def test_a_killed_finetune_leaves_the_previous_run_whole_or_the_new_one(project,
             assert _tree(out) == old, point
 
 
+def test_a_killed_pretrain_leaves_the_previous_model_whole_or_the_new_one(project, tmp_path):
+    """kill -9 as pretrain's finished folder changes hands: always one whole model (weights,
+    card, metrics, history and checkpoints of one run), never new weights beside an old card."""
+    import shutil
+
+    from brainlm.cli import main
+    from brainlm.fileio import exclusive
+
+    base = tmp_path / "base"
+    assert main(_pretrain_args(project, base) + ["--max-steps", "2"]) == 0
+    old = _tree(base)
+    assert {"config.json", "model.safetensors", "README.md", "metrics.json",
+            "checkpoints/last.pt"} <= set(old)
+    script = _KILL_AT + (
+        "from brainlm.cli import main\n"
+        f"main({_pretrain_args(project, Path('OUT'))!r}".replace("'OUT'", "str(out)")
+        + " + ['--max-steps', '4'])\n")
+    procs = {}
+    for point in ("aside", "swap", "stored"):
+        out = tmp_path / point / "m"
+        shutil.copytree(base, out)
+        procs[point] = subprocess.Popen([sys.executable, "-c", script, point, str(out)],
+                                        stderr=subprocess.PIPE, text=True)
+    for point, proc in procs.items():
+        assert proc.wait() == -9, (point, proc.stderr.read())
+        out = tmp_path / point / "m"
+        with exclusive(out):
+            pass
+        assert sorted(p.name for p in out.parent.iterdir()) == ["m"], point  # no leftovers
+        metrics = json.loads((out / "metrics.json").read_text())
+        tree = _tree(out)
+        if point == "stored":  # the new model, whole: its card and checkpoint are step 4's
+            assert metrics["step"] == 4 and set(old) <= set(tree)
+            assert tree["model.safetensors"] != old["model.safetensors"]
+        else:  # the old model whole, its checkpoints as the killed run left them (step 4)
+            assert metrics["step"] == 2, point
+            assert {k: v for k, v in tree.items() if not k.startswith("checkpoints/")} == \
+                {k: v for k, v in old.items() if not k.startswith("checkpoints/")}, point
+
+
+@pytest.mark.parametrize("planted", ["config.json", "model.safetensors", "scaler.safetensors",
+                                     "checkpoints/last.pt", "checkpoints"])
+def test_pretrain_never_writes_through_a_link_planted_in_its_folder(project, tmp_path, planted):
+    """A link in the model folder (to a file or folder elsewhere) is replaced or refused by
+    name; its target is never written."""
+    from brainlm.cli import main
+
+    out = tmp_path / "m"
+    assert main(_pretrain_args(project, out) + ["--max-steps", "2"]) == 0
+    victim = tmp_path / "victim"
+    if planted == "checkpoints":
+        victim.mkdir()
+        shutil_rm(out / "checkpoints")
+    else:
+        victim.write_bytes(b"precious")
+        (out / planted).unlink()
+    (out / planted).symlink_to(victim)
+    code = main(_pretrain_args(project, out) + ["--max-steps", "2"])
+    if planted == "checkpoints":  # training would write its checkpoints into the target
+        assert code == 2 and list(victim.iterdir()) == []
+    else:
+        assert code == 0 and victim.read_bytes() == b"precious"
+        assert not (out / planted).is_symlink()
+
+
+def shutil_rm(path):
+    import shutil
+
+    shutil.rmtree(path)
+
+
 class _Killed(BaseException):
     """What a kill -9 leaves: the process stops between two calls and no handler runs (not an
     Exception, so nothing on the way catches it)."""

@@ -13,10 +13,37 @@ from .scoring import COMMON_MASK_RATIO, encoder_yardstick, numeric_metrics
 def write_outputs(model, store, cfg: PretrainConfig, out: Path, history, last_eval, tracker,
                   logged=()):
     """save_pretrained folder + scaler + model card + metrics, history (training steps) and
-    validation (evaluation steps) + reconstruction plot."""
+    validation (evaluation steps) + reconstruction plot, written into a fresh folder beside
+    `out` with the run's checkpoints and swapped in whole (`fileio.atomic_dir`): a kill at any
+    moment leaves the previous model whole, never new weights beside an old card, and nothing
+    is written through a link planted in `out`."""
+    from ..fileio import atomic_dir, link_or_copy
+
+    with atomic_dir(out) as tmp:
+        _write_folder(model, store, cfg, tmp, history, last_eval)
+        checkpoints = out / "checkpoints"
+        if checkpoints.is_dir() and not checkpoints.is_symlink():
+            (tmp / "checkpoints").mkdir()
+            for f in sorted(checkpoints.iterdir()):
+                if f.suffix == ".pt" and f.is_file() and not f.is_symlink():
+                    link_or_copy(f, tmp / "checkpoints" / f.name)
+    metrics = json.loads((out / "metrics.json").read_text())
+    # `logged`: what this run's tracker has at the last step already (each metric once a step)
+    tracker.metrics({k: v for k, v in numeric_metrics(metrics).items() if k not in logged},
+                    step=metrics["step"])
+    # learned / not learned / undecided: the interval of the gain over the best rung
+    tracker.tags({"best_baseline": str(metrics.get("val_best_baseline")),
+                  "learned": str(metrics.get("val_verdict", "n/a")),
+                  "learned_common": str(metrics.get("val_common_verdict", "n/a"))})
+    tracker.artifacts(out, "model")
+    if (out / "reconstruction.png").is_file():  # top level: MLflow's Compare shows them side by side
+        tracker.artifact(out / "reconstruction.png")
+
+
+def _write_folder(model, store, cfg: PretrainConfig, out: Path, history, last_eval) -> None:
+    """The finished model's files in `out` (a fresh folder)."""
     from ..fileio import copy_file_atomic, sha256_file, write_bytes_atomic
 
-    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     copy_file_atomic(store.path / "scaler.safetensors", out / "scaler.safetensors")
     metrics = {k: v for k, v in last_eval.items() if k.startswith(("val_", "test_"))}
@@ -36,16 +63,6 @@ def write_outputs(model, store, cfg: PretrainConfig, out: Path, history, last_ev
                                                          "(best baseline)")
     card = model_card(model, store, cfg, metrics, sha256_file(out / "scaler.safetensors"))
     write_bytes_atomic(out / "README.md", card.encode())
-    # `logged`: what this run's tracker has at the last step already (each metric once a step)
-    tracker.metrics({k: v for k, v in numeric_metrics(metrics).items() if k not in logged},
-                    step=metrics["step"])
-    # learned / not learned / undecided: the interval of the gain over the best rung
-    tracker.tags({"best_baseline": str(metrics.get("val_best_baseline")),
-                  "learned": str(metrics.get("val_verdict", "n/a")),
-                  "learned_common": str(metrics.get("val_common_verdict", "n/a"))})
-    tracker.artifacts(out, "model")
-    if (out / "reconstruction.png").is_file():  # top level: MLflow's Compare shows them side by side
-        tracker.artifact(out / "reconstruction.png")
 
 
 TRAIN_KEYS = ("step", "loss", "lr", "grad_norm")

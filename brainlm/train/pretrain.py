@@ -114,20 +114,19 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history:
                     settings: dict | None = None) -> None:
     """last.pt, the one before it kept as previous.pt: a checkpoint cut short by a crash (or
     corrupted later) never loses the run. Written whole to a temporary file first."""
-    import os
+    from ..fileio import refuse_links, write_stream_atomic
 
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "step": step,
              "history": json.dumps(history), "settings": json.dumps(settings or {})}
+    refuse_links([path.parent], "a checkpoint")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if path.exists():
+    # a fresh temporary file (never a fixed name a link could be planted at), then renames:
+    # a link planted at last.pt or previous.pt is moved or replaced, never written through
+    write_stream_atomic(path.with_name("next.pt"), lambda f: torch.save(state, f))
+    if path.exists() or path.is_symlink():
         os.replace(path, path.with_name("previous.pt"))
-    os.replace(tmp, path)
+    os.replace(path.with_name("next.pt"), path)
 
 
 def load_checkpoint(path: Path):
@@ -206,8 +205,9 @@ class Run:
 def check_model_folder(cfg: PretrainConfig) -> None:
     """`--out` is a model folder: new, empty, or an earlier pretraining output (config.json or
     checkpoints/); never the store or a folder of other files it would write into."""
-    from ..fileio import overlaps
+    from ..fileio import overlaps, refuse_links
 
+    refuse_links([Path(cfg.out), Path(cfg.out) / "checkpoints"], "a model folder")
     out = Path(cfg.out).resolve()
     if overlaps(out, cfg.data):
         raise ConfigError(f"--out {cfg.out} overlaps the store {cfg.data}: write the model to "

@@ -205,6 +205,77 @@ def test_brainlm_predict_refuses_a_model_without_a_head(runs, tmp_path, capsys):
     assert not (tmp_path / "x.parquet").exists()
 
 
+class _Planted(mlflow.pyfunc.PythonModel):
+    """A pyfunc whose pickle runs a command when it is loaded (what an attacker with write
+    access to the registry could register)."""
+
+    marker = None
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+    def predict(self, context, model_input):
+        return model_input
+
+
+def test_a_pickled_registered_model_is_refused_before_anything_of_it_runs(runs, tmp_path,
+                                                                            capsys):
+    """`brainlm predict` reads a registered version's files and checks its MLmodel first: a
+    pickled python_model (or any other loader or artifact list) is refused by name, and the
+    command planted in its pickle never runs; the real versions keep loading."""
+    from brainlm.cli import main
+
+    root, _, out = runs
+    marker = tmp_path / "pwned"
+    planted = _Planted()
+    planted.marker = marker
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="model", python_model=planted)
+    marker.unlink(missing_ok=True)  # MLflow itself loads what it logs: that ran it once
+    version = mlflow.register_model(info.model_uri, "brainlm-planted")
+    mlflow.MlflowClient().set_registered_model_alias("brainlm-planted", "champion",
+                                                     version.version)
+    assert main(["predict", "--model", "models:/brainlm-planted@champion", "--input",
+                 str(root / "raw"), "--out", str(tmp_path / "x.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "not this project's BrainLM pyfunc" in err and "pickled python_model" in err
+    assert not marker.exists() and not (tmp_path / "x.parquet").exists()
+    _, real = out["age"]
+    assert main(["predict", "--model", f"models:/{real.name}/{real.version}", "--atlas", "A424",
+                 "--coords", str(root / "coords.tsv"), "--input-tr", "0.735", "--cache-dir",
+                 str(tmp_path / "c"), "--input", str(root / "raw"), "--out",
+                 str(tmp_path / "ok.parquet")]) == 0
+    assert len(pd.read_parquet(tmp_path / "ok.parquet")) == 20
+
+
+def test_a_registered_version_with_foreign_artifacts_is_refused(tmp_path):
+    from brainlm.errors import ConfigError
+    from brainlm.registered import check_mlmodel
+
+    (tmp_path / "artifacts" / "model").mkdir(parents=True)
+    spec = {"flavors": {"python_function": {
+        "loader_module": "mlflow.pyfunc.loaders.code_model",
+        "model_code_path": "/x/brainlm/mlflow_model.py",
+        "artifacts": {"model": {"path": "artifacts/model"}}}}}
+    import yaml
+
+    (tmp_path / "MLmodel").write_text(yaml.safe_dump(spec))
+    assert check_mlmodel(tmp_path, "models:/m/1") == {"model": tmp_path / "artifacts" / "model"}
+    for change, message in [
+        (lambda f: f["python_function"]["artifacts"].update(extra={"path": "artifacts/model"}),
+         "artifacts"),
+        (lambda f: f["python_function"]["artifacts"]["model"].update(path="../../etc"),
+         "not a folder inside the model"),
+        (lambda f: f.update(sklearn={"pickled_model": "model.pkl"}), "flavours"),
+        (lambda f: f["python_function"].update(model_code_path="/x/evil.py"), "model code"),
+    ]:
+        bad = json.loads(json.dumps(spec))
+        change(bad["flavors"])
+        (tmp_path / "MLmodel").write_text(yaml.safe_dump(bad))
+        with pytest.raises(ConfigError, match=message):
+            check_mlmodel(tmp_path, "models:/m/1")
+
+
 def test_brainlm_predict_refuses_another_atlas_parcel_count_or_tr(runs, tmp_path, capsys):
     """The model's preprocessing is the only one allowed: parcels from another atlas (other
     coordinates) or of another count are refused with the scaler's reason; recordings whose

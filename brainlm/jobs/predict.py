@@ -60,29 +60,20 @@ OPTIONS = [
 NOT_OPTIONS: dict = {}
 
 
-def load_finetuned(model: str):
-    """A `predictor.FinetunedModel` from a run folder or a registered model URI."""
+def load_finetuned(model: str, folder):
+    """A `predictor.FinetunedModel` from a run folder or a registered model URI (downloaded
+    into `folder` and checked to be this project's pyfunc before anything of it is read:
+    `brainlm.registered`)."""
     if str(model).startswith("models:/"):
-        import mlflow
-
+        from ..registered import load_registered_task
         from ..registry import _use_tracking_uri, tracking_uri
-        from ..tracking import masked_uri
 
         uri = tracking_uri()
         if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
             raise ConfigError(f"{model}: no registry at {uri} (this folder is in no project "
                               "with a store): run from the project, or set MLFLOW_TRACKING_URI")
         _use_tracking_uri()
-        try:
-            loaded = mlflow.pyfunc.load_model(str(model))
-        except Exception as exc:  # unknown name/alias, unreachable registry
-            raise ConfigError(f"{model}: cannot load the registered model from "
-                              f"{masked_uri(mlflow.get_tracking_uri())} ({exc})") from None
-        task = getattr(loaded.unwrap_python_model(), "task", None)
-        if task is None:
-            raise ConfigError(f"{model} is a pretrained model without a head: it embeds, it "
-                              "does not predict (register a fine-tuning run)")
-        return task
+        return load_registered_task(str(model), folder)
     from ..predictor import FinetunedModel
 
     return FinetunedModel(model)
@@ -140,7 +131,8 @@ def run(cfg: PredictConfig, tags: dict | None = None) -> dict:
     _check_out(out, cfg.inputs)
     with job_run(NAME, f"predict-{out.stem}", cfg, tags) as tracker, \
             tempfile.TemporaryDirectory(prefix="brainlm-predict-") as tmp:
-        model = load_finetuned(cfg.model)
+        (Path(tmp) / "model").mkdir()
+        model = load_finetuned(cfg.model, Path(tmp) / "model")
         summary, store = _preprocess(cfg, model, Path(tmp) / "store")
         rows = store.recordings()
         xs = [np.asarray(store.load(r)) for _, r in rows.iterrows()]

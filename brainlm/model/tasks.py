@@ -85,7 +85,7 @@ def from_parts(model: BrainLMForPretraining, head: torch.nn.Module, **task):
     """The task model holding a trained encoder and head (their weights copied): task is
     {"pooling", "classes", "target_mean", "target_std"} or {"horizon"}."""
     config = model.config.to_dict()
-    for key in ("architectures", "transformers_version", "model_type"):
+    for key in ("architectures", "transformers_version", "model_type", "id2label", "label2id"):
         config.pop(key, None)
     if "horizon" in task:
         cls, fields = BrainLMForForecasting, {"horizon": int(task["horizon"])}

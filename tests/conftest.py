@@ -64,7 +64,8 @@ def paint_nifti(atlas, signals: np.ndarray, path, tr: float = 0.735, step: int =
     labels = atlas.labels[::step, ::step, ::step]
     affine = atlas.affine.copy()
     affine[:3, :3] *= step
-    vol = np.full(labels.shape + (signals.shape[1],), background, dtype=np.float32)
+    vol = np.full(labels.shape + (signals.shape[1],), background,
+                  dtype=np.float64 if dtype == np.float64 else np.float32)
     inside = labels > 0
     vol[inside] = signals[np.searchsorted(atlas.label_values, labels[inside])]
     img = nib.Nifti1Image(vol, affine)

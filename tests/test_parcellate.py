@@ -134,3 +134,50 @@ def test_parcellate_recording_caches_by_input_hash(atlas, painter, tmp_path, mon
     painter(atlas, signals + 1, path, step=2)
     pc.parcellate_recording(rec, atlas, settings, cache_dir=tmp_path / "cache")
     assert len(calls) == 3
+
+
+def test_a_small_signal_on_a_large_offset_keeps_its_digits(atlas, painter, tmp_path):
+    """float64 recordings in raw scanner units: extraction accumulates in float64, so the
+    signal survives until cleaning removes the offset (in float32 it kept r ~ 0.7)."""
+    rng = np.random.default_rng(6)
+    small = 0.01 * rng.standard_normal((atlas.n_parcels, 30))
+    path = painter(atlas, 1e6 + small, tmp_path / "big.nii.gz", dtype=np.float64)
+    got, covered = pc.extract_fast(pc.read_nifti_info(path), atlas)
+    assert covered.all() and got.dtype == np.float64
+    r = [np.corrcoef(got[i] - got[i].mean(), small[i])[0, 1] for i in range(atlas.n_parcels)]
+    assert np.min(r) > 0.999
+    result = pc.parcellate_recording(Recording(path=path, subject="sub-01"), atlas,
+                                     ParcellationSettings(min_timepoints=20, detrend=False))
+    r = [np.corrcoef(result.signals[i], small[i])[0, 1] for i in range(atlas.n_parcels)]
+    assert np.median(r) > 0.999
+
+
+def test_a_parcel_zeroed_or_constant_in_a_recording_is_not_covered(atlas, painter, tmp_path):
+    """A parcel whose voxels are all zero is not filled from the neighbours its border
+    interpolates from, and one constant in time carries no signal: both are reported as not
+    covered (the scaler and the store treat them as missing), the others are unchanged."""
+    rng = np.random.default_rng(7)
+    signals = 10000 + 30 * rng.standard_normal((atlas.n_parcels, 40))
+    zeroed, flat = 5, 9
+    signals[zeroed] = 0.0
+    signals[flat] = 10000.0
+    path = painter(atlas, signals, tmp_path / "sub-01_bold.nii.gz", step=2)
+    got, covered = pc.extract_fast(pc.read_nifti_info(path), atlas)
+    assert not covered[zeroed] and np.all(got[zeroed] == 0)
+    result = pc.parcellate_recording(Recording(path=path, subject="sub-01"), atlas,
+                                     ParcellationSettings(min_timepoints=30),
+                                     cache_dir=tmp_path / "cache")
+    assert not result.coverage[zeroed] and not result.coverage[flat]
+    assert result.coverage.sum() >= atlas.n_parcels * 0.95 - 2
+    # already parcellated tables: a constant column is not covered either
+    table = tmp_path / "sub-02_timeseries.npy"
+    np.save(table, signals.T.astype(np.float32))
+    tabled = pc.parcellate_recording(Recording(path=table, subject="sub-02", kind="timeseries",
+                                               tr=0.735), atlas,
+                                     ParcellationSettings(min_timepoints=30))
+    assert not tabled.coverage[flat] and not tabled.coverage[zeroed]
+    assert tabled.coverage.sum() == atlas.n_parcels - 2
+    again = pc.parcellate_recording(Recording(path=path, subject="sub-01"), atlas,
+                                    ParcellationSettings(min_timepoints=30),
+                                    cache_dir=tmp_path / "cache")  # from the cache: the same
+    np.testing.assert_array_equal(again.coverage, result.coverage)

@@ -125,6 +125,10 @@ def check_parcellated(result: Parcellated, path, atlas, settings: ParcellationSe
         why = "(field of view too small, or not in MNI space?)" if not flat.any() else \
             f"({int(flat.sum())} constant in time: every volume the same?)"
         raise InputError(path, f"{uncovered} of {atlas.n_parcels} parcels have no signal {why}")
+    if flat.any():  # zero or constant in this recording: no signal, whatever its voxels held
+        result.coverage = result.coverage & ~flat
+        result.notes = [*result.notes, f"{int(flat.sum())} parcels constant in time (zero?): "
+                        "counted as not covered"]
 
 
 def _cannot_read(path: Path, exc: OSError) -> InputError:

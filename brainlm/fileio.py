@@ -215,6 +215,25 @@ def copy_file_atomic(src, dest) -> None:
         _write_fresh(dest, lambda out: shutil.copyfileobj(inp, out, 1 << 22))
 
 
+JSON_LIMIT = 64 << 20  # bytes: our JSON files (configs, sidecars, metrics) are kilobytes
+
+
+def read_json(path, limit: int = JSON_LIMIT):
+    """The JSON in `path`, bounded: a file over `limit` bytes, or nested deeper than the parser
+    can follow, is a ValueError saying so (as malformed JSON is), never a RecursionError that
+    ends a whole run or minutes spent parsing a huge file."""
+    import json
+
+    path = Path(path)
+    size = path.stat().st_size
+    if size > limit:
+        raise ValueError(f"{size:,} bytes, more than the {limit:,} a JSON file here may hold")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ValueError("nested deeper than the JSON parser can follow") from None
+
+
 def find_repo_root(start=None) -> Path:
     """The nearest folder with pyproject.toml from `start` (default cwd) upward, else `start`:
     DVC stages, Prefect workers and tests started in sub-folders then share one store."""

@@ -14,12 +14,12 @@ the fine-tuning run predicted its test subjects:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ConfigError
+from .fileio import read_json
 
 BATCH = 32  # windows per forward pass
 
@@ -36,7 +36,7 @@ class FinetunedModel:
 
         run_dir = Path(run_dir)
         try:
-            self.meta = json.loads((run_dir / "finetune.json").read_text())
+            self.meta = read_json(run_dir / "finetune.json")
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{run_dir}: not a fine-tuning run (finetune.json: {exc})") from None
         cfg = self.meta.get("config") if isinstance(self.meta, dict) else None

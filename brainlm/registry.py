@@ -11,7 +11,6 @@ the `save_pretrained` folder (safetensors), so loading a registered model never 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -20,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ConfigError
-from .fileio import find_repo_root, sha256_file
+from .fileio import find_repo_root, read_json, sha256_file
 from .tracking import experiment_id
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -108,7 +107,7 @@ def lineage_tags(repo_root=None) -> dict:
 
 def _read_json(path: Path, what: str) -> dict:
     try:
-        return json.loads(path.read_text())
+        return read_json(path)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path.parent}: not {what} ({path.name}: {exc})") from None
 

@@ -228,3 +228,81 @@ def test_missing_input_folder_and_empty_folder(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["preprocess", "--input", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert "no recordings found" in capsys.readouterr().err
+
+
+def _bomb_nifti(path, volumes: int) -> None:
+    """A .nii.gz whose header declares `volumes` volumes of a 4 x 4 x 4 grid, holding 10."""
+    hdr = nib.Nifti2Header()  # NIfTI-1 cannot declare more than 32,767 volumes
+    hdr.set_data_shape((4, 4, 4, volumes))
+    hdr.set_data_dtype(np.float32)
+    hdr.set_sform(np.diag([8.0, 8.0, 8.0, 1.0]), code=4)
+    hdr.set_zooms((8.0, 8.0, 8.0, 0.735))
+    body = np.ones((10, 4, 4, 4), np.float32).tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(hdr.binaryblock + b"\0" * 4 + body)
+
+
+def test_bounded_parsers_refuse_before_the_work(tmp_path, atlas, painter, atlas_spec, capsys,
+                                                monkeypatch):
+    """Inputs that declare far more than they can hold, or more than any recording needs, are
+    named from their headers before anything is decompressed or parsed; the others go on."""
+    import time
+
+    raw = tmp_path / "raw"
+    for i in range(3):
+        _good(atlas, painter, raw, f"sub-{i}", seed=i)
+    (raw / "sub-bomb" / "func").mkdir(parents=True)
+    _bomb_nifti(raw / "sub-bomb" / "func" / "sub-bomb_task-rest_bold.nii.gz", 1_000_000)
+    (raw / "sub-long" / "func").mkdir(parents=True)
+    _bomb_nifti(raw / "sub-long" / "func" / "sub-long_task-rest_bold.nii.gz", 5000)
+    deep = raw / "sub-deep" / "func"
+    deep.mkdir(parents=True)
+    shutil.copy(_good(atlas, painter, tmp_path / "spare", "sub-deep", seed=9),
+                deep / "sub-deep_task-rest_bold.nii.gz")
+    (deep / "sub-deep_task-rest_bold.json").write_text("[" * 200_000 + "]" * 200_000)
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    (wide / "sub-wide_task-rest_timeseries.tsv").write_text("\t".join(["1"] * 300_000) + "\n")
+    np.save(wide / "sub-huge_task-rest_timeseries.npy", np.zeros((1, 200_001), np.float32))
+    start = time.monotonic()
+    code = main(["preprocess", "--input", str(raw), "--out", str(tmp_path / "s"),
+                 "--window", "50", "--atlas", atlas_spec, "--no-progress", "--cache-dir",
+                 str(tmp_path / "c")])  # the TR from headers and sidecars
+    assert code == 0 and time.monotonic() - start < 120
+    out = capsys.readouterr().out
+    assert "1,000,000 volumes declared, more than the bound of 100,000" in out
+    assert "more than a gzip file of" in out  # 5,000 volumes declared, 10 held
+    assert "nested deeper than the JSON parser can follow" in out
+    manifest = BrainStore(tmp_path / "s").manifest
+    assert sorted(manifest[manifest["status"] == "ok"]["subject"]) == ["sub-0", "sub-1", "sub-2"]
+    code = main(["preprocess", "--input", str(raw / "sub-0"), str(wide), "--out",
+                 str(tmp_path / "w"), "--window", "50", "--atlas", atlas_spec, "--input-tr",
+                 "0.735", "--no-progress", "--split", "1,0,0"])
+    assert code == 0 and time.monotonic() - start < 120
+    out = capsys.readouterr().out
+    assert "300,000 columns on its first line" in out
+    assert "declares an array of shape (1, 200001)" in out
+    monkeypatch.setenv("BRAINLM_MAX_VOLUMES", "20")  # the bound is the user's to move
+    code = main(["preprocess", "--input", str(raw / "sub-0"), "--out", str(tmp_path / "t"),
+                 "--window", "50", "--atlas", atlas_spec, "--no-progress", "--cache-dir",
+                 str(tmp_path / "fresh")])
+    assert code != 0 and "more than the bound of 20 (set BRAINLM_MAX_VOLUMES" in \
+        capsys.readouterr().out
+
+
+def test_a_yaml_alias_bomb_in_params_is_refused_at_once(tmp_path):
+    import time
+
+    from brainlm.errors import ConfigError
+    from brainlm.jobs import load_params
+
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    (tmp_path / "params.yaml").write_text("\n".join(lines + ["profile: a8"]) + "\n")
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"aliases expand to 1,[\d,]{11} values, more than"):
+        load_params(tmp_path / "params.yaml")
+    assert time.monotonic() - start < 5
+    shared = "base: &base {epochs: 3, lr: 0.001}\nprofile: p\np: {finetune: *base}\n"
+    (tmp_path / "params.yaml").write_text(shared)  # an anchor used as users do: fine
+    assert load_params(tmp_path / "params.yaml")["finetune"] == {"epochs": 3, "lr": 0.001}

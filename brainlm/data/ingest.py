@@ -6,7 +6,6 @@ decided before any heavy work starts.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..fileio import read_json
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 TABLE_SUFFIXES = (".tsv", ".tsv.gz", ".csv", ".npy")
@@ -143,7 +143,7 @@ def _sidecar_tr(path: Path) -> tuple[float | None, str | None]:
     if not sidecar.is_file():
         return None, None
     try:
-        meta = json.loads(sidecar.read_text())
+        meta = read_json(sidecar)
     except (OSError, ValueError) as exc:
         return None, f"unreadable JSON sidecar {sidecar.name} ({exc})"
     if not isinstance(meta, dict):

@@ -66,6 +66,7 @@ def _checked_info(img, path: Path, tr_override: float | None) -> NiftiInfo:
     if shape[3] < 2:
         raise InputError(path, f"one volume {shape}: a 4-D time series is needed")
     hdr = img.header
+    _check_size(path, shape, int(np.dtype(hdr.get_data_dtype()).itemsize))
     affine = np.asarray(img.affine, dtype=np.float64)
     if int(hdr["sform_code"]) == 0 and int(hdr["qform_code"]) == 0:
         raise InputError(path, "no sform/qform (both codes 0): the voxel grid cannot be "
@@ -88,6 +89,50 @@ def _checked_info(img, path: Path, tr_override: float | None) -> NiftiInfo:
                      slope=slope, inter=inter, offset=int(img.dataobj.offset), tr=tr,
                      compressed=path.name.endswith(".gz"), header_tr=header_tr, notes=notes,
                      image_class=type(img))
+
+
+GZIP_MAX_RATIO = 1100  # deflate cannot expand a byte into more than ~1,032
+
+
+def size_limits() -> tuple[int, int]:
+    """(most volumes, most bytes of image data) from BRAINLM_MAX_VOLUMES and
+    BRAINLM_MAX_NIFTI_GB (defaults 100,000 volumes and 64 GB: hours of scanning at sub-second
+    TRs, and A424's 2 mm grid for 20,000 float32 volumes)."""
+    import os
+
+    def number(name: str, default: float) -> float:
+        raw = os.environ.get(name)
+        try:
+            value = float(raw) if raw else default
+        except ValueError:
+            raise InputError(Path(name), f"{raw!r} is not a number") from None
+        return value if value > 0 else default
+
+    return (int(number("BRAINLM_MAX_VOLUMES", 100_000)),
+            int(number("BRAINLM_MAX_NIFTI_GB", 64) * 2**30))
+
+
+def _check_size(path: Path, shape: tuple, itemsize: int) -> None:
+    """Refuse, from the header alone, an image beyond the bounds or beyond what the file can
+    hold: a 100 kB .nii.gz can declare a million volumes, which would be decompressed and
+    allocated for minutes before anything failed."""
+    volumes, most_bytes = size_limits()
+    data = int(np.prod(shape, dtype=np.float64)) * itemsize
+    if shape[3] > volumes:
+        raise InputError(path, f"{shape[3]:,} volumes declared, more than the bound of "
+                               f"{volumes:,} (set BRAINLM_MAX_VOLUMES to allow more)")
+    if data > most_bytes:
+        raise InputError(path, f"{data / 2**30:.1f} GB of image data declared, more than the "
+                               f"bound of {most_bytes / 2**30:g} GB (BRAINLM_MAX_NIFTI_GB)")
+    try:
+        on_disk = path.stat().st_size
+    except OSError:
+        return
+    gz = path.name.endswith(".gz")
+    if on_disk and data > on_disk * (GZIP_MAX_RATIO if gz else 1):
+        raise InputError(path, f"the header declares {data:,} bytes of image data, more than "
+                               f"a {'gzip ' if gz else ''}file of {on_disk:,} bytes can hold "
+                               "(truncated, or a decompression bomb)")
 
 
 def _image_from_stream(source, path: Path):

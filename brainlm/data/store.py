@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, check_orientation
+from ..fileio import read_json
 from ..fileio import atomic_dir
 from .split import SPLITS
 
@@ -113,7 +114,7 @@ class BrainStore:
         if not (self.path / "manifest.parquet").is_file():
             raise ConfigError(f"{self.path}: not a processed store (no manifest.parquet); run "
                               "`brainlm preprocess` first")
-        self.meta = self._read("store.json", lambda f: json.loads(f.read_text()))
+        self.meta = self._read("store.json", read_json)
         if not isinstance(self.meta, dict) or not {"n_parcels", "tr"} <= set(self.meta):
             raise self._damaged("store.json", "no n_parcels or tr")
         self.manifest = self._read("manifest.parquet", pd.read_parquet)

@@ -30,7 +30,7 @@ def read_timeseries_table(path, n_parcels: int, data: bytes | None = None
     if data is not None and not path.name.endswith(_BYTES_SUFFIXES):
         data = None  # e.g. .tsv.gz: pandas infers the compression from the name
     try:
-        table = _parse_table(path, io.BytesIO(data) if data is not None else path)
+        table = _parse_table(path, io.BytesIO(data) if data is not None else path, n_parcels)
     except InputError:
         raise
     except Exception as exc:
@@ -59,10 +59,21 @@ def read_timeseries_table(path, n_parcels: int, data: bytes | None = None
     return signals, ~empty & (signals.std(axis=1) > 0)
 
 
-def _parse_table(path: Path, content):
+def _table_bounds(path: Path, n_parcels: int) -> tuple[int, int]:
+    """(most columns, most bytes) a table may have before it is parsed: a transposed table has
+    one column per timepoint (at most BRAINLM_MAX_VOLUMES), and ~32 bytes of text per value."""
+    from .nifti import size_limits
+
+    volumes, _ = size_limits()
+    return max(n_parcels, volumes), max(n_parcels, volumes) * volumes * 32
+
+
+def _parse_table(path: Path, content, n_parcels: int):
     import pandas as pd
 
+    most_columns, most_bytes = _table_bounds(path, n_parcels)
     if path.name.endswith(".npy"):
+        _check_npy_header(path, content, most_columns)
         return np.load(content, allow_pickle=False)
     sep = "\t" if path.name.endswith((".tsv", ".tsv.gz")) else ","
     if isinstance(content, io.BytesIO):
@@ -71,9 +82,18 @@ def _parse_table(path: Path, content):
         import gzip
 
         with gzip.open(path, "rb") as f:
-            raw_bytes = f.read()
+            raw_bytes = f.read(most_bytes + 1)
     else:
         raw_bytes = path.read_bytes()
+    if len(raw_bytes) > most_bytes:
+        raise InputError(path, f"more than {most_bytes:,} bytes of table text (a "
+                               "decompression bomb? BRAINLM_MAX_VOLUMES bounds it)")
+    width = raw_bytes[:raw_bytes.find(b"\n") if b"\n" in raw_bytes else None].count(
+        sep.encode()) + 1
+    if width > most_columns:
+        raise InputError(path, f"{width:,} columns on its first line, more than the "
+                               f"{most_columns:,} a table of {n_parcels} parcels or of "
+                               "BRAINLM_MAX_VOLUMES timepoints can have")
     try:
         text = raw_bytes.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -85,6 +105,27 @@ def _parse_table(path: Path, content):
     raw = pd.read_csv(io.StringIO("\n".join(lines)), sep=sep, header=None, dtype=str,
                       keep_default_na=False)
     return _numeric_table(raw, path)
+
+
+def _check_npy_header(path: Path, content, most_columns: int) -> None:
+    """The .npy's shape from its header, before its data are read: at most 2-D and
+    `most_columns` wide either way."""
+    f = content if isinstance(content, io.BytesIO) else open(content, "rb")
+    try:
+        version = np.lib.format.read_magic(f)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, _, _ = reader(f)
+    except (ValueError, OSError):
+        return  # np.load names what is wrong with it
+    finally:
+        if isinstance(content, io.BytesIO):
+            content.seek(0)
+        else:
+            f.close()
+    if len(shape) > 2 or any(int(d) > most_columns for d in shape):
+        raise InputError(path, f"declares an array of shape {tuple(shape)}: more than a time x "
+                               f"parcels table of at most {most_columns:,} rows or columns")
 
 
 def _check_lines(lines: list, sep: str, path: Path) -> None:

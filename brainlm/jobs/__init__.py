@@ -46,7 +46,7 @@ def load_params(path="params.yaml") -> dict:
 
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = _bounded_yaml(path)
     except yaml.YAMLError as exc:  # one line: what and where (line, column)
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -63,6 +63,36 @@ def load_params(path="params.yaml") -> dict:
     shared = {k: raw[k] for k in ("mask_ratios", "finetune_mask_ratio") if k in raw}
     _check_ratios(path, shared)
     return {**raw[profile], **shared, "profile": profile, "root": str(path.resolve().parent)}
+
+
+PARAMS_LIMIT = (1 << 20, 100_000)  # bytes of params.yaml, values once its aliases expand
+
+
+def _bounded_yaml(path: Path):
+    """params.yaml parsed with its size and expanded size bounded first: a few kB of nested
+    aliases (a "billion laughs") expand to billions of values once logged or printed."""
+    import yaml
+
+    most_bytes, most_values = PARAMS_LIMIT
+    if path.stat().st_size > most_bytes:
+        raise ConfigError(f"{path}: {path.stat().st_size:,} bytes, more than the {most_bytes:,} "
+                          "pipeline settings may take")
+    text = path.read_text(encoding="utf-8")
+    sizes: dict = {}
+
+    def expanded(node) -> int:  # values the node stands for, each shared node counted once
+        if id(node) not in sizes:
+            sizes[id(node)] = 1  # a node that contains itself counts once
+            children = node.value if isinstance(node.value, list) else []
+            parts = [p for c in children for p in (c if isinstance(c, tuple) else (c,))]
+            sizes[id(node)] = 1 + sum(expanded(p) for p in parts)
+        return sizes[id(node)]
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None and expanded(root) > most_values:
+        raise ConfigError(f"{path}: its aliases expand to {expanded(root):,} values, more than "
+                          f"the {most_values:,} pipeline settings may take (a YAML alias bomb?)")
+    return yaml.safe_load(text)
 
 
 def _check_ratios(path: Path, shared: dict) -> None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..fileio import read_json
 
 
 def load_model(path, coords=None, n_time: int | None = None):
@@ -17,7 +17,7 @@ def load_model(path, coords=None, n_time: int | None = None):
     """
     path = Path(path)
     try:
-        config = json.loads((path / "config.json").read_text())
+        config = read_json(path / "config.json")
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: not a model folder (config.json: {exc})") from None
     if not isinstance(config, dict):

@@ -19,7 +19,6 @@ the predictor, the registry and serving load it from here.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ..errors import ConfigError
+from ..fileio import read_json
 from .heads import ForecastHead, Head, context_ids, pooled, pooled_width
 from .modeling import BrainLMForPretraining, BrainLMPreTrainedModel
 
@@ -110,7 +110,7 @@ def from_parts(model: BrainLMForPretraining, head: torch.nn.Module, **task):
 def is_task_folder(folder) -> bool:
     """A folder written by a task model's `save_pretrained` (config.json names one)."""
     try:
-        config = json.loads((Path(folder) / "config.json").read_text())
+        config = read_json(Path(folder) / "config.json")
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and bool(
@@ -120,7 +120,10 @@ def is_task_folder(folder) -> bool:
 def load_task_model(folder):
     """The fine-tuned model saved in `folder` (safetensors only), ready for inference."""
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
+    try:
+        config = read_json(folder / "config.json")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{folder / 'config.json'}: not a model configuration ({exc})") from None
     name = (config.get("architectures") or [None])[0]
     cls = {"BrainLMForSequenceClassification": BrainLMForSequenceClassification,
            "BrainLMForForecasting": BrainLMForForecasting}.get(name)

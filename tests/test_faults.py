@@ -1055,3 +1055,55 @@ def test_copies_and_locks_never_write_through_a_planted_link(tmp_path, monkeypat
         with fileio.exclusive(target):
             pass
     assert victim.read_text() == "keep me"
+
+
+# ------------------------------------------------------------------- trust nothing read back
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: s.pop("encoder.blocks.0.attn.qkv.weight"), "missing encoder.blocks.0.attn.qkv"),
+    (lambda s: s.__setitem__("extra.weight", s["patch_embed.weight"].clone()), "unexpected"),
+    (lambda s: s["patch_embed.weight"].view(-1).__setitem__(0, float("nan")),
+     "non-finite values in patch_embed.weight"),
+])
+def test_weights_that_do_not_fill_the_model_are_refused(project, tmp_path, damage, message):
+    """A weights file that loads but does not fit (a key missing or extra) or holds NaN is
+    named, instead of transformers starting the missing weights at random and embedding."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from brainlm.errors import ConfigError
+    from brainlm.model import load_model
+
+    folder = tmp_path / "m"
+    shutil.copytree(project / "model", folder)
+    state = load_file(str(folder / "model.safetensors"))
+    damage(state)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=message):
+        load_model(folder)
+    load_model(project / "model")  # the untouched folder loads
+
+
+def test_a_cache_entry_edited_to_other_finite_values_is_not_trusted(project, tmp_path):
+    """Parcellation cache entries carry the hash of their values: one edited to other finite
+    values of the same shape is computed again from the recording, not used."""
+    from brainlm.data import parcellate as pc
+    from brainlm.data.ingest import Recording
+    from brainlm.data.parcellate import ParcellationSettings
+
+    from tests.conftest import paint_nifti
+    from brainlm.atlas import load_atlas
+
+    atlas = load_atlas("A424", allow_fallback=True)
+    rng = np.random.default_rng(0)
+    path = paint_nifti(atlas, 10000 + 30 * rng.standard_normal((atlas.n_parcels, 40)),
+                       tmp_path / "sub-01_bold.nii.gz", step=4)
+    rec, settings = Recording(path=path, subject="sub-01"), ParcellationSettings(min_timepoints=30)
+    first = pc.parcellate_recording(rec, atlas, settings, cache_dir=tmp_path / "c")
+    entry = next((tmp_path / "c").rglob(f"{first.cache_key}.npy"))
+    forged = np.load(entry)
+    np.save(entry, (forged[::-1] * 0.5).astype(np.float32))  # same shape, finite, wrong
+    again = pc.parcellate_recording(rec, atlas, settings, cache_dir=tmp_path / "c")
+    np.testing.assert_array_equal(again.signals, first.signals)

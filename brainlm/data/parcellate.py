@@ -29,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import InputError, check_orientation
+from ..fileio import read_json
 from .cleaning import clean, expected_length, resample_tr
 from .extract import LabelOperator, extract_fast, extract_nilearn
 from .nifti import NiftiInfo, read_nifti_info
@@ -308,7 +309,7 @@ def read_cached(cache_dir, key: str) -> Parcellated | None:
     """The cache entry `key` (a .npy array and a .json of the rest), None when absent."""
     base = Path(cache_dir) / key[:2] / key
     try:
-        meta = json.loads(base.with_suffix(".json").read_text())
+        meta = read_json(base.with_suffix(".json"))
         signals = np.load(base.with_suffix(".npy"), allow_pickle=False)
         entry = Parcellated(signals=signals, coverage=np.array(meta["coverage"], dtype=bool),
                             tr_source=float(meta["tr_source"]),
@@ -318,17 +319,28 @@ def read_cached(cache_dir, key: str) -> Parcellated | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None  # missing or damaged: computed again
     ok = (signals.ndim == 2 and signals.dtype == np.float32 and len(entry.coverage) ==
-          signals.shape[0] and bool(np.isfinite(signals).all()))
-    return entry if ok else None  # an edited or damaged entry is never trusted
+          signals.shape[0] and bool(np.isfinite(signals).all())
+          and meta.get("signals_sha256") == _content_hash(signals))
+    return entry if ok else None  # an edited, damaged or older entry is never trusted
+
+
+def _content_hash(signals: np.ndarray) -> str:
+    """sha256 of the entry's values and shape: an entry edited to other finite values of the
+    same shape no longer matches the hash its .json was written with."""
+    import hashlib
+
+    h = hashlib.sha256(str(signals.shape).encode())
+    h.update(np.ascontiguousarray(signals).tobytes())
+    return h.hexdigest()
 
 
 def _cache_write(cache_dir: Path, key: str, result: Parcellated) -> None:
-    from ..fileio import atomic_path, write_bytes_atomic
+    from ..fileio import write_bytes_atomic, write_stream_atomic
 
     base = Path(cache_dir) / key[:2] / key
-    with atomic_path(base.with_suffix(".npy")) as tmp, open(tmp, "wb") as f:
-        np.save(f, result.signals)
+    write_stream_atomic(base.with_suffix(".npy"), lambda f: np.save(f, result.signals))
     meta = {"coverage": result.coverage.tolist(), "tr_source": result.tr_source,
             "n_timepoints_source": result.n_timepoints_source,
-            "source_hash": result.source_hash, "notes": result.notes}
+            "source_hash": result.source_hash, "notes": result.notes,
+            "signals_sha256": _content_hash(result.signals)}
     write_bytes_atomic(base.with_suffix(".json"), json.dumps(meta).encode())

@@ -33,7 +33,8 @@ def load_model(path, coords=None, n_time: int | None = None):
         if model_type == "brainlm":
             from .modeling import BrainLMForPretraining
 
-            return BrainLMForPretraining.from_pretrained(path, use_safetensors=True).eval()
+            return checked_weights(path, *BrainLMForPretraining.from_pretrained(
+                path, use_safetensors=True, output_loading_info=True)).eval()
         from .legacy import ReleasedBrainLM
 
         return ReleasedBrainLM.from_folder(path, coords, n_time=n_time or 200).eval()
@@ -45,6 +46,30 @@ def load_model(path, coords=None, n_time: int | None = None):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{path}: cannot load the model ({first[:300]}): the folder must "
                           "hold the config.json and model.safetensors that saved it") from None
+
+
+def checked_weights(path, model, info: dict):
+    """`model` once its weights file filled every parameter and buffer with finite values:
+    transformers would otherwise start missing or mis-shaped weights at random, and a
+    non-finite weight would give NaN embeddings, both without a word."""
+    import torch
+
+    problems = [f"{what} {', '.join(sorted(keys)[:5])}{' ...' if len(keys) > 5 else ''}"
+                for what, keys in (("missing", info.get("missing_keys") or []),
+                                   ("unexpected", info.get("unexpected_keys") or []),
+                                   ("of another shape", [k[0] if isinstance(k, tuple) else k
+                                                         for k in info.get("mismatched_keys")
+                                                         or []]))
+                if keys]
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        problems.append(f"non-finite values in {', '.join(bad[:5])}")
+    if problems:
+        raise ConfigError(f"{path}: the weights do not fit the model ({'; '.join(problems)}); "
+                          "the folder must hold the model.safetensors its config.json was "
+                          "saved with")
+    return model
 
 
 def is_released(model) -> bool:

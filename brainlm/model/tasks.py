@@ -130,8 +130,13 @@ def load_task_model(folder):
     if cls is None:
         raise ConfigError(f"{folder / 'config.json'}: architecture {name!r} is not a BrainLM "
                           f"task model ({', '.join(TASK_ARCHITECTURES)})")
+    from . import checked_weights
+
     try:
-        return cls.from_pretrained(folder, use_safetensors=True).eval()
+        return checked_weights(folder, *cls.from_pretrained(
+            folder, use_safetensors=True, output_loading_info=True)).eval()
+    except ConfigError:
+        raise
     except Exception as exc:  # missing or damaged weights, a config that does not fit them
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{folder}: cannot load the fine-tuned model ({first[:300]})") from None

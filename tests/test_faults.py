@@ -1107,3 +1107,51 @@ def test_a_cache_entry_edited_to_other_finite_values_is_not_trusted(project, tmp
     np.save(entry, (forged[::-1] * 0.5).astype(np.float32))  # same shape, finite, wrong
     again = pc.parcellate_recording(rec, atlas, settings, cache_dir=tmp_path / "c")
     np.testing.assert_array_equal(again.signals, first.signals)
+
+
+# ------------------------------------------------------------------------------- full disk
+
+def test_a_full_disk_under_the_store_is_one_line_naming_the_file(project, tmp_path, capsys,
+                                                                 monkeypatch):
+    """The store's arrays are memory-mapped: their blocks are reserved first, so a full disk
+    is an error naming the file (not a bus error), the previous store stays whole and no
+    temporary folder is left."""
+    import errno
+    import os
+
+    from brainlm.cli import main
+
+    args = ["preprocess", "--input", str(project / "raw"), "--out", str(tmp_path / "s"),
+            "--window", "40", "--input-tr", "0.735", "--no-progress", "--coords",
+            str(project / "coords.tsv"), "--cache-dir", str(tmp_path / "c")]
+    assert main(args) == 0
+    before = _tree(tmp_path / "s")
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "train.npy: No space left on device (needs" in err and "Traceback" not in err
+    assert _tree(tmp_path / "s") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "s"]
+
+
+def test_a_checkpoint_on_a_full_disk_is_named_and_leaves_nothing(project, tmp_path, capsys,
+                                                                monkeypatch):
+    """torch reports a full disk as a C++ RuntimeError: pretrain says which file and how much
+    space is left, and no temporary checkpoint is left filling the disk."""
+    import torch
+
+    from brainlm.cli import main
+
+    def full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full)
+    assert main(_pretrain_args(project, tmp_path / "m") + ["--max-steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "last.pt: cannot write the checkpoint" in err and "bytes free on its disk" in err
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "m").rglob("*"))

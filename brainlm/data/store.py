@@ -51,6 +51,26 @@ def write_store(out_dir, kept: list[dict], quarantined: list[dict], scaler, atla
     return out
 
 
+def reserve(path: Path) -> None:
+    """Allocate the blocks of a (sparse) memory-mapped file now: on a full disk this is an
+    OSError naming the file, where writing through the map later would kill the process with
+    a bus error."""
+    import errno
+    import os
+
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    try:
+        size = os.fstat(fd).st_size
+        if size and hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # file systems without it: go on
+            return
+        raise OSError(exc.errno, f"{exc.strerror} (needs {size:,} bytes)", str(path)) from None
+    finally:
+        os.close(fd)
+
+
 def _write_store_files(out: Path, kept, quarantined, scaler, atlas, extra_meta) -> None:
     import pandas as pd
 
@@ -60,6 +80,7 @@ def _write_store_files(out: Path, kept, quarantined, scaler, atlas, extra_meta) 
         total = sum(int(np.prod(r["signals"].shape)) for r in members)
         flat = np.lib.format.open_memmap(out / f"{split}.npy", mode="w+", dtype=np.float32,
                                          shape=(total,))
+        reserve(out / f"{split}.npy")
         offset = 0
         for r in members:
             x = check_orientation(r["signals"], atlas.n_parcels, f"store write {r['recording_id']}")

@@ -123,7 +123,15 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history:
     path.parent.mkdir(parents=True, exist_ok=True)
     # a fresh temporary file (never a fixed name a link could be planted at), then renames:
     # a link planted at last.pt or previous.pt is moved or replaced, never written through
-    write_stream_atomic(path.with_name("next.pt"), lambda f: torch.save(state, f))
+    try:
+        write_stream_atomic(path.with_name("next.pt"), lambda f: torch.save(state, f))
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk as a C++ RuntimeError
+        import shutil
+
+        free = shutil.disk_usage(path.parent).free
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{path}: cannot write the checkpoint ({first}); {free:,} bytes free "
+                          "on its disk: is it full? (nothing half-written is left)") from None
     if path.exists() or path.is_symlink():
         os.replace(path, path.with_name("previous.pt"))
     os.replace(path.with_name("next.pt"), path)

@@ -111,6 +111,42 @@ def overlaps(a, b) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
+# what each kind of output holds, to recognise one: (kind, files that all mark it)
+OUTPUT_KINDS = (("store", ("store.json", "manifest.parquet")),
+                ("model folder", ("config.json", "model.safetensors")),
+                ("fine-tuning run", ("finetune.json",)),
+                ("evaluation", ("results.json", "comparisons.json")))
+
+
+def output_kind(folder) -> str | None:
+    """The kind of output `folder` is (OUTPUT_KINDS), or None."""
+    folder = Path(folder)
+    for kind, markers in OUTPUT_KINDS:
+        if all((folder / m).is_file() for m in markers):
+            return kind
+    return None
+
+
+def check_output(out, inputs=(), flag: str = "--out") -> None:
+    """The one rule for outputs: `out` may not be or lie inside any input, nor lie inside a
+    store, a model, a run or an evaluation (it would break them: `predict --out
+    store/manifest.parquet`), nor hold an input. Folders of the same kind as `out` are
+    replaced whole by their writers (`check_replaceable`), so `out` itself may be one."""
+    from .errors import ConfigError
+
+    out = Path(out)
+    target = out.resolve()
+    for item in map(Path, inputs):
+        if item.exists() and overlaps(target, item):
+            raise ConfigError(f"{flag} {out} overlaps the input {item}: choose an output "
+                              "outside the inputs")
+    for parent in target.parents:
+        kind = output_kind(parent)
+        if kind is not None:
+            raise ConfigError(f"{flag} {out} lies inside the {kind} {parent}: writing there "
+                              "would break it; choose an output outside it")
+
+
 def check_replaceable(out, kind: str, marker: str, ours: tuple, flag: str = "--out") -> None:
     """`out` is about to be replaced whole (atomic_dir): it must be new, empty, or an earlier
     output of this `kind` (it holds `marker`) holding nothing but what such an output holds

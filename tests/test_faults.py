@@ -1155,3 +1155,43 @@ def test_a_checkpoint_on_a_full_disk_is_named_and_leaves_nothing(project, tmp_pa
     err = capsys.readouterr().err
     assert "last.pt: cannot write the checkpoint" in err and "bytes free on its disk" in err
     assert not any(p.name.endswith(".tmp") for p in (tmp_path / "m").rglob("*"))
+
+
+# -------------------------------------------------------------------- one rule for outputs
+
+@pytest.mark.parametrize("command, where", [
+    ("predict", "store/manifest.parquet"),
+    ("predict", "run/predictions.parquet"),
+    ("predict", "model/scores.parquet"),
+    ("pretrain", "store/m"),
+    ("pretrain", "run/m"),
+    ("finetune", "model/run"),
+    ("finetune", "store/run"),
+    ("preprocess", "run/store"),
+])
+def test_no_command_writes_inside_a_store_model_or_run(finetuned, tmp_path, capsys, command,
+                                                       where):
+    """Every writer refuses an --out inside a store, a model folder or a fine-tuning run (one
+    shared check), before any work, and what is there is left as it was."""
+    import shutil
+
+    from brainlm.cli import main
+
+    root = tmp_path / "p"
+    shutil.copytree(finetuned, root)
+    before = {name: _tree(root / name) for name in ("store", "model", "run")}
+    out = root / where
+    argv = {
+        "predict": ["predict", "--model", str(root / "run"), "--input",
+                    str(root / "raw"), "--out", str(out)],
+        "pretrain": _pretrain_args(root, out) + ["--max-steps", "2"],
+        "finetune": ["finetune", "--model", str(root / "model"), "--data", str(root / "store"),
+                     "--target", "age", "--epochs", "1", "--out", str(out), "--no-progress"],
+        "preprocess": ["preprocess", "--input", str(root / "raw"), "--out", str(out),
+                       "--input-tr", "0.735", "--coords", str(root / "coords.tsv"),
+                       "--no-progress"],
+    }[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} lies inside the" in err, err
+    assert {name: _tree(root / name) for name in before} == before

@@ -52,13 +52,14 @@ class PreprocessConfig:
         if s.min_timepoints < 1:
             raise ConfigError(f"window/min timepoints must be >= 1, got {s.min_timepoints}")
         assign_splits([], self.fractions)  # checks the fractions
-        from ..fileio import overlaps
+        from ..fileio import check_output, overlaps
         from .store import check_replaceable
 
         for item in self.inputs:
             if overlaps(self.out, item):
                 raise ConfigError(f"--out {self.out} overlaps the input {item}: write the store "
                                   "to a separate folder")
+        check_output(self.out, self.inputs)
         check_replaceable(self.out)
         nyquist = 0.5 / s.target_tr
         for name, f in (("high_pass", s.high_pass), ("low_pass", s.low_pass)):

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from ..fileio import check_output
 from .options import Option
 
 NAME = "predict"
@@ -115,6 +116,7 @@ def _check_out(out: Path, inputs) -> None:
         if out.resolve() == item.resolve():
             raise ConfigError(f"--out {out} is one of the --input recordings: it would be "
                               "replaced by the predictions")
+    check_output(out, inputs)
 
 
 def run(cfg: PredictConfig, tags: dict | None = None) -> dict:

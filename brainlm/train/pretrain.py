@@ -213,9 +213,10 @@ class Run:
 def check_model_folder(cfg: PretrainConfig) -> None:
     """`--out` is a model folder: new, empty, or an earlier pretraining output (config.json or
     checkpoints/); never the store or a folder of other files it would write into."""
-    from ..fileio import overlaps, refuse_links
+    from ..fileio import check_output, overlaps, refuse_links
 
     refuse_links([Path(cfg.out), Path(cfg.out) / "checkpoints"], "a model folder")
+    check_output(cfg.out)
     out = Path(cfg.out).resolve()
     if overlaps(out, cfg.data):
         raise ConfigError(f"--out {cfg.out} overlaps the store {cfg.data}: write the model to "

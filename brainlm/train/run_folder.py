@@ -51,8 +51,9 @@ def sources(cfg: FinetuneConfig) -> dict:
 def check_run_folder(out) -> None:
     """A run folder is replaced whole, so `--out` must be new, empty or an earlier run: never a
     store, the model or a folder of the user's files."""
-    from ..fileio import check_replaceable
+    from ..fileio import check_output, check_replaceable
 
+    check_output(out)
     check_replaceable(out, "fine-tuning run", "finetune.json", RUN_FILES)
 
 

@@ -55,24 +55,26 @@ def atomic_dir(dest):
 
 @contextmanager
 def exclusive(target, what: str = "written", by: str = ""):
-    """One writer at a time for `target` (a folder or file): a lock held for the block, in
-    the user cache (`locks/`, keyed by the target's absolute path, so nothing is left beside
-    the output). A second process is refused at once with a message naming the target and
-    the holder, instead of silently replacing the first one's output. The lock dies with its
-    process."""
+    """One writer at a time for `target` (a folder or file): a lock held for the block, a
+    hidden file beside the target keyed by its real path (`.NAME.lock` in the folder that
+    holds it), so every writer of that output sees it whatever its user cache. A second
+    process is refused at once with a message naming the target and the holder, instead of
+    silently replacing the first one's output. The lock dies with its process."""
     import fcntl
     import time
 
-    from .atlas import cache_dir
     from .errors import ConfigError
 
     target = Path(target).resolve()
     writable_folder(target.parent, f"the output {target} cannot be written: its folder")
-    key = hashlib.sha256(str(target).encode()).hexdigest()[:24]
-    lock_path = writable_folder(cache_dir() / "locks", "the user cache (BRAINLM_CACHE_DIR, "
-                                "else ~/.cache/brainlm) holds the output locks:") / f"{key}.lock"
+    lock_path = target.parent / f".{target.name}.lock"
     # never through a link planted at the lock's name
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        why = ": a link planted there is never followed" if lock_path.is_symlink() else ""
+        raise ConfigError(f"{lock_path}: cannot open the lock of {target} "
+                          f"({exc.strerror}{why})") from None
     with os.fdopen(fd, "r+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -4,6 +4,7 @@ half-written): the classes of the README's "Faults and bad input" table."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -165,6 +166,30 @@ def test_a_second_writer_to_the_same_output_is_refused(project, tmp_path, capsys
                  str(project / "coords.tsv"), "--input-tr", "0.735", "--out", str(out),
                  "--window", "40", "--cache-dir", str(tmp_path / "c")]) == 0  # lock died
     assert (out / "store.json").is_file()
+
+
+def test_writers_with_different_user_caches_share_the_lock(tmp_path, monkeypatch):
+    """The lock lives beside the output, keyed by its real path: a second writer with another
+    BRAINLM_CACHE_DIR, or reaching the output through a linked folder, is still refused."""
+    from brainlm.errors import ConfigError
+    from brainlm.fileio import exclusive
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from brainlm.fileio import exclusive\n"
+         "with exclusive(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)",
+         str(tmp_path / "real" / "store")], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "BRAINLM_CACHE_DIR": str(tmp_path / "cache-a")})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setenv("BRAINLM_CACHE_DIR", str(tmp_path / "cache-b"))
+        with pytest.raises(ConfigError, match=f"is being written by pid {holder.pid}"):
+            with exclusive(tmp_path / "alias" / "store"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # ------------------------------------------------------------------------------------ atlas
@@ -1030,9 +1055,8 @@ def test_an_in_memory_tracking_store_is_refused(tmp_path):
 def test_copies_and_locks_never_write_through_a_planted_link(tmp_path, monkeypatch):
     """A link planted where a copy lands is replaced, never written through; a lock file
     that is a link is refused instead of followed."""
-    import hashlib as _h
-
     from brainlm import fileio
+    from brainlm.errors import ConfigError
 
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
@@ -1045,13 +1069,9 @@ def test_copies_and_locks_never_write_through_a_planted_link(tmp_path, monkeypat
     assert victim.read_text() == "keep me"
     assert not dest.is_symlink() and dest.read_bytes() == b"payload"
 
-    monkeypatch.setenv("BRAINLM_CACHE_DIR", str(tmp_path / "cache"))
     target = (tmp_path / "store").resolve()
-    key = _h.sha256(str(target).encode()).hexdigest()[:24]
-    locks = tmp_path / "cache" / "locks"
-    locks.mkdir(parents=True)
-    (locks / f"{key}.lock").symlink_to(victim)
-    with pytest.raises(OSError):
+    (tmp_path / ".store.lock").symlink_to(victim)
+    with pytest.raises(ConfigError, match="a link planted there is never followed"):
         with fileio.exclusive(target):
             pass
     assert victim.read_text() == "keep me"

@@ -57,32 +57,17 @@ def atomic_dir(dest):
 def exclusive(target, what: str = "written", by: str = ""):
     """One writer at a time for `target` (a folder or file): a lock held for the block, a
     hidden file beside the target keyed by its real path (`.NAME.lock` in the folder that
-    holds it), so every writer of that output sees it whatever its user cache. A second
-    process is refused at once with a message naming the target and the holder, instead of
-    silently replacing the first one's output. The lock dies with its process."""
-    import fcntl
+    holds it), so every writer of that output sees it whatever its user cache; removed when
+    the block ends. A second process is refused at once with a message naming the target and
+    the holder, instead of silently replacing the first one's output. The lock dies with its
+    process."""
     import time
-
-    from .errors import ConfigError
 
     target = Path(target).resolve()
     writable_folder(target.parent, f"the output {target} cannot be written: its folder")
     lock_path = target.parent / f".{target.name}.lock"
-    # never through a link planted at the lock's name
+    lock = _take_lock(lock_path, target, what)
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    except OSError as exc:
-        why = ": a link planted there is never followed" if lock_path.is_symlink() else ""
-        raise ConfigError(f"{lock_path}: cannot open the lock of {target} "
-                          f"({exc.strerror}{why})") from None
-    with os.fdopen(fd, "r+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            raise ConfigError(f"{target} is being {what} by {holder}; wait for it to finish or "
-                              "choose another output") from None
         _recover(target)
         lock.seek(0)
         lock.truncate()
@@ -90,6 +75,45 @@ def exclusive(target, what: str = "written", by: str = ""):
                    f"{time.strftime('%Y-%m-%d %H:%M:%S')})")
         lock.flush()
         yield target
+    finally:
+        try:
+            os.unlink(lock_path)  # still held: a writer that opened it will find it gone
+        except FileNotFoundError:
+            pass
+        lock.close()
+
+
+def _take_lock(lock_path: Path, target: Path, what: str):
+    """The open lock file, flocked; never through a link planted at its name, and taken again
+    when the file was removed between opening and locking it (its holder was finishing)."""
+    import fcntl
+
+    from .errors import ConfigError
+
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            why = ": a link planted there is never followed" if lock_path.is_symlink() else ""
+            raise ConfigError(f"{lock_path}: cannot open the lock of {target} "
+                              f"({exc.strerror}{why})") from None
+        lock = os.fdopen(fd, "r+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise ConfigError(f"{target} is being {what} by {holder}; wait for it to finish or "
+                              "choose another output") from None
+        try:
+            now = os.lstat(lock_path)
+        except FileNotFoundError:
+            now = None
+        held = os.fstat(fd)
+        if now is not None and (now.st_ino, now.st_dev) == (held.st_ino, held.st_dev):
+            return lock
+        lock.close()
 
 
 def _recover(target: Path) -> None:

@@ -65,7 +65,7 @@ def _table_bounds(path: Path, n_parcels: int) -> tuple[int, int]:
     from .nifti import size_limits
 
     volumes, _ = size_limits()
-    return max(n_parcels, volumes), max(n_parcels, volumes) * volumes * 32
+    return max(n_parcels, volumes), n_parcels * volumes * 32
 
 
 def _parse_table(path: Path, content, n_parcels: int):
@@ -81,8 +81,12 @@ def _parse_table(path: Path, content, n_parcels: int):
     elif path.name.endswith(".gz"):
         import gzip
 
+        chunks, total = [], 0
         with gzip.open(path, "rb") as f:
-            raw_bytes = f.read(most_bytes + 1)
+            while total <= most_bytes and (chunk := f.read(1 << 24)):
+                chunks.append(chunk)
+                total += len(chunk)
+        raw_bytes = b"".join(chunks)
     else:
         raw_bytes = path.read_bytes()
     if len(raw_bytes) > most_bytes:

@@ -194,7 +194,9 @@ def _cmd_perturb(args) -> int:
 
 def _cmd_embed(args) -> int:
     from .analysis.embeddings import export_embeddings
+    from .fileio import check_output
 
+    check_output(args.out, inputs=[args.model, args.data])
     _quiet_transformers()
     out = export_embeddings(args.model, args.data, args.out, args.split, args.batch_size,
                             args.window)

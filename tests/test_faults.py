@@ -1187,6 +1187,9 @@ def test_a_checkpoint_on_a_full_disk_is_named_and_leaves_nothing(project, tmp_pa
     ("finetune", "model/run"),
     ("finetune", "store/run"),
     ("preprocess", "run/store"),
+    ("embed", "store/embeddings.parquet"),
+    ("analyze", "model/analysis"),
+    ("perturb", "run/perturb"),
 ])
 def test_no_command_writes_inside_a_store_model_or_run(finetuned, tmp_path, capsys, command,
                                                        where):
@@ -1209,8 +1212,14 @@ def test_no_command_writes_inside_a_store_model_or_run(finetuned, tmp_path, caps
         "preprocess": ["preprocess", "--input", str(root / "raw"), "--out", str(out),
                        "--input-tr", "0.735", "--coords", str(root / "coords.tsv"),
                        "--no-progress"],
+        "embed": ["embed", "--model", str(root / "model"), "--data", str(root / "store"),
+                  "--out", str(out)],
+        "analyze": ["analyze", "--model", str(root / "model"), "--data", str(root / "store"),
+                    "--out", str(out)],
+        "perturb": ["perturb", "--model", str(root / "model"), "--data", str(root / "store"),
+                    "--recording", "sub-01", "--parcels", "1", "--out", str(out)],
     }[command]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert f"--out {out} lies inside the" in err, err
+    assert f"--out {out} lies inside the" in err or f"--out {out} overlaps the input" in err, err
     assert {name: _tree(root / name) for name in before} == before

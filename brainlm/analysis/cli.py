@@ -10,9 +10,13 @@ import numpy as np
 from ..errors import ConfigError
 
 
-def _load(model_path, store_path, window=None):
+def _load(model_path, store_path, window=None, out=None):
+    """The model and store, once `out` (when given) passed the one rule for outputs."""
+    from ..fileio import check_output
     from .embeddings import load_for_store
 
+    if out is not None:
+        check_output(out, inputs=[model_path, store_path])
     return load_for_store(model_path, store_path, window)
 
 
@@ -26,7 +30,7 @@ def analyze(args) -> str:
     from .networks import identify_networks, network_labels
     from .reconstruction import plot_reconstruction, reconstruct_recording
 
-    model, store = _load(args.model, args.data, args.window)
+    model, store = _load(args.model, args.data, args.window, args.out)
     if args.networks > store.n_parcels:
         raise ConfigError(f"--networks {args.networks}: more networks than the store's "
                           f"{store.n_parcels} parcels")
@@ -64,7 +68,7 @@ def perturb(args) -> str:
 
     from .perturbation import effect_summary, perturb_recording, save_effect
 
-    model, store = _load(args.model, args.data, args.window)
+    model, store = _load(args.model, args.data, args.window, args.out)
     rows = store.recordings()
     match = rows[rows["recording_id"] == args.recording]
     if match.empty:

@@ -30,11 +30,28 @@ class FinetunedModel:
     runs on released ViTMAE encoders), its head on the pretrained folder it names."""
 
     def __init__(self, run_dir, pretrained=None):
+        """Read the run whole: a run folder is replaced by a rename (`write_run`), so one that
+        changes identity while it is read was swapped by a new fine-tuning run; it is read
+        again (twice at most) rather than mixing two runs' files."""
+        run_dir = Path(run_dir)
+        for _ in range(3):
+            before = _identity(run_dir)
+            try:
+                self._read(run_dir, pretrained)
+            except ConfigError:
+                if _identity(run_dir) == before:
+                    raise  # the run as it is, not a swap, is at fault
+                continue
+            if _identity(run_dir) == before:
+                return
+        raise ConfigError(f"{run_dir}: the run was written again while it was being read "
+                          "(a fine-tuning run is writing it?); try again when it is done")
+
+    def _read(self, run_dir: Path, pretrained) -> None:
         import torch
 
         from .model.tasks import is_task_folder, load_task_model
 
-        run_dir = Path(run_dir)
         try:
             self.meta = read_json(run_dir / "finetune.json")
         except (OSError, ValueError) as exc:
@@ -182,6 +199,15 @@ class FinetunedModel:
             hidden = self.model.encode(torch.from_numpy(window)[None], self.coords, ids)
             y = self.head(hidden[:, 1:], self.n_parcels)[0].float().numpy()
         return y if scaled else self.scaler.inverse_transform(y)
+
+
+def _identity(folder: Path):
+    """(device, inode, modification time) of a folder, None if it is missing."""
+    try:
+        st = folder.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns
 
 
 def _load_weights(path: Path) -> dict:

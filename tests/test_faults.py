@@ -1223,3 +1223,64 @@ def test_no_command_writes_inside_a_store_model_or_run(finetuned, tmp_path, caps
     err = capsys.readouterr().err
     assert f"--out {out} lies inside the" in err or f"--out {out} overlaps the input" in err, err
     assert {name: _tree(root / name) for name in before} == before
+
+
+# -------------------------------------------------------------------------- consistent reads
+
+def test_a_run_swapped_while_it_is_read_is_read_again_whole(finetuned, tmp_path, monkeypatch):
+    """`predict` reading a run while `finetune` swaps in a new one: the folder's identity
+    changes under the reader, which reads it again, so it never mixes one run's finetune.json
+    with the other's weights."""
+    import shutil
+
+    from brainlm import predictor
+    from brainlm.train.config import FinetuneConfig
+    from brainlm.train.finetune import finetune
+
+    root = tmp_path / "p"
+    shutil.copytree(finetuned, root)
+    meta = json.loads((root / "run" / "finetune.json").read_text())
+    meta.update(store=str(root / "store"), model=str(root / "model"))
+    (root / "run" / "finetune.json").write_text(json.dumps(meta))
+    finetune(FinetuneConfig(model=root / "model", data=root / "store", out=root / "new",
+                            target="age", epochs=1, batch_size=8, seed=5, progress=False,
+                            pooling="mean"))
+    real, swapped = predictor.read_json, []
+
+    def swap_after_first_read(path):
+        out = real(path)
+        if not swapped:  # the new run takes the old one's place, as write_run does
+            swapped.append(1)
+            os.replace(root / "run", root / "old")
+            os.replace(root / "new", root / "run")
+        return out
+
+    monkeypatch.setattr(predictor, "read_json", swap_after_first_read)
+    model = predictor.FinetunedModel(root / "run")
+    assert swapped and model.pooling == "mean" and model.meta["config"]["seed"] == 5
+    assert model.head.linear.in_features == model.model.config.hidden_size  # the new head
+
+
+def test_a_store_rebuilt_under_a_running_pretrain_is_refused(project, tmp_path, monkeypatch):
+    """The model folder gets the store's scaler at the end: a store written again while the
+    run trained is named, instead of giving the model the new store's scaler."""
+    import shutil
+
+    from brainlm.cli import main
+    from brainlm.train import pretrain as pt
+
+    store = tmp_path / "store"
+    shutil.copytree(project / "store", store)
+    real = pt.train
+
+    def train_then_rebuild(run, tracker):
+        out = real(run, tracker)
+        scaler = store / "scaler.safetensors"
+        scaler.write_bytes(scaler.read_bytes()[:-1] + b" ")  # another scaler, same name
+        return out
+
+    monkeypatch.setattr(pt, "train", train_then_rebuild)
+    args = _pretrain_args(project, tmp_path / "m")
+    args[args.index("--data") + 1] = str(store)
+    assert main(args + ["--max-steps", "2"]) == 2
+    assert not (tmp_path / "m" / "model.safetensors").exists()

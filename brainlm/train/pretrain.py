@@ -415,6 +415,18 @@ def train(run: Run, tracker) -> dict:
     return {**last_eval, "fitted": fitted}
 
 
+def _same_store(cfg: PretrainConfig, settings: dict) -> None:
+    """The store the run trained on must still be the one at its path when the model folder
+    is written (its scaler is copied in): a store rebuilt meanwhile is refused by name."""
+    from ..data.store import store_fingerprint
+
+    key = "store (its settings, manifest and scaler)"
+    if store_fingerprint(cfg.data)[:16] != settings.get(key):
+        raise ConfigError(f"{cfg.data}: the store was written again while this run trained on "
+                          "it; its scaler would not be the one the model learned from. "
+                          "Pretrain again on the new store (the checkpoints are kept)")
+
+
 def pretrain(cfg: PretrainConfig, tracker=None) -> dict:
     """Build the run, train it, and when it reaches max_steps score it (validation, then the
     held-out test split once) and write the model folder. `tracker`: the job's MLflow run
@@ -439,6 +451,7 @@ def pretrain(cfg: PretrainConfig, tracker=None) -> dict:
                                 split="test")
             last_eval = {**last_eval, **{k: v for k, v in held_out.items()
                                          if k.startswith("test_")}}
+        _same_store(cfg, run.settings)
         write_outputs(run.model, run.store, cfg, Path(cfg.out), run.history, last_eval,
                       tracker, logged)
         result["metrics"] = numeric_metrics(last_eval)

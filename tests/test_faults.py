@@ -455,13 +455,34 @@ def _tree(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _killed_at_each_point(base: Path, script: str, tmp_path: Path, name: str) -> dict:
+    """A copy of the output `base` per kill point, rewritten by `script` (killed -9 there),
+    then locked as the next writer does first: {point: the output}, with no leftovers."""
+    import shutil
+
+    from brainlm.fileio import exclusive
+
+    procs = {}
+    for point in ("aside", "swap", "stored"):
+        out = tmp_path / point / name
+        shutil.copytree(base, out)
+        procs[point] = subprocess.Popen([sys.executable, "-c", script, point, str(out)],
+                                        stderr=subprocess.PIPE, text=True)
+    outs = {}
+    for point, proc in procs.items():
+        assert proc.wait() == -9, (point, proc.stderr.read())
+        out = outs[point] = tmp_path / point / name
+        with exclusive(out):  # what the next writer of `out` does first
+            pass
+        left = sorted(p.name for p in out.parent.iterdir() if p.suffix != ".lock")
+        assert left == [name], point  # no leftovers
+    return outs
+
+
 def test_a_killed_finetune_leaves_the_previous_run_whole_or_the_new_one(project, tmp_path):
     """kill -9 at each moment the run folder changes hands (before the old run is moved aside,
     between the two renames, after the new one is in place): the folder is always one whole
     run, never a mix; the next writer (holding the lock) clears what the killed one left."""
-    import shutil
-
-    from brainlm.fileio import exclusive
     from brainlm.train.config import FinetuneConfig
     from brainlm.train.finetune import finetune
 
@@ -477,18 +498,7 @@ def test_a_killed_finetune_leaves_the_previous_run_whole_or_the_new_one(project,
         f"finetune(FinetuneConfig(model={str(project / 'model')!r}, "
         f"data={str(project / 'store')!r}, out=out, target='age', epochs=2, batch_size=8, "
         "seed=1, progress=False))\n")
-    procs = {}
-    for point in ("aside", "swap", "stored"):
-        out = tmp_path / point / "run"
-        shutil.copytree(base, out)
-        procs[point] = subprocess.Popen([sys.executable, "-c", script, point, str(out)],
-                                        stderr=subprocess.PIPE, text=True)
-    for point, proc in procs.items():
-        assert proc.wait() == -9, (point, proc.stderr.read())
-        out = tmp_path / point / "run"
-        with exclusive(out):  # what the next `brainlm finetune --out` does first
-            pass
-        assert sorted(p.name for p in out.parent.iterdir() if p.suffix != ".lock") == ["run"], point  # no leftovers
+    for point, out in _killed_at_each_point(base, script, tmp_path, "run").items():
         meta = json.loads((out / "finetune.json").read_text())
         if point == "stored":  # killed after the swap: the new run, whole
             assert meta["config"]["seed"] == 1 and meta["epochs_run"] == 2
@@ -500,10 +510,7 @@ def test_a_killed_finetune_leaves_the_previous_run_whole_or_the_new_one(project,
 def test_a_killed_pretrain_leaves_the_previous_model_whole_or_the_new_one(project, tmp_path):
     """kill -9 as pretrain's finished folder changes hands: always one whole model (weights,
     card, metrics, history and checkpoints of one run), never new weights beside an old card."""
-    import shutil
-
     from brainlm.cli import main
-    from brainlm.fileio import exclusive
 
     base = tmp_path / "base"
     assert main(_pretrain_args(project, base) + ["--max-steps", "2"]) == 0
@@ -514,18 +521,7 @@ def test_a_killed_pretrain_leaves_the_previous_model_whole_or_the_new_one(projec
         "from brainlm.cli import main\n"
         f"main({_pretrain_args(project, Path('OUT'))!r}".replace("'OUT'", "str(out)")
         + " + ['--max-steps', '4'])\n")
-    procs = {}
-    for point in ("aside", "swap", "stored"):
-        out = tmp_path / point / "m"
-        shutil.copytree(base, out)
-        procs[point] = subprocess.Popen([sys.executable, "-c", script, point, str(out)],
-                                        stderr=subprocess.PIPE, text=True)
-    for point, proc in procs.items():
-        assert proc.wait() == -9, (point, proc.stderr.read())
-        out = tmp_path / point / "m"
-        with exclusive(out):
-            pass
-        assert sorted(p.name for p in out.parent.iterdir() if p.suffix != ".lock") == ["m"], point  # no leftovers
+    for point, out in _killed_at_each_point(base, script, tmp_path, "m").items():
         metrics = json.loads((out / "metrics.json").read_text())
         tree = _tree(out)
         if point == "stored":  # the new model, whole: its card and checkpoint are step 4's
